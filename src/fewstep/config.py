@@ -1,0 +1,162 @@
+"""Typed, validated params (one pydantic model per params.yaml section).
+
+``load_params`` reads params.yaml, optionally deep-merges a profile (profiles/<name>.yaml), and
+validates everything before any work starts: unknown keys, wrong types and impossible values
+fail with one message that names every bad field.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from fewstep.nets.unet import UNetConfig
+
+
+class ParamsError(ValueError):
+    """params.yaml is malformed or has invalid values."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class BaseParams(_Strict):
+    dataset: str = Field("cifar10", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    seed: int = Field(0, ge=0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    image_size: int = Field(16, ge=4, le=1024)
+    threads: int = Field(0, ge=0, description="torch CPU threads; 0 = torch's default")
+
+
+class ScheduleParams(_Strict):
+    kind: Literal["cosine", "linear"] = "cosine"
+    T: int = Field(1024, ge=2, le=100_000)
+    logsnr_min: float = -20.0
+    logsnr_max: float = 20.0
+
+    @model_validator(mode="after")
+    def _range(self) -> "ScheduleParams":
+        if self.logsnr_min >= self.logsnr_max:
+            raise ValueError(f"logsnr_min ({self.logsnr_min}) must be below logsnr_max ({self.logsnr_max})")
+        return self
+
+    def kwargs(self) -> dict[str, Any]:
+        return {"logsnr_min": self.logsnr_min, "logsnr_max": self.logsnr_max} if self.kind == "cosine" else {}
+
+
+class PrepareParams(_Strict):
+    train_source: str
+    test_source: Optional[str] = None
+    classes: Optional[list[str]] = None
+    max_per_class: Optional[int] = Field(None, ge=1)
+    test_max_per_class: Optional[int] = Field(None, ge=1)
+    max_corrupt_fraction: float = Field(0.01, ge=0.0, le=1.0)
+
+
+class NetParams(_Strict):
+    patch_size: Literal[1, 2, 4, 8] = 1
+    channels: int = Field(64, ge=8)
+    channel_mult: list[int] = Field(default_factory=lambda: [1, 2, 2], min_length=1)
+    num_res_blocks: int = Field(2, ge=1)
+    attn_resolutions: list[int] = Field(default_factory=list)
+    head_dim: int = Field(32, ge=4)
+    dropout: float = Field(0.1, ge=0.0, lt=1.0)
+
+    def unet_config(self, image_size: int) -> UNetConfig:
+        try:
+            return UNetConfig(image_size=image_size, **self.model_dump())
+        except ValueError as e:
+            raise ParamsError(f"net: {e}") from e
+
+
+class SampleParams(_Strict):
+    n: int = Field(64, ge=1)
+    steps: int = Field(64, ge=1)
+    spacing: Literal["trailing", "linspace", "quadratic"] = "trailing"
+    seed: int = Field(0, ge=0)
+
+
+class TeacherParams(_Strict):
+    parameterization: Literal["eps", "x", "v"] = "v"
+    weighting: Optional[Literal["snr", "snr_trunc", "snr+1", "sqrt_snr", "constant"]] = None
+    net: NetParams = NetParams()
+    steps: int = Field(2000, ge=1)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(2e-4, gt=0.0, le=1.0)
+    warmup: int = Field(100, ge=0)
+    lr_decay: Literal["constant", "cosine"] = "constant"
+    weight_decay: float = Field(0.0, ge=0.0)
+    ema_decay: float = Field(0.999, ge=0.0, lt=1.0)
+    grad_clip: float = Field(1.0, gt=0.0)
+    hflip: bool = True
+    checkpoint_every: int = Field(500, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    log_every: int = Field(50, ge=1)
+    sample: SampleParams = SampleParams()
+
+    @model_validator(mode="after")
+    def _combo(self) -> "TeacherParams":
+        if self.parameterization == "eps" and self.weighting == "snr_trunc":
+            raise ValueError("eps-prediction with snr_trunc weighting diverges (Salimans & Ho 2022, Table 1)")
+        return self
+
+
+class Params(_Strict):
+    base: BaseParams = BaseParams()
+    schedule: ScheduleParams = ScheduleParams()
+    prepare: PrepareParams
+    teacher: TeacherParams = TeacherParams()
+
+
+def deep_merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _format(e: ValidationError, source: str) -> str:
+    lines = [f"{source}: {e.error_count()} invalid param(s)"]
+    for err in e.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling; see params.yaml for the valid keys)"
+        got = err.get("input")
+        got_s = "" if err["type"] in ("extra_forbidden", "missing") or isinstance(got, dict) else f" (got {got!r})"
+        lines.append(f"  {loc}: {msg}{got_s}")
+    return "\n".join(lines)
+
+
+def load_params(path: str | os.PathLike = "params.yaml", profile: str | None = None) -> Params:
+    """Read, merge the profile (explicit or $FEWSTEP_PROFILE) and validate."""
+    path = Path(path)
+    if not path.exists():
+        raise ParamsError(f"params file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ParamsError(f"{path}: not valid YAML: {e}") from e
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{path}: top level must be a mapping of sections, got {type(raw).__name__}")
+    profile = profile or os.environ.get("FEWSTEP_PROFILE") or None
+    source = str(path)
+    if profile and profile != "default":
+        ppath = path.parent / "profiles" / f"{profile}.yaml"
+        if not ppath.exists():
+            raise ParamsError(f"unknown profile {profile!r}: {ppath} does not exist")
+        raw = deep_merge(raw, yaml.safe_load(ppath.read_text()) or {})
+        source = f"{path} + {ppath}"
+    return validate(raw, source)
+
+
+def validate(raw: dict, source: str = "params") -> Params:
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as e:
+        raise ParamsError(_format(e, source)) from None

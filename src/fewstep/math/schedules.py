@@ -1,0 +1,121 @@
+"""Discrete-time noise schedules, in float64.
+
+Index convention: a schedule with ``T`` training steps has indices ``0..T``. Index ``i``
+corresponds to continuous time ``t = i / T``; index 0 is clean data (alpha = 1, sigma = 0)
+and index ``T`` is the noisiest point. Variance preserving: ``x_t = alpha_t x_0 + sigma_t eps``,
+``alpha_t^2 + sigma_t^2 = 1``, log-SNR ``lambda_t = log(alpha_t^2 / sigma_t^2)``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+
+ScheduleKind = Literal["cosine", "linear"]
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """alpha / sigma / log-SNR tables for indices 0..T (float64 numpy arrays)."""
+
+    kind: str
+    T: int
+    alpha: np.ndarray  # (T+1,)
+    sigma: np.ndarray  # (T+1,)
+
+    @property
+    def logsnr(self) -> np.ndarray:
+        """lambda_i = log(alpha^2 / sigma^2); +inf at index 0."""
+        with np.errstate(divide="ignore"):
+            return 2.0 * (np.log(self.alpha) - np.log(self.sigma))
+
+    def at(self, t: torch.Tensor, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        """alpha_t, sigma_t for an integer index tensor, computed in float64 then cast."""
+        idx = t.detach().to("cpu", torch.long).numpy()
+        a = torch.from_numpy(self.alpha[idx]).to(t.device, dtype)
+        s = torch.from_numpy(self.sigma[idx]).to(t.device, dtype)
+        return a, s
+
+    def index_of_logsnr(self, logsnr: float) -> int:
+        """Largest index whose log-SNR is still >= ``logsnr`` (0 if none is)."""
+        lam = self.logsnr
+        ok = np.nonzero(lam >= logsnr)[0]
+        return int(ok.max()) if ok.size else 0
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "T": self.T}
+
+
+def cosine_schedule(T: int, logsnr_min: float = -20.0, logsnr_max: float = 20.0) -> Schedule:
+    """Truncated cosine schedule in log-SNR (Salimans & Ho 2022, schedules.py):
+    lambda(t) = -2 log tan(a t + b), clamped to [logsnr_min, logsnr_max] by construction."""
+    if logsnr_min >= logsnr_max:
+        raise ValueError(f"logsnr_min ({logsnr_min}) must be below logsnr_max ({logsnr_max})")
+    b = math.atan(math.exp(-0.5 * logsnr_max))
+    a = math.atan(math.exp(-0.5 * logsnr_min)) - b
+    t = np.arange(T + 1, dtype=np.float64) / T
+    lam = -2.0 * np.log(np.tan(a * t + b))
+    alpha = np.sqrt(_sigmoid(lam))
+    sigma = np.sqrt(_sigmoid(-lam))
+    alpha[0], sigma[0] = 1.0, 0.0
+    return Schedule("cosine", T, alpha, sigma)
+
+
+def linear_schedule(T: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> Schedule:
+    """DDPM linear-beta schedule (Ho et al. 2020), betas rescaled so any T spans the same range
+    as T=1000: alpha_bar_i = prod_{j<=i} (1 - beta_j)."""
+    scale = 1000.0 / T
+    betas = np.linspace(beta_start * scale, beta_end * scale, T, dtype=np.float64)
+    if betas.max() >= 1.0:
+        raise ValueError(f"linear schedule with T={T} gives beta >= 1; use more timesteps")
+    abar = np.concatenate([[1.0], np.cumprod(1.0 - betas)])
+    return Schedule("linear", T, np.sqrt(abar), np.sqrt(1.0 - abar))
+
+
+def make_schedule(kind: str, T: int, **kw: float) -> Schedule:
+    if T < 1:
+        raise ValueError(f"schedule needs T >= 1, got {T}")
+    if kind == "cosine":
+        return cosine_schedule(T, **kw)
+    if kind == "linear":
+        return linear_schedule(T, **kw)
+    raise ValueError(f"unknown schedule {kind!r}; expected 'cosine' or 'linear'")
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 0.5 * (1.0 + np.tanh(0.5 * x))
+
+
+# ---------------------------------------------------------------------------------------------
+# Timestep spacing: which sub-sequence of 1..T a sampler with S steps visits.
+
+Spacing = Literal["trailing", "linspace", "quadratic"]
+
+
+def timesteps(T: int, steps: int, spacing: str = "trailing") -> list[int]:
+    """Descending sampler timesteps ``[tau_S, ..., tau_1]`` (all >= 1), to be followed by 0.
+
+    trailing: tau_i = round(i T / S); the first step is always T (zero-SNR end of the grid).
+    linspace: S points evenly from T down to 1, rounded.
+    quadratic: tau_i ~ c i^2 with tau_S = T (DDIM App. D.2, re-anchored to start at T).
+    Duplicates from rounding are removed, so fewer than S steps may come back for large S.
+    """
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if steps > T:
+        raise ValueError(f"steps ({steps}) cannot exceed the schedule's T ({T})")
+    i = np.arange(1, steps + 1, dtype=np.float64)
+    if spacing == "trailing":
+        tau = np.round(i * T / steps)
+    elif spacing == "linspace":
+        tau = np.round(np.linspace(1, T, steps)) if steps > 1 else np.array([float(T)])
+    elif spacing == "quadratic":
+        tau = np.round(T * (i / steps) ** 2)
+    else:
+        raise ValueError(f"unknown spacing {spacing!r}; expected trailing, linspace or quadratic")
+    tau = np.clip(tau, 1, T).astype(np.int64)
+    return sorted(set(tau.tolist()), reverse=True)

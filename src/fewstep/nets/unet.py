@@ -1,0 +1,197 @@
+"""A compact UNet (Ho et al. 2020 / improved DDPM shape) with patching (Luhman & Luhman 2022).
+
+The image (B, C, H, W) goes through pixel_unshuffle by P to (B, C P^2, H/P, W/P); every layer
+then runs on the P-times smaller grid, and pixel_shuffle restores the output. Widths per level
+are the same for every P (only the input and output convolutions see C P^2 channels), so the
+parameter counts of P = 1 and P > 1 nets are comparable while the cost of a step falls by about
+P^2 for the convolutions and P^4 for attention. ``attn_resolutions`` are feature-map sizes on the
+patched grid (number of tokens per side).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    image_size: int = 32
+    in_channels: int = 3
+    patch_size: int = 1
+    channels: int = 64
+    channel_mult: tuple[int, ...] = (1, 2, 2)
+    num_res_blocks: int = 2
+    attn_resolutions: tuple[int, ...] = (8,)
+    head_dim: int = 32
+    dropout: float = 0.1
+    emb_mult: int = 4
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "channel_mult", tuple(self.channel_mult))
+        object.__setattr__(self, "attn_resolutions", tuple(self.attn_resolutions))
+        P = self.patch_size
+        if P not in (1, 2, 4, 8):
+            raise ValueError(f"patch_size must be 1, 2, 4 or 8, got {P}")
+        if self.image_size % P:
+            raise ValueError(f"image_size {self.image_size} is not divisible by patch_size {P}")
+        grid = self.image_size // P
+        if grid % (2 ** (len(self.channel_mult) - 1)):
+            raise ValueError(
+                f"grid {grid} (image_size/patch_size) cannot be halved {len(self.channel_mult) - 1} times; "
+                "use fewer channel_mult levels"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.patch_size
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["channel_mult"] = list(self.channel_mult)
+        d["attn_resolutions"] = list(self.attn_resolutions)
+        return d
+
+
+def _norm(ch: int) -> nn.GroupNorm:
+    """GroupNorm with the most groups (<= 32) that divide ch and keep >= 4 channels per group."""
+    groups = max(g for g in range(1, 33) if ch % g == 0 and (ch // g >= 4 or g == 1))
+    return nn.GroupNorm(groups, ch, eps=1e-6)
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding of continuous t in [0, 1] (scaled by 1000 as in DDPM)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = 1000.0 * t.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=1)
+
+
+class ResBlock(nn.Module):
+    """GroupNorm-SiLU-conv twice, FiLM (scale, shift) from the time embedding, zero-init output."""
+
+    def __init__(self, cin: int, cout: int, emb: int, dropout: float):
+        super().__init__()
+        self.norm1, self.conv1 = _norm(cin), nn.Conv2d(cin, cout, 3, padding=1)
+        self.emb = nn.Linear(emb, 2 * cout)
+        self.norm2, self.drop = _norm(cout), nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
+        nn.init.zeros_(self.conv2.weight)
+        nn.init.zeros_(self.conv2.bias)
+        self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        scale, shift = self.emb(F.silu(emb))[:, :, None, None].chunk(2, dim=1)
+        h = self.norm2(h) * (1 + scale) + shift
+        h = self.conv2(self.drop(F.silu(h)))
+        return self.skip(x) + h
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention over the feature map (fused scaled_dot_product_attention)."""
+
+    def __init__(self, ch: int, head_dim: int):
+        super().__init__()
+        self.heads = max(1, ch // head_dim)
+        self.norm = _norm(ch)
+        self.qkv = nn.Conv2d(ch, 3 * ch, 1)
+        self.out = nn.Conv2d(ch, ch, 1)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None) -> torch.Tensor:
+        B, C, H, W = x.shape
+        q, k, v = self.qkv(self.norm(x)).reshape(B, 3, self.heads, C // self.heads, H * W).unbind(1)
+        h = F.scaled_dot_product_attention(q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2))
+        return x + self.out(h.transpose(-1, -2).reshape(B, C, H, W))
+
+
+class UNet(nn.Module):
+    def __init__(self, cfg: UNetConfig):
+        super().__init__()
+        self.cfg = cfg
+        P, ch = cfg.patch_size, cfg.channels
+        emb = ch * cfg.emb_mult
+        self.time_mlp = nn.Sequential(nn.Linear(ch, emb), nn.SiLU(), nn.Linear(emb, emb))
+        self.conv_in = nn.Conv2d(cfg.in_channels * P * P, ch, 3, padding=1)
+
+        self.down = nn.ModuleList()
+        skips, cur, res = [ch], ch, cfg.grid
+        for level, mult in enumerate(cfg.channel_mult):
+            for _ in range(cfg.num_res_blocks):
+                blocks = [ResBlock(cur, ch * mult, emb, cfg.dropout)]
+                cur = ch * mult
+                if res in cfg.attn_resolutions:
+                    blocks.append(Attention(cur, cfg.head_dim))
+                self.down.append(nn.ModuleList(blocks))
+                skips.append(cur)
+            if level < len(cfg.channel_mult) - 1:
+                self.down.append(nn.ModuleList([nn.Conv2d(cur, cur, 3, stride=2, padding=1)]))
+                skips.append(cur)
+                res //= 2
+
+        self.mid = nn.ModuleList(
+            [ResBlock(cur, cur, emb, cfg.dropout), Attention(cur, cfg.head_dim), ResBlock(cur, cur, emb, cfg.dropout)]
+        )
+
+        self.up = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(cfg.channel_mult))):
+            for _ in range(cfg.num_res_blocks + 1):
+                blocks = [ResBlock(cur + skips.pop(), ch * mult, emb, cfg.dropout)]
+                cur = ch * mult
+                if res in cfg.attn_resolutions:
+                    blocks.append(Attention(cur, cfg.head_dim))
+                self.up.append(nn.ModuleList(blocks))
+            if level > 0:
+                self.up.append(nn.ModuleList([_Upsample(cur)]))
+                res *= 2
+
+        self.norm_out = _norm(cur)
+        self.conv_out = nn.Conv2d(cur, cfg.in_channels * P * P, 3, padding=1)
+        nn.init.zeros_(self.conv_out.weight)
+        nn.init.zeros_(self.conv_out.bias)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """x: (B, C, H, W) noisy image; t: (B,) continuous time in [0, 1]."""
+        P = self.cfg.patch_size
+        emb = self.time_mlp(timestep_embedding(t, self.cfg.channels).to(x.dtype))
+        h = F.pixel_unshuffle(x, P) if P > 1 else x
+        h = self.conv_in(h)
+        hs = [h]
+        for blocks in self.down:
+            h = _run(blocks, h, emb)
+            hs.append(h)
+        h = _run(self.mid, h, emb)
+        for blocks in self.up:
+            if isinstance(blocks[0], _Upsample):
+                h = blocks[0](h)
+            else:
+                h = _run(blocks, torch.cat([h, hs.pop()], dim=1), emb)
+        h = self.conv_out(F.silu(self.norm_out(h)))
+        return F.pixel_shuffle(h, P) if P > 1 else h
+
+
+class _Upsample(nn.Module):
+    def __init__(self, ch: int):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+def _run(blocks: nn.ModuleList, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+    for b in blocks:
+        h = b(h, emb) if isinstance(b, (ResBlock, Attention)) else b(h)
+    return h
+
+
+def count_params(net: nn.Module) -> int:
+    return sum(p.numel() for p in net.parameters())

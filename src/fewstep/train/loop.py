@@ -1,0 +1,160 @@
+"""The training loop shared by the teacher and the distillation rounds.
+
+Randomness is indexed by step: step k draws its batch, timesteps, noise and dropout from
+generators seeded by (seed, k). So a run killed after a checkpoint and resumed draws exactly
+what an uninterrupted run would have drawn, and resumes to the same weights.
+
+No host sync per step: the loss is accumulated on the device and checked (finite?) at every log
+and before every checkpoint, so a NaN can never reach a saved checkpoint.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from fewstep.train import checkpoint
+
+
+class TrainingDivergedError(FloatingPointError):
+    """The loss became NaN or inf; the last good checkpoint is kept."""
+
+
+@dataclass
+class LoopConfig:
+    steps: int
+    lr: float
+    warmup: int = 0
+    lr_decay: str = "constant"  # constant | cosine | linear (to 0 at the last step)
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    ema_decay: float | None = None  # None: no EMA
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    log_every: int = 50
+    seed: int = 0
+
+
+@dataclass
+class LoopResult:
+    net: torch.nn.Module  # the EMA net when EMA is on, else the trained net
+    history: list[list[float]] = field(default_factory=list)  # [step, mean loss over the window]
+    steps_run: int = 0  # steps run in this process (0 when the run was already complete)
+    seconds: float = 0.0
+    resumed_from: int = 0
+
+
+def step_seed(seed: int, step: int, stream: int = 0) -> int:
+    """A well-mixed 63-bit seed for (seed, step, stream) (splitmix64 finaliser)."""
+    z = (seed * 0x9E3779B97F4A7C15 + step * 0xBF58476D1CE4E5B9 + stream * 0x94D049BB133111EB) & (2**64 - 1)
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & (2**64 - 1)
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & (2**64 - 1)
+    return (z ^ (z >> 31)) & (2**63 - 1)
+
+
+def lr_at(cfg: LoopConfig, step: int) -> float:
+    """Learning rate for update ``step`` (0-based): linear warmup, then constant/cosine/linear decay."""
+    if cfg.warmup and step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    if cfg.lr_decay == "constant":
+        return cfg.lr
+    frac = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    if cfg.lr_decay == "cosine":
+        return cfg.lr * 0.5 * (1 + math.cos(math.pi * frac))
+    if cfg.lr_decay == "linear":
+        return cfg.lr * (1 - frac)
+    raise ValueError(f"unknown lr_decay {cfg.lr_decay!r}")
+
+
+def train(
+    net: torch.nn.Module,
+    loss_fn: Callable[[torch.nn.Module, torch.Generator], torch.Tensor],
+    cfg: LoopConfig,
+    ckpt_root: str | Path,
+    run_hash: str,
+    device: torch.device,
+    progress: bool = True,
+    desc: str = "train",
+    log: Callable[[str], None] = print,
+    on_log: Callable[[int, float], None] | None = None,
+) -> LoopResult:
+    """Train ``net`` in place for ``cfg.steps`` updates of ``loss_fn(net, generator)`` (a scalar).
+
+    Resumes from the latest checkpoint under ``ckpt_root`` when its run hash matches; a
+    checkpoint of a different run (params or data changed) is discarded with a message.
+    """
+    net.to(device).train()
+    ema = copy.deepcopy(net).eval().requires_grad_(False) if cfg.ema_decay is not None else None
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
+    history: list[list[float]] = []
+    start = 0
+    found = checkpoint.latest(ckpt_root)
+    if found is not None:
+        ck_dir, meta = found
+        if meta.get("run_hash") == run_hash:
+            checkpoint.restore(ck_dir, net, opt, ema, meta, device)
+            start, history = int(meta["step"]), meta.get("history", [])
+            log(f"{desc}: resuming from {ck_dir} (step {start}/{cfg.steps})")
+        else:
+            log(f"{desc}: checkpoint in {ckpt_root} belongs to another run (params or data changed); starting fresh")
+            checkpoint.clear(ckpt_root)
+    result = LoopResult(net=ema if ema is not None else net, history=history, resumed_from=start)
+    if start >= cfg.steps:
+        return result
+
+    def save(step: int) -> None:
+        checkpoint.save(ckpt_root, step, net, opt, ema, {"run_hash": run_hash, "history": history},
+                        keep=cfg.keep_checkpoints)
+
+    window = torch.zeros((), device=device)
+    window_n, t0 = 0, time.perf_counter()
+    bar = tqdm(total=cfg.steps, initial=start, desc=desc, disable=not progress, dynamic_ncols=True)
+    for step in range(start, cfg.steps):
+        gen = torch.Generator(device=device).manual_seed(step_seed(cfg.seed, step))
+        torch.manual_seed(step_seed(cfg.seed, step, stream=1))  # dropout
+        for g in opt.param_groups:
+            g["lr"] = lr_at(cfg, step)
+        loss = loss_fn(net, gen)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
+        opt.step()
+        if ema is not None:
+            decay = min(cfg.ema_decay, (1 + step) / (10 + step))
+            with torch.no_grad():
+                torch._foreach_lerp_(list(ema.parameters()), list(net.parameters()), 1.0 - decay)
+                for be, bn in zip(ema.buffers(), net.buffers()):
+                    be.copy_(bn)
+        window += loss.detach()
+        window_n += 1
+        done = step + 1
+        if done % cfg.log_every == 0 or done % cfg.checkpoint_every == 0 or done == cfg.steps:
+            mean = window.item() / window_n
+            if not math.isfinite(mean):
+                bar.close()
+                last = checkpoint.latest(ckpt_root)
+                where = f"the last good checkpoint is {last[0]} (step {last[1]['step']})" if last else "no checkpoint was written"
+                raise TrainingDivergedError(
+                    f"{desc}: loss became {mean} between steps {done - window_n + 1} and {done}; "
+                    f"{where}. Lower the learning rate or check the data."
+                )
+            history.append([done, mean])
+            if on_log is not None:
+                on_log(done, mean)
+            bar.set_postfix(loss=f"{mean:.4f}", lr=f"{opt.param_groups[0]['lr']:.2e}")
+            window.zero_()
+            window_n = 0
+        bar.update(1)
+        if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+            save(done)
+    bar.close()
+    result.steps_run = cfg.steps - start
+    result.seconds = time.perf_counter() - t0
+    return result

@@ -1,0 +1,112 @@
+"""Teacher training: a diffusion model on the prepared data, any parameterisation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from fewstep import models, storage
+from fewstep.config import Params
+from fewstep.math.losses import DEFAULT_WEIGHTING, weighted_x_loss
+from fewstep.math.schedules import Schedule, make_schedule
+from fewstep.nets.unet import UNet
+from fewstep.train.loop import LoopConfig, LoopResult, train
+
+
+def schedule_of(p: Params) -> Schedule:
+    return make_schedule(p.schedule.kind, p.schedule.T, **p.schedule.kwargs())
+
+
+def schedule_meta(p: Params) -> dict[str, Any]:
+    return {"kind": p.schedule.kind, "T": p.schedule.T, **p.schedule.kwargs()}
+
+
+def diffusion_loss(
+    data: torch.Tensor, schedule: Schedule, kind: str, weighting: str, batch_size: int, hflip: bool
+) -> Callable[[torch.nn.Module, torch.Generator], torch.Tensor]:
+    """loss_fn(net, gen) for the training loop. ``data``: uint8 (N, C, H, W) on the device.
+
+    Timesteps uniform on 1..T; every random draw comes from ``gen`` (seeded per step)."""
+    dev = data.device
+    T = schedule.T
+    channels_last = dev.type == "cuda"
+
+    def loss_fn(net: torch.nn.Module, gen: torch.Generator) -> torch.Tensor:
+        idx = torch.randint(0, data.shape[0], (batch_size,), generator=gen, device=dev)
+        x = data[idx].float() / 127.5 - 1.0
+        if hflip:
+            flip = torch.rand(batch_size, generator=gen, device=dev) < 0.5
+            x = torch.where(flip[:, None, None, None], x.flip(3), x)
+        t = torch.randint(1, T + 1, (batch_size,), generator=gen, device=dev)
+        eps = torch.randn(x.shape, generator=gen, device=dev)
+        alpha, sigma = schedule.at(t, torch.float32)
+        z = alpha[:, None, None, None] * x + sigma[:, None, None, None] * eps
+        if channels_last:
+            z = z.contiguous(memory_format=torch.channels_last)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+            pred = net(z, t.float() / T)
+        return weighted_x_loss(pred.float(), kind, z, x, alpha, sigma, weighting, eps_target=eps).mean()
+
+    return loss_fn
+
+
+def run_hash(p: Params, data_hash: str) -> str:
+    """What a checkpoint must match to be resumed: the params that shape the run, and the data."""
+    return storage.sha256_json({"teacher": p.teacher.model_dump(), "schedule": p.schedule.model_dump(),
+                                "base": p.base.model_dump(exclude={"device", "threads"}), "data": data_hash})
+
+
+def train_teacher(
+    p: Params,
+    data_dir: str | Path,
+    model_dir: str | Path,
+    ckpt_dir: str | Path,
+    device: torch.device,
+    progress: bool = True,
+    on_log: Callable[[int, float], None] | None = None,
+) -> tuple[LoopResult, dict[str, Any]]:
+    """Train (or resume) the teacher and write its model directory. Returns the loop result
+    and the model config written beside the weights."""
+    tp = p.teacher
+    data_dir = Path(data_dir)
+    manifest = storage.read_json(data_dir / "manifest.json")
+    images = storage.load_array(data_dir / "train_images.npy")
+    if images.shape[1] != p.base.image_size:
+        raise ValueError(
+            f"prepared images are {images.shape[1]}px but base.image_size is {p.base.image_size}; re-run prepare_data"
+        )
+    data = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2))).to(device)
+    schedule = schedule_of(p)
+    weighting = tp.weighting or DEFAULT_WEIGHTING[tp.parameterization]
+    torch.manual_seed(p.base.seed)
+    net = UNet(tp.net.unet_config(p.base.image_size))
+    if device.type == "cuda":
+        net = net.to(memory_format=torch.channels_last)
+    loop = LoopConfig(
+        steps=tp.steps, lr=tp.lr, warmup=tp.warmup, lr_decay=tp.lr_decay, weight_decay=tp.weight_decay,
+        grad_clip=tp.grad_clip, ema_decay=tp.ema_decay, checkpoint_every=tp.checkpoint_every,
+        keep_checkpoints=tp.keep_checkpoints, log_every=tp.log_every, seed=p.base.seed,
+    )
+    rh = run_hash(p, manifest["content_hash"])
+    loss_fn = diffusion_loss(data, schedule, tp.parameterization, weighting, tp.batch_size, tp.hflip)
+    result = train(net, loss_fn, loop, ckpt_dir, rh, device, progress=progress, desc="teacher", on_log=on_log)
+    meta = {
+        "role": "teacher",
+        "parameterization": tp.parameterization,
+        "weighting": weighting,
+        "schedule": schedule_meta(p),
+        "image_size": p.base.image_size,
+        "dataset": p.base.dataset,
+        "class_names": manifest["class_names"],
+        "data_hash": manifest["content_hash"],
+        "params_hash": storage.sha256_json(p.teacher.model_dump()),
+        "run_hash": rh,
+        "train_steps": tp.steps,
+        "sample_steps": p.schedule.T,
+        "parent": None,
+    }
+    meta["weights_sha256"] = models.save_model(model_dir, result.net.to("cpu").float(), meta)
+    return result, meta
