@@ -76,7 +76,7 @@ class NetParams(_Strict):
 
 class SampleParams(_Strict):
     n: int = Field(64, ge=1)
-    steps: int = Field(64, ge=1)
+    steps: int = Field(64, ge=0, description="sampling steps for the grid; 0 = the model's own step count")
     spacing: Literal["trailing", "linspace", "quadratic"] = "trailing"
     seed: int = Field(0, ge=0)
 
@@ -106,11 +106,63 @@ class TeacherParams(_Strict):
         return self
 
 
+class DistillRoundParams(_Strict):
+    """One round's effective settings: distill.defaults overridden by the round's own keys."""
+
+    parent: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    steps: int = Field(ge=1, description="student sampling steps; the parent samples in 2x")
+    train_steps: int = Field(500, ge=1)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(5e-5, gt=0.0, le=1.0)
+    weighting: Literal["snr", "snr_trunc", "snr+1", "sqrt_snr", "constant"] = "snr_trunc"
+    ema_decay: Optional[float] = Field(None, ge=0.0, lt=1.0)
+    grad_clip: float = Field(1.0, gt=0.0)
+    hflip: bool = True
+    checkpoint_every: int = Field(250, ge=1)
+    log_every: int = Field(25, ge=1)
+    sample: SampleParams = SampleParams()
+
+
+class DistillParams(_Strict):
+    defaults: dict[str, Any] = Field(default_factory=dict)
+    rounds: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+    def round(self, name: str) -> DistillRoundParams:
+        if name not in self.rounds:
+            raise ParamsError(f"distill.rounds has no round {name!r}; rounds: {sorted(self.rounds)}")
+        try:
+            return DistillRoundParams.model_validate(deep_merge(self.defaults, self.rounds[name]))
+        except ValidationError as e:
+            raise ParamsError(_format(e, f"distill.rounds.{name} (+ distill.defaults)")) from None
+
+    @model_validator(mode="after")
+    def _chain(self) -> "DistillParams":
+        for name in self.rounds:
+            r = self.round(name)
+            if r.parent != "teacher":
+                if r.parent not in self.rounds:
+                    raise ValueError(f"round {name}: parent {r.parent!r} is neither 'teacher' nor a round")
+                if self.round(r.parent).steps != 2 * r.steps:
+                    raise ValueError(f"round {name}: {r.steps} steps is not half of its parent's "
+                                     f"{self.round(r.parent).steps}")
+        return self
+
+
 class Params(_Strict):
     base: BaseParams = BaseParams()
     schedule: ScheduleParams = ScheduleParams()
     prepare: PrepareParams
     teacher: TeacherParams = TeacherParams()
+    distill: DistillParams = DistillParams()
+
+    @model_validator(mode="after")
+    def _distill_grid(self) -> "Params":
+        for name in self.distill.rounds:
+            r = self.distill.round(name)
+            if self.schedule.T % (2 * r.steps):
+                raise ValueError(f"distill round {name}: schedule.T={self.schedule.T} is not divisible by its "
+                                 f"teacher's {2 * r.steps} steps")
+        return self
 
 
 def deep_merge(a: dict, b: dict) -> dict:

@@ -54,6 +54,10 @@ def repo(tmp_path):
         else:
             shutil.copy(src, repo / name)
     p = tiny_params(steps=30, checkpoint_every=10)
+    p["distill"] = {"defaults": {"train_steps": 10, "batch_size": 8, "checkpoint_every": 5, "log_every": 5,
+                                 "sample": {"n": 4, "steps": 0, "spacing": "trailing", "seed": 0}},
+                    "rounds": {"student-2": {"parent": "teacher", "steps": 2},
+                               "student-1": {"parent": "student-2", "steps": 1}}}
     p["prepare"].update(train_source=str(_image_tar(tmp_path / "train.tar.gz", 48)),
                         test_source=str(_image_tar(tmp_path / "test.tar.gz", 16)), classes=None,
                         max_per_class=None, test_max_per_class=None)
@@ -75,14 +79,25 @@ def test_dvc_repro_runs_the_stages_and_caches(repo):
     assert (repo / "samples/teacher.png").exists() and (repo / "plots/teacher_loss.csv").exists()
     assert "metrics/teacher.json" in _run([sys.executable, "-m", "dvc", "metrics", "show"], repo)
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
-    assert set(lock["stages"]) == {"prepare_data", "train_teacher"}
+    assert set(lock["stages"]) == {"prepare_data", "train_teacher", "distill@student-2", "distill@student-1"}
+    s1 = models.load_config(repo / "models/student-1")
+    assert s1["parent"]["weights_sha256"] == models.load_config(repo / "models/student-2")["weights_sha256"]
+    assert storage.read_json(repo / "metrics/student-1.json")["student_steps"] == 1
 
     out = _run([sys.executable, "-m", "dvc", "repro"], repo)
     assert "didn't change, skipping" in out and "Running stage" not in out
 
-    # a teacher param change re-runs the teacher only
+    # changing round 2 re-runs round 2 only
     p = yaml.safe_load((repo / "params.yaml").read_text())
+    p["distill"]["rounds"]["student-1"]["lr"] = 1e-4
+    write_params(repo / "params.yaml", p)
+    out = _run([sys.executable, "-m", "dvc", "repro"], repo)
+    assert "Running stage 'distill@student-1'" in out
+    assert "Running stage 'distill@student-2'" not in out and "Running stage 'train_teacher'" not in out
+
+    # a teacher param change re-runs the teacher and the rounds below it, not the data
     p["teacher"]["lr"] = 1e-3
     write_params(repo / "params.yaml", p)
     out = _run([sys.executable, "-m", "dvc", "repro"], repo)
     assert "Running stage 'train_teacher'" in out and "Running stage 'prepare_data'" not in out
+    assert "Running stage 'distill@student-2'" in out

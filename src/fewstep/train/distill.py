@@ -1,0 +1,102 @@
+"""One progressive-distillation round: a teacher sampling in N steps -> a student in N/2.
+
+The student starts as a copy of the teacher (dropout off), learns the two-step target of
+fewstep.math.distill, with lr annealed linearly to 0 within the round, optional EMA, grad clip.
+Student step i (1..N/2) sits at grid index t = 2 i T / N, so the student's N/2-step trailing
+DDIM grid starts at T (zero SNR end), exactly as it is trained.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from fewstep import models, storage
+from fewstep.math.distill import distill_target
+from fewstep.math.losses import weighted_x_loss
+from fewstep.math.param import NetDenoiser
+from fewstep.nets.unet import UNet
+from fewstep.train.loop import LoopConfig, LoopResult, train
+
+
+def distill_loss(
+    teacher: NetDenoiser, data: torch.Tensor, student_steps: int, weighting: str, batch_size: int, hflip: bool
+) -> Callable[[torch.nn.Module, torch.Generator], torch.Tensor]:
+    sch, kind = teacher.schedule, teacher.kind
+    T = sch.T
+    N = 2 * student_steps
+    if T % N:
+        raise ValueError(f"schedule T={T} is not divisible by the teacher's step count {N}")
+    dt = T // N
+    dev = data.device
+
+    def loss_fn(student: torch.nn.Module, gen: torch.Generator) -> torch.Tensor:
+        idx = torch.randint(0, data.shape[0], (batch_size,), generator=gen, device=dev)
+        x = data[idx].float() / 127.5 - 1.0
+        if hflip:
+            flip = torch.rand(batch_size, generator=gen, device=dev) < 0.5
+            x = torch.where(flip[:, None, None, None], x.flip(3), x)
+        i = torch.randint(1, student_steps + 1, (batch_size,), generator=gen, device=dev)
+        t = 2 * dt * i
+        eps = torch.randn(x.shape, generator=gen, device=dev)
+        alpha, sigma = sch.at(t, torch.float32)
+        z = alpha[:, None, None, None] * x + sigma[:, None, None, None] * eps
+        x_tgt = distill_target(teacher, z, t, dt)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+            pred = student(z, t.float() / T)
+        return weighted_x_loss(pred.float(), kind, z, x_tgt, alpha, sigma, weighting).mean()
+
+    return loss_fn
+
+
+def distill_round(
+    parent_dir: str | Path,
+    out_dir: str | Path,
+    ckpt_dir: str | Path,
+    data_dir: str | Path,
+    student_steps: int,
+    rp: Any,  # fewstep.config.DistillRoundParams
+    seed: int,
+    device: torch.device,
+    progress: bool = True,
+) -> tuple[LoopResult, dict[str, Any]]:
+    parent_cfg = models.load_config(parent_dir)
+    teacher = models.load_denoiser(parent_dir, device).requires_grad_(False)
+    parent_steps = 2 * student_steps
+    if parent_cfg["role"] == "student" and int(parent_cfg["sample_steps"]) != parent_steps:
+        raise ValueError(
+            f"parent {parent_dir} samples in {parent_cfg['sample_steps']} steps; a round to {student_steps} steps "
+            f"needs a {parent_steps}-step parent (each round halves)"
+        )
+    images = storage.load_array(Path(data_dir) / "train_images.npy")
+    data = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2))).to(device)
+
+    net_cfg = dataclasses.replace(teacher.net.cfg, dropout=0.0)
+    student = UNet(net_cfg)
+    student.load_state_dict(teacher.net.state_dict())  # student = copy of teacher (PD Alg. 2)
+    loop = LoopConfig(steps=rp.train_steps, lr=rp.lr, warmup=0, lr_decay="linear", grad_clip=rp.grad_clip,
+                      ema_decay=rp.ema_decay, checkpoint_every=rp.checkpoint_every, keep_checkpoints=2,
+                      log_every=rp.log_every, seed=seed)
+    run_hash = storage.sha256_json({"parent": parent_cfg["weights_sha256"], "round": rp.model_dump(),
+                                    "steps": student_steps, "seed": seed})
+    loss_fn = distill_loss(teacher, data, student_steps, rp.weighting, rp.batch_size, rp.hflip)
+    result = train(student, loss_fn, loop, ckpt_dir, run_hash, device, progress=progress,
+                   desc=f"distill {parent_steps}->{student_steps}")
+    meta = {k: parent_cfg[k] for k in ("parameterization", "schedule", "image_size", "dataset", "class_names",
+                                       "data_hash")}
+    meta.update(
+        role="student",
+        sample_steps=student_steps,
+        weighting=rp.weighting,
+        params_hash=storage.sha256_json(rp.model_dump()),
+        run_hash=run_hash,
+        train_steps=rp.train_steps,
+        parent={"path": str(parent_dir), "weights_sha256": parent_cfg["weights_sha256"], "sample_steps": parent_steps,
+                "role": parent_cfg["role"]},
+    )
+    meta["weights_sha256"] = models.save_model(out_dir, result.net.to("cpu").float(), meta)
+    return result, meta
