@@ -1,0 +1,268 @@
+"""OLSS: optimal linear subspace search (Duan et al., CIKM 2023, arXiv 2305.14677).
+
+A deterministic N-step reference run (DDIM, eta = 0, unclipped) gives latents X[0..N]
+(X[0] = x_T, X[N] = the clean result) and model outputs E[0..N-1]. An n-step OLSS sampler on a
+path p_0 = 0 < p_1 < ... < p_{n-1} of reference indices computes
+
+    x_{i+1} = wx[i] x_T + sum_{j<=i} we[i, j] e_j,     e_j = x_hat(x_j, tau[p_j])
+
+The outputs are taken in x-form. The span is the same as with eps (x_hat = (z - sigma eps)/alpha
+and every latent lies in the span), but at a zero-SNR start eps ~ x_T, so the eps basis is nearly
+collinear and DDIM's own coefficients in it are ~1/alpha_T (hundreds, cancelling). In x-form DDIM's
+coefficients are sigma ratios and alphas, all in [0, 1]: a well-conditioned fit.
+
+with scalar weights fitted by least squares (float64, SVD-based, rank revealing) to the reference
+latent at the next path index (the last step targets X[N]). The path comes from Algorithms 1-3:
+the furthest next index whose projection error is <= D (binary search), feasibility with at most n
+steps, and bisection on D. Degenerate cases are explicit (see search_path).
+
+Arrays: X (N+1, M) and E (N, M), M = flattened elements (images x pixels), any float dtype;
+every solve casts its columns to float64.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from fewstep.math.param import Denoiser, predict_x_eps
+
+
+# --------------------------------------------------------------------------------------------
+# least squares
+
+
+@dataclass
+class Solve:
+    w: torch.Tensor  # (k,) float64
+    mse: float  # mean squared residual over the M elements (no ridge term)
+    cond: float  # condition number of the basis (ratio of extreme singular values)
+
+
+RCOND = 1e-10  # singular values below RCOND * largest count as zero (rank-revealing cut)
+
+
+def lstsq(cols: Sequence[torch.Tensor], y: torch.Tensor, ridge: float = 0.0) -> Solve:
+    """min_w ||A w - y||^2 + ridge * M * ||w||^2 with A = stack(cols, 1), in float64.
+
+    SVD driver with a relative cut RCOND: a rank-deficient basis gets the minimum-norm solution
+    instead of huge weights that cancel on the fitting data and explode anywhere else."""
+    A = torch.stack([c.reshape(-1).double() for c in cols], 1)
+    b = y.reshape(-1).double()
+    M, k = A.shape
+    if ridge > 0:
+        A_s = torch.cat([A, math.sqrt(ridge * M) * torch.eye(k, dtype=torch.float64)])
+        b_s = torch.cat([b, torch.zeros(k, dtype=torch.float64)])
+    else:
+        A_s, b_s = A, b
+    w = torch.linalg.lstsq(A_s.cpu(), b_s.cpu(), rcond=RCOND, driver="gelsd").solution
+    sv = torch.linalg.svdvals(A.cpu())
+    cond = float(sv[0] / sv[-1]) if sv[-1] > 0 else float("inf")
+    mse = float(((A.cpu() @ w - b.cpu()) ** 2).mean())
+    return Solve(w, mse, cond)
+
+
+# --------------------------------------------------------------------------------------------
+# Algorithms 1-3
+
+
+def next_index(X: torch.Tensor, E: torch.Tensor, path: list[int], D: float) -> int:
+    """Algorithm 1: furthest j in (c, N] whose projection onto span{X[c], E[p] for p in path}
+    has mse <= D (binary search; assumes error grows with j). The one-index step c+1 is always
+    allowed: it is the finest step the reference offers."""
+    N = E.shape[0]
+    c = path[-1]
+    basis = [X[c]] + [E[p] for p in path]
+    lo, hi = c + 1, N
+    while hi > lo:
+        mid = (lo + hi + 1) // 2
+        if lstsq(basis, X[mid]).mse > D:
+            hi = mid - 1
+        else:
+            lo = mid
+    return lo
+
+
+def feasible_path(X: torch.Tensor, E: torch.Tensor, n: int, D: float) -> list[int] | None:
+    """Algorithm 2: a path of at most n model evaluations whose every jump has error <= D."""
+    N = E.shape[0]
+    path = [0]
+    for _ in range(n):
+        j = next_index(X, E, path, D)
+        if j >= N:
+            return path
+        path.append(j)
+    return None
+
+
+def uniform_path(N: int, n: int) -> list[int]:
+    """OLSS-P: n evaluations spread evenly over the N reference steps (no search).
+    round(linspace) instead of arange(0, N, N // n) so no long last jump appears when n does not divide N."""
+    if not 1 <= n <= N:
+        raise ValueError(f"need 1 <= n <= N, got n={n}, N={N}")
+    return sorted(set(np.round(np.linspace(0, N, n + 1)[:-1]).astype(int).tolist()))
+
+
+def fill_path(path: list[int], n: int, N: int) -> list[int]:
+    """Use the whole budget: split the largest jump until the path has n entries (or cannot grow)."""
+    path = list(path)
+    while len(path) < n:
+        ends = path + [N]
+        gaps = [(ends[i + 1] - ends[i], i) for i in range(len(path))]
+        gap, i = max(gaps)
+        if gap < 2:
+            break
+        path.insert(i + 1, ends[i] + gap // 2)
+    return path
+
+
+@dataclass
+class PathSearch:
+    path: list[int]
+    D: float | None
+    note: str  # "searched", "searched+filled", "full" or "uniform-fallback"
+
+
+def search_path(X: torch.Tensor, E: torch.Tensor, n: int, iters: int = 30, D_hi: float | None = None) -> PathSearch:
+    """Algorithm 3: the smallest D (bisection) for which a path with <= n steps exists.
+
+    Explicit cases the released code gets wrong: n >= N returns the full path (OLSS == DDIM);
+    a path shorter than n is filled by splitting its largest jumps (more evaluations, never a
+    crash); when no D up to the largest single-jump error works, the uniform path is used and
+    the note says so.
+    """
+    N = E.shape[0]
+    if n < 1:
+        raise ValueError(f"an OLSS scheduler needs at least 1 step, got n={n}")
+    if n >= N:
+        return PathSearch(list(range(N)), 0.0, "full")
+    hi = D_hi if D_hi is not None else max(1e-12, float(lstsq([X[0], E[0]], X[N]).mse) * 4.0 + 10.0)
+    if feasible_path(X, E, n, hi) is None:
+        return PathSearch(uniform_path(N, n), None, "uniform-fallback")
+    lo = 0.0
+    for _ in range(iters):
+        mid = 0.5 * (lo + hi)
+        if feasible_path(X, E, n, mid) is None:
+            lo = mid
+        else:
+            hi = mid
+    path = feasible_path(X, E, n, hi)
+    assert path is not None
+    if len(path) < n:
+        return PathSearch(fill_path(path, n, N), hi, "searched+filled")
+    return PathSearch(path, hi, "searched")
+
+
+# --------------------------------------------------------------------------------------------
+# weights and the scheduler artifact
+
+
+@dataclass
+class OLSSScheduler:
+    """The artifact: timesteps (schedule indices), weights, and what it was fitted on."""
+
+    timesteps: list[int]
+    wx: list[float]
+    we: list[list[float]]  # row i has i+1 entries
+    fit_mse: list[float]
+    cond: list[float]
+    path: list[int]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def steps(self) -> int:
+        return len(self.timesteps)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "OLSSScheduler":
+        d = json.loads(text)
+        s = cls(**d)
+        s.validate()
+        return s
+
+    def validate(self) -> None:
+        n = len(self.timesteps)
+        if n < 1 or len(self.wx) != n or len(self.we) != n or any(len(r) != i + 1 for i, r in enumerate(self.we)):
+            raise ValueError("malformed OLSS scheduler: need n timesteps, n wx and a lower-triangular we")
+        if any(a <= b for a, b in zip(self.timesteps, self.timesteps[1:])):
+            raise ValueError("OLSS timesteps must be strictly descending")
+        if not all(math.isfinite(v) for v in self.wx + [w for r in self.we for w in r]):
+            raise ValueError("OLSS weights are not finite")
+
+
+def fit_weights(
+    X: torch.Tensor, E: torch.Tensor, path: list[int], t_path: Sequence[int], ridge: float = 0.0
+) -> OLSSScheduler:
+    """Fit per-step weights on basis [x_T, e_{p_0}..e_{p_i}], target X[p_{i+1}] (last: X[N])."""
+    N = E.shape[0]
+    targets = [X[p] for p in path[1:]] + [X[N]]
+    wx, we, mse, cond = [], [], [], []
+    for i in range(len(path)):
+        s = lstsq([X[0]] + [E[p] for p in path[: i + 1]], targets[i], ridge)
+        w = s.w.tolist()
+        wx.append(w[0])
+        we.append(w[1:])
+        mse.append(s.mse)
+        cond.append(s.cond)
+    return OLSSScheduler([int(t_path[p]) for p in path], wx, we, mse, cond, list(path))
+
+
+def refit_closed_loop(
+    denoiser: Denoiser, x_T: torch.Tensor, targets: Sequence[torch.Tensor], sched: OLSSScheduler, ridge: float = 0.0
+) -> OLSSScheduler:
+    """Beyond the paper: refit step by step on the sampler's own trajectory. Step i's basis uses
+    e_j evaluated on the OLSS latents x_j (not the reference's), so the weights see at fit time
+    what they will see at sampling time (no teacher forcing). ``targets[i]`` is the reference
+    latent the i-th step must reach (same x_T), as in fit_weights."""
+    x = x_T.double()
+    hist: list[torch.Tensor] = []
+    wx, we, mse, cond = [], [], [], []
+    for i, t in enumerate(sched.timesteps):
+        tt = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
+        e, _ = predict_x_eps(denoiser, x.to(x_T.dtype), tt, clip=False)
+        hist.append(e.double())
+        s = lstsq([x_T.double()] + hist, targets[i], ridge)
+        w = s.w.to(x.device)
+        x = w[0] * x_T.double() + sum(w[j + 1] * hist[j] for j in range(len(hist)))
+        wx.append(float(w[0]))
+        we.append(w[1:].tolist())
+        mse.append(s.mse)
+        cond.append(s.cond)
+    return OLSSScheduler(list(sched.timesteps), wx, we, mse, cond, list(sched.path), dict(sched.meta))
+
+
+# --------------------------------------------------------------------------------------------
+# the sampler
+
+
+def sample_olss(
+    denoiser: Denoiser,
+    x_T: torch.Tensor,
+    sched: OLSSScheduler,
+    clip: bool = True,
+    callback: Callable[[dict], None] | None = None,
+) -> torch.Tensor:
+    """n model evaluations; the linear combination is accumulated in float64 whatever dtype the
+    network runs in, and cast back to x_T's dtype at the end."""
+    x0 = x_T.double()
+    x = x_T
+    hist: list[torch.Tensor] = []
+    for i, t in enumerate(sched.timesteps):
+        tt = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
+        e, _ = predict_x_eps(denoiser, x, tt, clip=False)
+        hist.append(e.double())
+        nxt = sched.wx[i] * x0
+        for j, w in enumerate(sched.we[i]):
+            nxt = nxt + w * hist[j]
+        if callback is not None:
+            callback({"i": i, "t": t, "z": x, "x_hat": e})
+        x = nxt.to(x_T.dtype)
+    return x.clamp(-1, 1) if clip else x

@@ -1,0 +1,128 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from fewstep.math.ddim import sample_ddim
+from fewstep.math.olss import (OLSSScheduler, feasible_path, fill_path, fit_weights, lstsq, refit_closed_loop,
+                               sample_olss, search_path, uniform_path)
+from fewstep.math.schedules import cosine_schedule, timesteps
+from fewstep.testing import GMMDenoiser
+
+
+def collect(den, x_T, t_path):
+    """Reference trajectories: X (N+1, B, ...) latents, E (N, B, ...) x outputs (unclipped DDIM)."""
+    xs, es = [], []
+
+    def cb(d):
+        xs.append(d["z"])
+        es.append(d["x_hat"])
+
+    x0 = sample_ddim(den, x_T, t_path, clip=False, callback=cb)
+    return torch.stack(xs + [x0]), torch.stack(es)
+
+
+@pytest.fixture(scope="module")
+def toy():
+    sch = cosine_schedule(1024)
+    g = torch.Generator().manual_seed(0)
+    modes = torch.rand(8, 3, 4, 4, generator=g, dtype=torch.float64) * 1.6 - 0.8
+    den = GMMDenoiser(sch, modes, s0=0.15)
+    t_path = timesteps(sch.T, 64)
+    fit_T = torch.randn(32, 3, 4, 4, generator=g, dtype=torch.float64)
+    X, E = collect(den, fit_T, t_path)
+    return den, t_path, X, E
+
+
+def test_n_equal_to_reference_reproduces_ddim_exactly(toy):
+    den, t_path, X, E = toy
+    N = E.shape[0]
+    ps = search_path(X, E, N)
+    assert ps.path == list(range(N)) and ps.note == "full"
+    sched = fit_weights(X, E, ps.path, t_path)
+    x_T = torch.randn(8, 3, 4, 4, generator=torch.Generator().manual_seed(99), dtype=torch.float64)
+    ref = sample_ddim(den, x_T, t_path, clip=False)
+    got = sample_olss(den, x_T, sched, clip=False)
+    torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)
+
+
+def test_fitted_weights_are_the_analytic_ddim_coefficients(toy):
+    """DDIM in x form: z_s = (s_s/s_t) z_t + (a_s - s_s a_t / s_t) x_hat; unrolled over the path it
+    is a combination of x_T and the e's. The full-path fit must find exactly those numbers."""
+    den, t_path, X, E = toy
+    sch = den.schedule
+    N = E.shape[0]
+    sched = fit_weights(X, E, list(range(N)), t_path)
+    grid = list(t_path) + [0]
+    wx, we = 1.0, []
+    for i in range(4):  # first steps: coefficients of x_T and e_0..e_i
+        t, s = grid[i], grid[i + 1]
+        A = sch.sigma[s] / sch.sigma[t]
+        B = sch.alpha[s] - sch.sigma[s] * sch.alpha[t] / sch.sigma[t]
+        wx, we = A * wx, [A * w for w in we] + [B]
+        np.testing.assert_allclose(sched.wx[i], wx, rtol=1e-6)
+        np.testing.assert_allclose(sched.we[i], we, rtol=1e-5, atol=1e-8)
+
+
+def test_olss_beats_ddim_at_equal_steps_on_held_out_seeds(toy):
+    den, t_path, X, E = toy
+    x_T = torch.randn(64, 3, 4, 4, generator=torch.Generator().manual_seed(1234), dtype=torch.float64)
+    ref = sample_ddim(den, x_T, t_path, clip=False)
+    for n in (4, 6):
+        ps = search_path(X, E, n)
+        assert ps.path[0] == 0 and all(a < b for a, b in zip(ps.path, ps.path[1:])) and len(ps.path) <= n
+        sched = fit_weights(X, E, ps.path, t_path)
+        olss = sample_olss(den, x_T, sched, clip=False)
+        ddim = sample_ddim(den, x_T, timesteps(den.schedule.T, n), clip=False)
+        err_olss = (olss - ref).pow(2).mean().sqrt()
+        err_ddim = (ddim - ref).pow(2).mean().sqrt()
+        assert err_olss < 0.5 * err_ddim, (n, float(err_olss), float(err_ddim))
+        assert den.calls  # the sampler really calls the model
+
+
+def test_closed_loop_refit_and_ridge(toy):
+    den, t_path, X, E = toy
+    ps = search_path(X, E, 4)
+    sched = fit_weights(X, E, ps.path, t_path)
+    targets = [X[p] for p in ps.path[1:]] + [X[-1]]
+    closed = refit_closed_loop(den, X[0], targets, sched)
+    x_T = torch.randn(64, 3, 4, 4, generator=torch.Generator().manual_seed(77), dtype=torch.float64)
+    ref = sample_ddim(den, x_T, t_path, clip=False)
+    e_open = (sample_olss(den, x_T, sched, clip=False) - ref).pow(2).mean()
+    e_closed = (sample_olss(den, x_T, closed, clip=False) - ref).pow(2).mean()
+    assert e_closed <= e_open * 1.05  # closed loop is at least as good on held-out seeds
+    ridged = fit_weights(X, E, ps.path, t_path, ridge=1e-3)
+    assert sum(abs(w) for w in ridged.wx) <= sum(abs(w) for w in sched.wx) + 1e-9
+
+
+def test_degenerate_inputs_are_explicit(toy):
+    den, t_path, X, E = toy
+    N = E.shape[0]
+    with pytest.raises(ValueError, match="at least 1"):
+        search_path(X, E, 0)
+    one = search_path(X, E, 1)
+    assert one.path == [0]
+    assert search_path(X, E, N + 5).path == list(range(N))
+    assert uniform_path(100, 30)[-1] < 100 and len(uniform_path(100, 30)) == 30
+    with pytest.raises(ValueError):
+        uniform_path(10, 11)
+    assert fill_path([0, 40], 4, 64) == [0, 20, 40, 52]
+    # rank-deficient basis: a duplicated column still gives a finite, minimum-norm solution
+    v = torch.randn(100, dtype=torch.float64)
+    s = lstsq([v, v, 2 * v], 3 * v)
+    assert s.mse < 1e-20 and s.cond > 1e10 and torch.isfinite(s.w).all()
+    # D too small to be feasible -> None, not an IndexError
+    assert feasible_path(X, E, 2, 0.0) is None
+
+
+def test_scheduler_artifact_round_trip(toy):
+    den, t_path, X, E = toy
+    sched = fit_weights(X, E, search_path(X, E, 4).path, t_path)
+    sched.meta = {"model": "abc"}
+    again = OLSSScheduler.from_json(sched.to_json())
+    assert again == sched
+    bad = json.loads(sched.to_json())
+    bad["we"][1] = [1.0]
+    with pytest.raises(ValueError, match="lower-triangular"):
+        OLSSScheduler.from_json(json.dumps(bad))
