@@ -148,12 +148,39 @@ class DistillParams(_Strict):
         return self
 
 
+class TrajectoryParams(_Strict):
+    models: list[str] = Field(default_factory=lambda: ["teacher"], min_length=1)
+    reference_steps: int = Field(64, ge=2, description="full-step DDIM reference (capped at a student's own steps)")
+    n_fit: int = Field(128, ge=1, description="fitting trajectories (seeds)")
+    seed_offset: int = Field(1_000_000, ge=0, description="fit seeds start here, away from evaluation seeds")
+    shard_size: int = Field(64, ge=1)
+    batch_size: int = Field(64, ge=1)
+
+
+class OLSSParams(_Strict):
+    models: list[str] = Field(default_factory=lambda: ["teacher"], min_length=1)
+    steps: list[int] = Field(default_factory=lambda: [4, 8], min_length=1)
+    max_elements: int = Field(262_144, ge=1000, description="subsample of trajectory elements used by the fit")
+    bisection_iters: int = Field(30, ge=1)
+    ridge: float = Field(0.0, ge=0.0)
+    closed_loop: bool = True
+    n_holdout: int = Field(64, ge=1, description="held-out seeds for the RMSE check in metrics")
+
+    @model_validator(mode="after")
+    def _steps(self) -> "OLSSParams":
+        if any(n < 1 for n in self.steps):
+            raise ValueError(f"olss.steps must all be >= 1, got {self.steps}")
+        return self
+
+
 class Params(_Strict):
     base: BaseParams = BaseParams()
     schedule: ScheduleParams = ScheduleParams()
     prepare: PrepareParams
     teacher: TeacherParams = TeacherParams()
     distill: DistillParams = DistillParams()
+    trajectories: TrajectoryParams = TrajectoryParams()
+    olss: OLSSParams = OLSSParams()
 
     @model_validator(mode="after")
     def _distill_grid(self) -> "Params":

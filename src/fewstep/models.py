@@ -58,7 +58,7 @@ def load_net(directory: str | Path, device: str | torch.device = "cpu") -> tuple
 def load_denoiser(directory: str | Path, device: str | torch.device = "cpu") -> NetDenoiser:
     """Rebuild the denoiser (network + schedule + parameterisation) from a model directory."""
     net, cfg = load_net(directory, device)
-    den = NetDenoiser(net, schedule_from_dict(cfg["schedule"]), cfg["parameterization"]).eval()
+    den = NetDenoiser(net, schedule_from_dict(cfg["schedule"]), cfg["parameterization"]).eval().requires_grad_(False)
     den.config = cfg  # lineage travels with the object
     return den
 

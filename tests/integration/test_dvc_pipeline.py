@@ -58,6 +58,10 @@ def repo(tmp_path):
                                  "sample": {"n": 4, "steps": 0, "spacing": "trailing", "seed": 0}},
                     "rounds": {"student-2": {"parent": "teacher", "steps": 2},
                                "student-1": {"parent": "student-2", "steps": 1}}}
+    p["trajectories"] = {"models": ["teacher"], "reference_steps": 8, "n_fit": 8, "seed_offset": 1000,
+                         "shard_size": 4, "batch_size": 4}
+    p["olss"] = {"models": ["teacher"], "steps": [2, 3], "max_elements": 2000, "bisection_iters": 10, "n_holdout": 4,
+                 "ridge": 0.0, "closed_loop": True}
     p["prepare"].update(train_source=str(_image_tar(tmp_path / "train.tar.gz", 48)),
                         test_source=str(_image_tar(tmp_path / "test.tar.gz", 16)), classes=None,
                         max_per_class=None, test_max_per_class=None)
@@ -79,7 +83,13 @@ def test_dvc_repro_runs_the_stages_and_caches(repo):
     assert (repo / "samples/teacher.png").exists() and (repo / "plots/teacher_loss.csv").exists()
     assert "metrics/teacher.json" in _run([sys.executable, "-m", "dvc", "metrics", "show"], repo)
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
-    assert set(lock["stages"]) == {"prepare_data", "train_teacher", "distill@student-2", "distill@student-1"}
+    assert set(lock["stages"]) == {"prepare_data", "train_teacher", "distill@student-2", "distill@student-1",
+                                   "collect_trajectories@teacher", "fit_olss@teacher-2", "fit_olss@teacher-3"}
+    from fewstep.math.olss import OLSSScheduler
+
+    sched = OLSSScheduler.from_json((repo / "schedulers/teacher/olss-3.json").read_text())
+    assert sched.steps <= 3 and sched.meta["model_weights_sha256"] == models.load_config(repo / "models/teacher")["weights_sha256"]
+    assert set(storage.read_json(repo / "metrics/olss/teacher-2.json")["rmse_vs_full_step"]) == {"ddim", "olss", "olss_open", "olss_p"}
     s1 = models.load_config(repo / "models/student-1")
     assert s1["parent"]["weights_sha256"] == models.load_config(repo / "models/student-2")["weights_sha256"]
     assert storage.read_json(repo / "metrics/student-1.json")["student_steps"] == 1

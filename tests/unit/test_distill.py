@@ -8,8 +8,7 @@ from fewstep.math.distill import ddim_to, distill_target
 from fewstep.math.schedules import cosine_schedule, timesteps
 from fewstep.testing import GaussianDenoiser
 from fewstep.train.distill import distill_round
-from fewstep.train.teacher import train_teacher
-from tests.helpers import tiny_params, write_prepared
+from tests.helpers import tiny_params
 
 
 def test_one_student_step_lands_on_the_teachers_two_step_result():
@@ -45,23 +44,20 @@ def test_distill_params_validate_the_chain():
 
 
 @pytest.mark.slow
-def test_student_beats_the_teacher_at_equal_steps(tmp_path):
+def test_student_beats_the_teacher_at_equal_steps(tmp_path, tiny_teacher):
     """After one round, the student's N/2-step samples are closer to the teacher's N-step samples
     (same noise) than the teacher's own N/2-step DDIM samples are."""
-    torch.manual_seed(0)
-    write_prepared(tmp_path / "data", n=128)
-    p = validate(tiny_params(steps=300, lr=3e-3, checkpoint_every=300, log_every=50))
     dev = torch.device("cpu")
-    train_teacher(p, tmp_path / "data", tmp_path / "teacher", tmp_path / "ck_t", dev, progress=False)
+    tt = tiny_teacher
     raw = tiny_params()
     raw["distill"] = {"defaults": {"train_steps": 200, "lr": 1e-3, "batch_size": 32, "checkpoint_every": 200},
                       "rounds": {"student-2": {"parent": "teacher", "steps": 2}}}
     rp = validate(raw).distill.round("student-2")
-    result, meta = distill_round(tmp_path / "teacher", tmp_path / "student", tmp_path / "ck_s", tmp_path / "data",
+    result, meta = distill_round(tt / "teacher", tmp_path / "student", tmp_path / "ck_s", tt / "data",
                                  2, rp, 0, dev, progress=False)
-    assert meta["parent"]["weights_sha256"] == models.load_config(tmp_path / "teacher")["weights_sha256"]
+    assert meta["parent"]["weights_sha256"] == models.load_config(tt / "teacher")["weights_sha256"]
     assert meta["sample_steps"] == 2 and meta["role"] == "student"
-    teacher = models.load_denoiser(tmp_path / "teacher")
+    teacher = models.load_denoiser(tt / "teacher")
     student = models.load_denoiser(tmp_path / "student")
     seeds = range(1000, 1064)  # not the seeds used in training
     ref = generate(teacher, seeds, (3, 8, 8), timesteps(64, 4))

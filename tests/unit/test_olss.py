@@ -126,3 +126,29 @@ def test_scheduler_artifact_round_trip(toy):
     bad["we"][1] = [1.0]
     with pytest.raises(ValueError, match="lower-triangular"):
         OLSSScheduler.from_json(json.dumps(bad))
+
+
+@pytest.mark.slow
+def test_olss_beats_ddim_on_a_tiny_trained_model(tmp_path, tiny_teacher):
+    from fewstep import models, storage
+    from fewstep.math.ddim import PerImageNoise
+    from fewstep.trajectories import load_steps, load_subsample, write_shards
+
+    den = models.load_denoiser(tiny_teacher / "teacher")
+    t_path = timesteps(den.schedule.T, 32)
+    write_shards(tmp_path / "traj", den, range(100, 164), (3, 8, 8), t_path, shard_size=40, batch_size=16,
+                 device=torch.device("cpu"), meta={"model": "tiny"}, progress=False)
+    X, E = load_subsample(tmp_path / "traj", max_elements=8000)
+    assert X.shape == (33, 8000) and E.shape == (32, 8000)
+    x0 = next(load_steps(tmp_path / "traj", [0]))
+    assert x0.shape == (64, 3, 8, 8)
+    assert torch.equal(x0[:40], storage.load_tensors(tmp_path / "traj" / "shard-00000.safetensors")["x"][0])
+    assert torch.equal(x0, PerImageNoise(range(100, 164)).randn(3, 8, 8))  # x_T is each seed's own noise
+    x_T = PerImageNoise(range(5000, 5064)).randn(3, 8, 8)  # held-out seeds
+    ref = sample_ddim(den, x_T, t_path, clip=False)
+    for n in (3, 5):
+        sched = fit_weights(X, E, search_path(X, E, n).path, t_path)
+        err_olss = (sample_olss(den, x_T, sched, clip=False) - ref).pow(2).mean().sqrt()
+        err_ddim = (sample_ddim(den, x_T, timesteps(den.schedule.T, n), clip=False) - ref).pow(2).mean().sqrt()
+        assert err_olss < err_ddim, (n, float(err_olss), float(err_ddim))
+

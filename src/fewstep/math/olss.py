@@ -47,7 +47,7 @@ class Solve:
 RCOND = 1e-10  # singular values below RCOND * largest count as zero (rank-revealing cut)
 
 
-def lstsq(cols: Sequence[torch.Tensor], y: torch.Tensor, ridge: float = 0.0) -> Solve:
+def lstsq(cols: Sequence[torch.Tensor], y: torch.Tensor, ridge: float = 0.0, with_cond: bool = True) -> Solve:
     """min_w ||A w - y||^2 + ridge * M * ||w||^2 with A = stack(cols, 1), in float64.
 
     SVD driver with a relative cut RCOND: a rank-deficient basis gets the minimum-norm solution
@@ -61,8 +61,10 @@ def lstsq(cols: Sequence[torch.Tensor], y: torch.Tensor, ridge: float = 0.0) -> 
     else:
         A_s, b_s = A, b
     w = torch.linalg.lstsq(A_s.cpu(), b_s.cpu(), rcond=RCOND, driver="gelsd").solution
-    sv = torch.linalg.svdvals(A.cpu())
-    cond = float(sv[0] / sv[-1]) if sv[-1] > 0 else float("inf")
+    cond = float("nan")
+    if with_cond:
+        sv = torch.linalg.svdvals(A.cpu())
+        cond = float(sv[0] / sv[-1]) if sv[-1] > 0 else float("inf")
     mse = float(((A.cpu() @ w - b.cpu()) ** 2).mean())
     return Solve(w, mse, cond)
 
@@ -81,7 +83,7 @@ def next_index(X: torch.Tensor, E: torch.Tensor, path: list[int], D: float) -> i
     lo, hi = c + 1, N
     while hi > lo:
         mid = (lo + hi + 1) // 2
-        if lstsq(basis, X[mid]).mse > D:
+        if lstsq(basis, X[mid], with_cond=False).mse > D:
             hi = mid - 1
         else:
             lo = mid
@@ -141,7 +143,7 @@ def search_path(X: torch.Tensor, E: torch.Tensor, n: int, iters: int = 30, D_hi:
         raise ValueError(f"an OLSS scheduler needs at least 1 step, got n={n}")
     if n >= N:
         return PathSearch(list(range(N)), 0.0, "full")
-    hi = D_hi if D_hi is not None else max(1e-12, float(lstsq([X[0], E[0]], X[N]).mse) * 4.0 + 10.0)
+    hi = D_hi if D_hi is not None else max(1e-12, float(lstsq([X[0], E[0]], X[N], with_cond=False).mse) * 4.0 + 10.0)
     if feasible_path(X, E, n, hi) is None:
         return PathSearch(uniform_path(N, n), None, "uniform-fallback")
     lo = 0.0
@@ -215,6 +217,7 @@ def fit_weights(
     return OLSSScheduler([int(t_path[p]) for p in path], wx, we, mse, cond, list(path))
 
 
+@torch.no_grad()
 def refit_closed_loop(
     denoiser: Denoiser, x_T: torch.Tensor, targets: Sequence[torch.Tensor], sched: OLSSScheduler, ridge: float = 0.0
 ) -> OLSSScheduler:
@@ -243,6 +246,7 @@ def refit_closed_loop(
 # the sampler
 
 
+@torch.no_grad()
 def sample_olss(
     denoiser: Denoiser,
     x_T: torch.Tensor,

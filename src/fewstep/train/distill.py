@@ -78,6 +78,7 @@ def distill_round(
     net_cfg = dataclasses.replace(teacher.net.cfg, dropout=0.0)
     student = UNet(net_cfg)
     student.load_state_dict(teacher.net.state_dict())  # student = copy of teacher (PD Alg. 2)
+    student.requires_grad_(True)
     loop = LoopConfig(steps=rp.train_steps, lr=rp.lr, warmup=0, lr_decay="linear", grad_clip=rp.grad_clip,
                       ema_decay=rp.ema_decay, checkpoint_every=rp.checkpoint_every, keep_checkpoints=2,
                       log_every=rp.log_every, seed=seed)

@@ -1,0 +1,88 @@
+"""Full-step DDIM trajectories for OLSS: collection, sharded safetensors, subsampled loading.
+
+A shard holds, for b images: x (N+1, b, C, H, W) latents (x[0] = x_T, x[N] = clean result),
+e (N, b, C, H, W) model outputs in x-form, seeds (b,). The 1000-step reference for thousands of
+images does not fit in memory, so collection writes shard by shard and the fit loads a fixed,
+seeded subsample of elements from each shard (``load_subsample``) or a few steps in full.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from fewstep import storage
+from fewstep.math.ddim import PerImageNoise, sample_ddim
+from fewstep.math.param import Denoiser
+
+
+@torch.no_grad()
+def collect(denoiser: Denoiser, seeds: Sequence[int], shape: tuple[int, int, int], t_path: Sequence[int],
+            device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Deterministic, unclipped DDIM over ``t_path``: (x (N+1, B, ...), e (N, B, ...)) on the CPU."""
+    noise = PerImageNoise(seeds, device)
+    xs, es = [], []
+
+    def cb(d: dict) -> None:
+        xs.append(d["z"].float().cpu())
+        es.append(d["x_hat"].float().cpu())
+
+    x0 = sample_ddim(denoiser, noise.randn(*shape), t_path, clip=False, callback=cb)
+    return torch.stack(xs + [x0.float().cpu()]), torch.stack(es)
+
+
+def write_shards(out: Path, denoiser: Denoiser, seeds: Sequence[int], shape: tuple[int, int, int],
+                 t_path: Sequence[int], shard_size: int, batch_size: int, device: torch.device,
+                 meta: dict, progress: bool = True) -> None:
+    seeds = list(seeds)
+    with storage.atomic_dir(out) as tmp:
+        starts = range(0, len(seeds), shard_size)
+        for k, lo in enumerate(tqdm(starts, desc="trajectories", disable=not progress)):
+            chunk = seeds[lo : lo + shard_size]
+            parts = [collect(denoiser, chunk[i : i + batch_size], shape, t_path, device)
+                     for i in range(0, len(chunk), batch_size)]
+            x = torch.cat([p[0] for p in parts], 1)
+            e = torch.cat([p[1] for p in parts], 1)
+            storage.save_tensors(tmp / f"shard-{k:05d}.safetensors",
+                                 {"x": x, "e": e, "seeds": torch.tensor(chunk, dtype=torch.int64)})
+        storage.write_json(tmp / "meta.json", {**meta, "timesteps": list(map(int, t_path)), "seeds": seeds,
+                                               "shards": len(starts), "shape": list(shape)})
+
+
+def shards(directory: Path) -> list[Path]:
+    found = sorted(Path(directory).glob("shard-*.safetensors"))
+    if not found:
+        raise FileNotFoundError(f"no trajectory shards in {directory}; run collect_trajectories first")
+    return found
+
+
+def load_subsample(directory: Path, max_elements: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """X (N+1, M) and E (N, M) float32 with M <= max_elements, drawn evenly from every shard."""
+    files = shards(directory)
+    meta = storage.read_json(Path(directory) / "meta.json")
+    per_image = 1
+    for s in meta["shape"]:
+        per_image *= s
+    total = len(meta["seeds"]) * per_image
+    frac = min(1.0, max_elements / total)
+    xs, es = [], []
+    for k, f in enumerate(files):
+        t = storage.load_tensors(f)
+        x, e = t["x"].flatten(1), t["e"].flatten(1)
+        m = x.shape[1]
+        take = m if frac >= 1.0 else max(1, int(round(frac * m)))
+        idx = torch.randperm(m, generator=torch.Generator().manual_seed(seed * 100_003 + k))[:take].sort().values
+        xs.append(x[:, idx])
+        es.append(e[:, idx])
+    return torch.cat(xs, 1), torch.cat(es, 1)
+
+
+def load_steps(directory: Path, indices: Sequence[int]) -> Iterator[torch.Tensor]:
+    """Full latents x[i] (B, C, H, W) for the given reference indices, all images."""
+    files = shards(directory)
+    loaded = [storage.load_tensors(f)["x"] for f in files]
+    for i in indices:
+        yield torch.cat([x[i] for x in loaded])
