@@ -173,6 +173,31 @@ class OLSSParams(_Strict):
         return self
 
 
+class EvaluatorParams(_Strict):
+    widths: list[int] = Field(default_factory=lambda: [64, 128, 256], min_length=1)
+    blocks_per_stage: int = Field(2, ge=1)
+    steps: int = Field(1500, ge=1)
+    batch_size: int = Field(128, ge=2)
+    lr: float = Field(2e-3, gt=0, le=1)
+    weight_decay: float = Field(5e-4, ge=0)
+    ref_subset: int = Field(5000, ge=10, description="train features kept for KID / precision-recall")
+
+
+class EvaluateParams(_Strict):
+    n_samples: int = Field(500, ge=10)
+    batch_size: int = Field(250, ge=1)
+    seed: int = Field(0, ge=0)
+    reference_steps: int = Field(64, ge=1, description="the teacher's full-step DDIM: the RMSE reference")
+    ddim_steps: list[int] = Field(default_factory=lambda: [2, 4, 8, 16, 64])
+    eta_steps: list[int] = Field(default_factory=lambda: [8, 64], description="steps for the eta / sigma-hat rows")
+    etas: list[float] = Field(default_factory=lambda: [0.2, 0.5, 1.0])
+    sigma_hat: bool = True
+    peers: list[str] = Field(default_factory=lambda: ["ddim", "dpmpp_2m", "dpmpp_3m", "unipc", "deis", "heun", "pndm"])
+    peer_steps: list[int] = Field(default_factory=lambda: [4, 8])
+    grid_n: int = Field(64, ge=1)
+    kid_subsets: int = Field(20, ge=1)
+
+
 class Params(_Strict):
     base: BaseParams = BaseParams()
     schedule: ScheduleParams = ScheduleParams()
@@ -181,6 +206,8 @@ class Params(_Strict):
     distill: DistillParams = DistillParams()
     trajectories: TrajectoryParams = TrajectoryParams()
     olss: OLSSParams = OLSSParams()
+    evaluator: EvaluatorParams = EvaluatorParams()
+    evaluate: EvaluateParams = EvaluateParams()
 
     @model_validator(mode="after")
     def _distill_grid(self) -> "Params":

@@ -62,6 +62,11 @@ def repo(tmp_path):
                          "shard_size": 4, "batch_size": 4}
     p["olss"] = {"models": ["teacher"], "steps": [2, 3], "max_elements": 2000, "bisection_iters": 10, "n_holdout": 4,
                  "ridge": 0.0, "closed_loop": True}
+    p["evaluator"] = {"widths": [8, 16], "blocks_per_stage": 1, "steps": 40, "batch_size": 16, "lr": 2e-3,
+                      "weight_decay": 0.0, "ref_subset": 48}
+    p["evaluate"] = {"n_samples": 40, "batch_size": 20, "seed": 0, "reference_steps": 16, "ddim_steps": [1, 16],
+                     "eta_steps": [4], "etas": [1.0], "sigma_hat": True, "peers": ["ddim", "dpmpp_2m"],
+                     "peer_steps": [2], "grid_n": 4, "kid_subsets": 3}
     p["prepare"].update(train_source=str(_image_tar(tmp_path / "train.tar.gz", 48)),
                         test_source=str(_image_tar(tmp_path / "test.tar.gz", 16)), classes=None,
                         max_per_class=None, test_max_per_class=None)
@@ -84,7 +89,17 @@ def test_dvc_repro_runs_the_stages_and_caches(repo):
     assert "metrics/teacher.json" in _run([sys.executable, "-m", "dvc", "metrics", "show"], repo)
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
     assert set(lock["stages"]) == {"prepare_data", "train_teacher", "distill@student-2", "distill@student-1",
-                                   "collect_trajectories@teacher", "fit_olss@teacher-2", "fit_olss@teacher-3"}
+                                   "collect_trajectories@teacher", "fit_olss@teacher-2", "fit_olss@teacher-3",
+                                   "train_evaluator", "evaluate"}
+    rows = storage.read_json(repo / "metrics/evaluate.json")["rows"]
+    for name in ("teacher ddim 1", "teacher ddim 16", "teacher olss-2", "teacher olss-p-3", "student-1 ddim 1",
+                 "student-2 ddim 2", "teacher ddim 4 eta=1", "teacher ddpm 4 sigma-hat", "diffusers dpmpp_2m 2"):
+        assert name in rows, sorted(rows)
+    # a clearly better sampler ranks above a clearly worse one
+    assert rows["teacher ddim 16"]["rmse"] < rows["teacher ddim 1"]["rmse"]
+    assert rows["teacher ddim 16"]["fd"] < rows["teacher ddim 1"]["fd"]
+    assert (repo / "reports/evaluation.md").exists() and (repo / "reports/pareto.png").exists()
+    assert (repo / "reports/grids/teacher-ddim-16.png").exists()
     from fewstep.math.olss import OLSSScheduler
 
     sched = OLSSScheduler.from_json((repo / "schedulers/teacher/olss-3.json").read_text())

@@ -105,7 +105,10 @@ class NetDenoiser(torch.nn.Module):
         self.net, self.schedule, self.kind, self.autocast = net, schedule, kind, autocast
 
     def forward(self, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        tc = t.to(torch.float32) / self.schedule.T
+        return self.continuous(z, t.to(torch.float32) / self.schedule.T)
+
+    def continuous(self, z: torch.Tensor, tc: torch.Tensor) -> torch.Tensor:
+        """The network at continuous time tc in [0, 1] (index / T); for solvers off the grid."""
         use_amp = self.autocast and z.device.type == "cuda"
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
             out = self.net(z.float(), tc)

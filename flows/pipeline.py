@@ -1,0 +1,307 @@
+"""Prefect flow `fewstep-pipeline`: the DVC stages as serial tasks, then registration.
+
+DVC owns caching, Prefect owns scheduling, retries and workers (DESIGN.md principle 6). Each
+task runs ``python -m dvc repro <stage>`` in the repo, so an up-to-date stage is a ~1 s no-op and a
+retry re-runs only the stage that failed. One task per stage (not one ``dvc repro`` for the whole
+pipeline) because that is what makes retries and timeouts meaningful: a transient failure in
+``fit_olss@teacher-8`` retries that stage with its own time limit instead of restarting a pipeline
+whose 3-hour teacher is already cached, and the UI shows which stage failed.
+
+Tasks run one after another: DVC allows one command per repo at a time (a second one fails at
+once with "is busy"), so there is nothing to gain from running stages of one repo concurrently.
+
+After the stages, each module named in ``after`` (default: ``register``) runs as
+``python -m stages.<name>`` in the repo if the repo has it; ``after=["register", "promote"]`` adds
+promotion once ``stages/promote.py`` exists.
+
+Run it locally (ephemeral Prefect API, no server):
+
+    python flows/pipeline.py --repo . --stages prepare_data train_teacher
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import re
+import selectors
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+DEFAULT_TIMEOUT_S = 6 * 3600.0  # per stage; the GPU teacher is the long one
+DEFAULT_RETRIES = 2
+DEFAULT_RETRY_DELAY_S = 30.0
+TAIL_LINES = 40
+_KILL_GRACE_S = 10.0
+
+
+class StageError(RuntimeError):
+    """A pipeline command failed or timed out; the message carries its stderr tail."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Subprocesses: streamed logs, a deadline, and the whole process tree stopped on any exit
+
+
+def stage_env(profile: str | None, world_size: int) -> dict[str, str]:
+    """The worker's environment plus what the stages read. ``python`` in dvc.yaml resolves to
+    this interpreter (its bin dir goes first on PATH); ``profile=None`` keeps $FEWSTEP_PROFILE."""
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["PYTHONUNBUFFERED"] = "1"
+    env.setdefault("DVC_NO_ANALYTICS", "1")
+    if profile is not None:
+        env["FEWSTEP_PROFILE"] = profile
+    env["FEWSTEP_WORLD_SIZE"] = str(world_size)
+    return env
+
+
+def _kill_tree(pid: int) -> None:
+    """SIGTERM the process and all its descendants (dvc runs the stage as its child), then
+    SIGKILL what is left. Killing only the dvc PID would leave the stage running as an orphan."""
+    import psutil  # a dependency of dvc
+
+    try:
+        root = psutil.Process(pid)
+        procs = [*root.children(recursive=True), root]
+    except psutil.NoSuchProcess:
+        return
+    for p in procs:
+        try:
+            p.send_signal(signal.SIGTERM)
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=_KILL_GRACE_S)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=5)
+
+
+def _lines(buf: bytes) -> tuple[list[str], bytes]:
+    """Complete lines of ``buf`` and the rest; of a progress bar's \\r updates keep the last."""
+    *done, rest = buf.split(b"\n")
+    return [d.rsplit(b"\r", 1)[-1].decode(errors="replace").rstrip() for d in done], rest
+
+
+def run_logged(cmd: list[str], cwd: str, env: dict[str, str], timeout_s: float, what: str, echo: bool = True) -> str:
+    """Run ``cmd``, log its stdout/stderr line by line as it runs, return stdout.
+
+    Raises StageError with the exit code and stderr tail on failure, or when ``timeout_s`` passes
+    (the process tree is stopped first). Any exception here (Prefect's own timeout, a cancel)
+    also stops the tree, so no stage outlives its task.
+    """
+    log = get_run_logger()
+    t0 = time.monotonic()
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    out: list[str] = []
+    err_tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
+    sel = selectors.DefaultSelector()
+    bufs = {"out": b"", "err": b""}
+    sel.register(proc.stdout, selectors.EVENT_READ, "out")
+    sel.register(proc.stderr, selectors.EVENT_READ, "err")
+    timed_out = False
+    try:
+        while sel.get_map():
+            if time.monotonic() - t0 > timeout_s:
+                timed_out = True
+                break
+            for key, _ in sel.select(timeout=0.5):  # short waits: Prefect can interrupt between them
+                chunk = os.read(key.fd, 65536)
+                if not chunk:
+                    sel.unregister(key.fileobj)
+                    chunk = b"\n" if bufs[key.data] else b""
+                lines, bufs[key.data] = _lines(bufs[key.data] + chunk)
+                for line in filter(None, lines):
+                    (out if key.data == "out" else err_tail).append(line)
+                    if echo:
+                        log.info("%s | %s", what, line)
+        while not timed_out and proc.poll() is None:
+            if time.monotonic() - t0 > timeout_s:
+                timed_out = True
+            else:
+                time.sleep(0.2)
+    finally:
+        sel.close()
+        if proc.poll() is None:
+            _kill_tree(proc.pid)
+        proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()
+    took = time.monotonic() - t0
+    tail = "\n".join(err_tail) or "(no stderr)"
+    if timed_out:
+        raise StageError(f"{what} timed out after {timeout_s:.0f} s (stopped) in {cwd}; stderr tail:\n{tail}")
+    if proc.returncode != 0:
+        raise StageError(f"{what} failed with exit code {proc.returncode} after {took:.1f} s in {cwd}; "
+                         f"stderr tail:\n{tail}")
+    log.info("%s finished in %.1f s", what, took)
+    return "\n".join(out)
+
+
+# ----------------------------------------------------------------------------------------------
+# Stage discovery: `dvc dag --dot` lists nodes in dvc.yaml order and edges upstream -> downstream
+
+_NODE = re.compile(r'^"([^"]+)";$')
+_EDGE = re.compile(r'^"([^"]+)" -> "([^"]+)";$')
+
+
+def order_stages(dot: str) -> list[str]:
+    """Topological order of a ``dvc dag --dot`` graph; ties keep dvc.yaml order. ``.dvc`` file
+    nodes (data added with ``dvc add``) have nothing to reproduce and are left out."""
+    nodes: list[str] = []
+    ups: dict[str, set[str]] = {}
+    for line in map(str.strip, dot.splitlines()):
+        if m := _EDGE.match(line):
+            ups.setdefault(m[2], set()).add(m[1])
+        elif m := _NODE.match(line):
+            nodes.append(m[1])
+    order: list[str] = []
+    pending = list(nodes)
+    while pending:
+        ready = next((n for n in pending if not ups.get(n, set()) - set(order)), None)
+        if ready is None:
+            raise StageError(f"dvc dag has a cycle among {pending}")
+        order.append(ready)
+        pending.remove(ready)
+    return [n for n in order if not n.endswith(".dvc")]
+
+
+@task(name="list-stages", retries=1, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def list_stages(repo: str) -> list[str]:
+    """Every stage of the repo's dvc.yaml (foreach/matrix expanded), upstream first."""
+    dot = run_logged([sys.executable, "-m", "dvc", "dag", "--dot"], repo, stage_env(None, 1), 300, "dvc dag", echo=False)
+    stages = order_stages(dot)
+    get_run_logger().info("stages in dependency order: %s", ", ".join(stages))
+    return stages
+
+
+# ----------------------------------------------------------------------------------------------
+# Tasks
+
+
+# Prefect's own result cache stays off: DVC decides what is up to date.
+@task(name="dvc-repro", cache_policy=NO_CACHE)
+def dvc_repro(repo: str, stage: str, profile: str | None, world_size: int, timeout_s: float) -> dict[str, Any]:
+    """``dvc repro <stage>`` (its upstream too, if not cached); 'ran' or 'cached'."""
+    t0 = time.monotonic()
+    env = stage_env(profile, world_size)
+    out = run_logged([sys.executable, "-m", "dvc", "repro", stage], repo, env, timeout_s, f"dvc repro {stage}")
+    ran = "Running stage" in out
+    return {"stage": stage, "status": "ran" if ran else "cached", "seconds": round(time.monotonic() - t0, 1)}
+
+
+def has_module(repo: str, module: str, env: dict[str, str]) -> bool:
+    """Whether ``module`` imports from ``repo`` (checked in a subprocess: this process's sys.path
+    and module cache stay untouched)."""
+    probe = f"import importlib.util, sys; sys.exit(0 if importlib.util.find_spec({module!r}) else 1)"
+    r = subprocess.run([sys.executable, "-c", probe], cwd=repo, env=env, capture_output=True, timeout=120)
+    return r.returncode == 0
+
+
+@task(name="stage-module", cache_policy=NO_CACHE)
+def run_stage_module(repo: str, name: str, profile: str | None, world_size: int, timeout_s: float) -> dict[str, Any]:
+    """``python -m stages.<name>`` (register, promote, ...) when the repo has it; else skipped."""
+    module = f"stages.{name}"
+    env = stage_env(profile, world_size)
+    if not has_module(repo, module, env):
+        get_run_logger().info("%s: no module %s in %s, skipped", name, module, repo)
+        return {"stage": name, "status": "skipped", "seconds": 0.0}
+    t0 = time.monotonic()
+    run_logged([sys.executable, "-m", module], repo, env, timeout_s, f"python -m {module}")
+    return {"stage": name, "status": "ran", "seconds": round(time.monotonic() - t0, 1)}
+
+
+def _timeout_for(stage: str, timeouts: dict[str, float] | None, default: float) -> float:
+    """Per-stage limit: exact name (``distill@student-1``), then group (``distill``), then default."""
+    timeouts = timeouts or {}
+    return float(timeouts.get(stage, timeouts.get(stage.split("@", 1)[0], default)))
+
+
+def resolve_repo(repo: str) -> str:
+    path = Path(repo).expanduser().resolve()
+    if not (path / "dvc.yaml").is_file():
+        raise StageError(f"repo {repo!r} ({path}) has no dvc.yaml: pass the DVC repo's path "
+                         "(deployments: set FEWSTEP_ROOT for the worker, see prefect.yaml)")
+    return str(path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Flow
+
+
+@flow(name="fewstep-pipeline", log_prints=True)
+def pipeline(
+    repo: str = ".",
+    stages: list[str] | None = None,
+    profile: str | None = None,
+    world_size: int = 1,
+    retries: int = DEFAULT_RETRIES,
+    retry_delay_s: float = DEFAULT_RETRY_DELAY_S,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+    timeouts: dict[str, float] | None = None,
+    after: list[str] | None = None,
+) -> list[dict[str, Any]]:
+    """Reproduce the DVC pipeline in ``repo`` stage by stage, then run the ``after`` modules.
+
+    Args:
+        repo: the DVC repo (relative paths are taken from the working directory, which the
+            deployment's pull step sets to $FEWSTEP_ROOT).
+        stages: stage names or groups (``distill`` = every round) to reproduce, each with its
+            upstream; None = every stage of dvc.yaml in dependency order.
+        profile: profiles/<profile>.yaml merged over params.yaml ($FEWSTEP_PROFILE for the
+            stages); None keeps the worker's $FEWSTEP_PROFILE, "default" forces params.yaml alone.
+        world_size: processes per training stage, passed as $FEWSTEP_WORLD_SIZE.
+        retries, retry_delay_s: per task.
+        timeout_s: per task; ``timeouts`` overrides it by stage name or group.
+        after: modules of ``stages`` run after the DVC stages when present; default
+            ``["register"]`` (MLflow registration); add "promote" for promotion.
+    """
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    repo = resolve_repo(repo)
+    todo = stages if stages else list_stages(repo)
+    results = []
+    for stage in todo:  # serial: one dvc per repo
+        limit = _timeout_for(stage, timeouts, timeout_s)
+        repro = dvc_repro.with_options(name=f"repro {stage}", retries=retries, retry_delay_seconds=retry_delay_s,
+                                       timeout_seconds=limit + 60)  # backstop; run_logged stops at `limit`
+        results.append(repro(repo, stage, profile, world_size, limit))
+    for name in ["register"] if after is None else after:
+        limit = _timeout_for(name, timeouts, timeout_s)
+        step = run_stage_module.with_options(name=name, retries=retries, retry_delay_seconds=retry_delay_s,
+                                             timeout_seconds=limit + 60)
+        results.append(step(repo, name, profile, world_size, limit))
+    for r in results:
+        print(f"{r['stage']:<32} {r['status']:<8} {r['seconds']:>8.1f} s")
+    return results
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--repo", default=".")
+    ap.add_argument("--stages", nargs="*", default=None)
+    ap.add_argument("--profile", default=None)
+    ap.add_argument("--world-size", type=int, default=1)
+    ap.add_argument("--retries", type=int, default=DEFAULT_RETRIES)
+    ap.add_argument("--retry-delay-s", type=float, default=DEFAULT_RETRY_DELAY_S)
+    ap.add_argument("--timeout-s", type=float, default=DEFAULT_TIMEOUT_S)
+    ap.add_argument("--after", nargs="*", default=None)
+    a = ap.parse_args()
+    pipeline(repo=a.repo, stages=a.stages or None, profile=a.profile, world_size=a.world_size, retries=a.retries,
+             retry_delay_s=a.retry_delay_s, timeout_s=a.timeout_s, after=a.after)
+
+
+if __name__ == "__main__":
+    main()

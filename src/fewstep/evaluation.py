@@ -1,0 +1,143 @@
+"""The evaluation table: every sampler x NFE on the same noise, scored in evaluator features.
+
+A sampler row is a function from (x_T batch, per-image noise) to images in [-1, 1]. Every row uses
+image seeds seed..seed+n-1, so rows differ only by the sampler. Scores: FD and KID against the
+training split's reference statistics, precision/recall, RMSE/PSNR against the teacher's
+full-step DDIM sample from the same x_T, NFE, model GFLOPs per image, images/s on this machine.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from fewstep import models
+from fewstep.math import metrics as M
+from fewstep.math.ddim import PerImageNoise, sample_ddim
+from fewstep.math.olss import OLSSScheduler, sample_olss
+from fewstep.math.param import NetDenoiser
+from fewstep.math.schedules import timesteps
+
+SampleFn = Callable[[torch.Tensor, PerImageNoise], torch.Tensor]
+
+
+@dataclass
+class Row:
+    name: str
+    family: str  # ddim | ddim-eta | olss | olss-open | olss-p | student | peer
+    model: str
+    nfe: int
+    fn: SampleFn = field(repr=False)
+    gflops: float = 0.0
+
+
+def gflops_per_call(den: NetDenoiser, shape: tuple[int, int, int]) -> float:
+    """Model FLOPs of one network evaluation for one image (torch's FLOP counter)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = torch.zeros(1, *shape)
+    t = torch.ones(1, dtype=torch.long)
+    net = den.net.to("cpu")
+    with FlopCounterMode(display=False) as fc, torch.no_grad():
+        NetDenoiser(net, den.schedule, den.kind, autocast=False)(x, t)
+    return fc.get_total_flops() / 1e9
+
+
+def build_rows(models_dir: Path, schedulers_dir: Path, ep, device: torch.device) -> tuple[list[Row], dict]:
+    """Rows for the teacher (DDIM, eta family, OLSS variants), students and OLSS on them, peers."""
+    rows: list[Row] = []
+    dens: dict[str, NetDenoiser] = {}
+    teacher = models.load_denoiser(models_dir / "teacher", device)
+    dens["teacher"] = teacher
+    T = teacher.schedule.T
+
+    def ddim(den, n, eta=0.0, variance="ddim"):
+        steps = timesteps(T, n)
+        return lambda x_T, noise: sample_ddim(den, x_T, steps, eta=eta, variance=variance, noise=noise)
+
+    for n in ep.ddim_steps:
+        if n <= T:
+            rows.append(Row(f"teacher ddim {n}", "ddim", "teacher", n, ddim(teacher, n)))
+    for n in ep.eta_steps:
+        for eta in ep.etas:
+            rows.append(Row(f"teacher ddim {n} eta={eta:g}", "ddim-eta", "teacher", n, ddim(teacher, n, eta)))
+        if ep.sigma_hat:
+            rows.append(Row(f"teacher ddpm {n} sigma-hat", "ddim-eta", "teacher", n, ddim(teacher, n, 0.0, "hat")))
+    for d in sorted(p for p in models_dir.iterdir() if (p / models.CONFIG).exists() and p.name.startswith("student")):
+        den = models.load_denoiser(d, device)
+        dens[d.name] = den
+        n = int(den.config["sample_steps"])
+        rows.append(Row(f"{d.name} ddim {n}", "student", d.name, n, ddim(den, n)))
+    for model_dir in sorted(schedulers_dir.glob("*")) if schedulers_dir.exists() else []:
+        den = dens.get(model_dir.name) or models.load_denoiser(models_dir / model_dir.name, device)
+        dens[model_dir.name] = den
+        for f in sorted(model_dir.glob("olss*.json")):
+            sched = OLSSScheduler.from_json(f.read_text())
+            fam = "olss-open" if "open" in f.stem else "olss-p" if "olss-p" in f.stem else "olss"
+            rows.append(Row(f"{model_dir.name} {f.stem}", fam, model_dir.name, sched.steps,
+                            (lambda s, dn: lambda x_T, noise: sample_olss(dn, x_T, s))(sched, den)))
+    if ep.peers:
+        try:
+            from fewstep import peers
+        except ImportError:  # diffusers is an optional extra
+            peers = None
+        if peers is not None:
+            for name in ep.peers:
+                for n in ep.peer_steps:
+                    fn = (lambda nm, k: lambda x_T, noise: peers.sample_peer(nm, teacher, x_T, k)[0])(name, n)
+                    nfe = 2 * peers.steps_for_nfe(name, n) - 1 if name == "heun" else n
+                    rows.append(Row(f"diffusers {name} {nfe}", "peer", "teacher", nfe, fn))
+    shape = (3, teacher.config["image_size"], teacher.config["image_size"])
+    flops = {k: gflops_per_call(v, shape) for k, v in dens.items()}
+    for r in rows:
+        r.gflops = flops[r.model] * r.nfe
+    return rows, dens
+
+
+@torch.no_grad()
+def run_row(row: Row, seeds: list[int], shape: tuple[int, int, int], batch_size: int,
+            device: torch.device) -> tuple[torch.Tensor, float]:
+    """All images of one row (CPU tensor) and the images/s it sampled at."""
+    out, t0 = [], time.perf_counter()
+    for lo in range(0, len(seeds), batch_size):
+        noise = PerImageNoise(seeds[lo : lo + batch_size], device)
+        x_T = noise.randn(*shape)
+        out.append(row.fn(x_T, noise).clamp(-1, 1).float().cpu())
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return torch.cat(out), len(seeds) / (time.perf_counter() - t0)
+
+
+def score(feats: np.ndarray, images: torch.Tensor, reference: torch.Tensor, stats: dict, kid_subsets: int,
+          seed: int) -> dict:
+    ref_sub = stats["subset"]
+    kid_mean, kid_se = M.kid(feats, ref_sub, subsets=kid_subsets, subset_size=min(1000, len(feats)), seed=seed)
+    n_pr = min(len(feats), len(ref_sub), 2000)
+    prec, rec = M.precision_recall(ref_sub[:n_pr], feats[:n_pr])
+    a, b = images.numpy(), reference.numpy()
+    return {
+        "fd": M.frechet_distance(*M.mean_cov(feats), stats["mu"], stats["sigma"]),
+        "kid": kid_mean,
+        "kid_se": kid_se,
+        "precision": prec,
+        "recall": rec,
+        "rmse": M.rmse(a, b),
+        "psnr": M.psnr(a, b),
+    }
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of points not dominated in (cost, fd), both lower-is-better."""
+    order = sorted(range(len(points)), key=lambda i: (points[i][0], points[i][1]))
+    front, best = [], math.inf
+    for i in order:
+        if points[i][1] < best:
+            front.append(i)
+            best = points[i][1]
+    return front

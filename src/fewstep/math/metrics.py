@@ -1,0 +1,97 @@
+"""Sample-quality and solver-accuracy metrics, pure functions on arrays (float64 throughout).
+
+frechet_distance  Heusel et al. 2017: |mu1-mu2|^2 + Tr(S1 + S2 - 2 (S1^1/2 S2 S1^1/2)^1/2), with the
+                  matrix square root from symmetric eigendecompositions (stable, no complex parts).
+kid               Binkowski et al. 2018: unbiased MMD^2 with the cubic polynomial kernel
+                  k(x, y) = (x.y / d + 1)^3, averaged over random subsets, with its standard error.
+precision_recall  Kynkaanniemi et al. 2019: k-NN manifolds of each set.
+rmse, psnr        solver accuracy against a reference sample from the same noise (images in [-1, 1]).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+def mean_cov(feats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    f = np.asarray(feats, dtype=np.float64)
+    if f.ndim != 2 or f.shape[0] < 2:
+        raise ValueError(f"need (n >= 2, d) features, got {f.shape}")
+    return f.mean(0), np.cov(f, rowvar=False)
+
+
+def _sqrtm_psd(a: np.ndarray) -> np.ndarray:
+    w, v = np.linalg.eigh((a + a.T) / 2)
+    return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+
+
+def frechet_distance(mu1: np.ndarray, s1: np.ndarray, mu2: np.ndarray, s2: np.ndarray) -> float:
+    mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
+    s1, s2 = np.asarray(s1, np.float64), np.asarray(s2, np.float64)
+    if mu1.shape != mu2.shape or s1.shape != s2.shape:
+        raise ValueError(f"shape mismatch: {mu1.shape} vs {mu2.shape}, {s1.shape} vs {s2.shape}")
+    r1 = _sqrtm_psd(s1)
+    cross = _sqrtm_psd(r1 @ s2 @ r1)  # Tr((S1 S2)^1/2) == Tr((S1^1/2 S2 S1^1/2)^1/2)
+    d = float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(cross))
+    return max(d, 0.0)
+
+
+def fd_from_features(a: np.ndarray, b: np.ndarray) -> float:
+    return frechet_distance(*mean_cov(a), *mean_cov(b))
+
+
+def _poly_kernel(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    return (x @ y.T / x.shape[1] + 1.0) ** 3
+
+
+def mmd2_unbiased(x: np.ndarray, y: np.ndarray) -> float:
+    m, n = len(x), len(y)
+    kxx, kyy, kxy = _poly_kernel(x, x), _poly_kernel(y, y), _poly_kernel(x, y)
+    return float((kxx.sum() - np.trace(kxx)) / (m * (m - 1)) + (kyy.sum() - np.trace(kyy)) / (n * (n - 1))
+                 - 2 * kxy.mean())
+
+
+def kid(x: np.ndarray, y: np.ndarray, subsets: int = 50, subset_size: int = 1000, seed: int = 0) -> tuple[float, float]:
+    """(mean, standard error) of the unbiased MMD^2 over random subsets of both sets."""
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    size = min(subset_size, len(x), len(y))
+    if size < 2:
+        raise ValueError("KID needs at least 2 samples in each set")
+    rng = np.random.default_rng(seed)
+    vals = np.array([mmd2_unbiased(x[rng.choice(len(x), size, replace=False)],
+                                   y[rng.choice(len(y), size, replace=False)]) for _ in range(subsets)])
+    return float(vals.mean()), float(vals.std(ddof=1) / math.sqrt(subsets)) if subsets > 1 else 0.0
+
+
+def _kth_radius(f: np.ndarray, k: int) -> np.ndarray:
+    d = _pdist(f, f)
+    return np.sort(d, axis=1)[:, k]  # column 0 is the point itself
+
+
+def _pdist(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    sq = (a**2).sum(1)[:, None] + (b**2).sum(1)[None] - 2 * a @ b.T
+    return np.sqrt(np.clip(sq, 0, None))
+
+
+def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 3) -> tuple[float, float]:
+    """Precision: share of fake samples inside the real k-NN manifold; recall: the reverse."""
+    real, fake = np.asarray(real, np.float64), np.asarray(fake, np.float64)
+    if min(len(real), len(fake)) <= k:
+        raise ValueError(f"precision/recall with k={k} needs more than {k} samples per set")
+    r_real, r_fake = _kth_radius(real, k), _kth_radius(fake, k)
+    d = _pdist(fake, real)  # (n_fake, n_real)
+    precision = float((d <= r_real[None]).any(1).mean())
+    recall = float((d.T <= r_fake[None]).any(1).mean())
+    return precision, recall
+
+
+def rmse(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.sqrt(np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2)))
+
+
+def psnr(a: np.ndarray, b: np.ndarray, data_range: float = 2.0) -> float:
+    """PSNR in dB for images in [-1, 1] (data range 2); inf when identical."""
+    e = rmse(a, b)
+    return float("inf") if e == 0 else float(20 * math.log10(data_range / e))

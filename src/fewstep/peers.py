@@ -1,0 +1,85 @@
+"""diffusers' schedulers as peers, driven with a fewstep denoiser and the same noise.
+
+The adapter hands diffusers exactly our schedule (trained_betas from our alpha table, indices
+1..T shifted to diffusers' 0..T-1, reference diffusers_peers.md section 4), the matching
+prediction_type, and maps whatever timestep a scheduler asks for (integer or fractional) to our
+continuous time through the noise level, so the network sees the sigma the solver integrates with.
+Only this module imports diffusers.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+import numpy as np
+import torch
+
+from fewstep.math.param import NetDenoiser
+
+PEERS = ("ddim", "pndm", "dpmpp_2m", "dpmpp_3m", "unipc", "deis", "heun")
+_PRED = {"v": "v_prediction", "x": "sample", "eps": "epsilon"}
+
+
+def _betas(alpha: np.ndarray) -> np.ndarray:
+    abar = alpha[1:] ** 2  # diffusers index i <-> our index i + 1
+    return 1.0 - np.concatenate([abar[:1], abar[1:] / abar[:-1]])
+
+
+def make_scheduler(name: str, den: NetDenoiser):
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import diffusers as d
+
+    sch = den.schedule
+    base = dict(num_train_timesteps=sch.T, trained_betas=_betas(sch.alpha), prediction_type=_PRED[den.kind])
+    if name == "ddim":
+        return d.DDIMScheduler(**base, clip_sample=False, set_alpha_to_one=True, timestep_spacing="trailing")
+    if name == "pndm":
+        return d.PNDMScheduler(**base, skip_prk_steps=True, set_alpha_to_one=True, timestep_spacing="trailing")
+    if name in ("dpmpp_2m", "dpmpp_3m"):
+        return d.DPMSolverMultistepScheduler(**base, algorithm_type="dpmsolver++", solver_order=int(name[-2]),
+                                             final_sigmas_type="zero", timestep_spacing="trailing")
+    if name == "unipc":
+        return d.UniPCMultistepScheduler(**base, solver_order=2, solver_type="bh2", timestep_spacing="trailing")
+    if name == "deis":
+        return d.DEISMultistepScheduler(**base, solver_order=2, timestep_spacing="trailing")
+    if name == "heun":
+        return d.HeunDiscreteScheduler(**base, timestep_spacing="trailing")
+    raise ValueError(f"unknown peer {name!r}; expected one of {PEERS}")
+
+
+def steps_for_nfe(name: str, nfe: int) -> int:
+    """Heun evaluates the model twice per step but once on the last: 2 s - 1 evaluations."""
+    return max(1, (nfe + 1) // 2) if name == "heun" else nfe
+
+
+def _time_map(den: NetDenoiser, sched) -> Callable[[float], float]:
+    """diffusers timestep (int or fractional) -> our continuous time, through log-SNR."""
+    ac = sched.alphas_cumprod.double().numpy()
+    sig = np.sqrt((1 - ac) / ac)  # diffusers' VE sigma table (interpolated for fractional t)
+    lam_ours = den.schedule.logsnr[1:]  # descending in index
+    u_ours = np.arange(1, den.schedule.T + 1) / den.schedule.T
+
+    def f(t: float) -> float:
+        s = np.interp(float(t), np.arange(len(sig)), sig)
+        lam = -2.0 * np.log(s)
+        return float(np.interp(-lam, -lam_ours, u_ours))  # np.interp needs ascending x
+
+    return f
+
+
+@torch.no_grad()
+def sample_peer(name: str, den: NetDenoiser, x_T: torch.Tensor, nfe: int) -> tuple[torch.Tensor, int]:
+    """Run a fresh peer scheduler from x_T; returns (x0 in [-1, 1], model evaluations used)."""
+    sched = make_scheduler(name, den)
+    sched.set_timesteps(steps_for_nfe(name, nfe))
+    to_u = _time_map(den, sched)
+    x = x_T.float() * sched.init_noise_sigma
+    calls = 0
+    for t in sched.timesteps:
+        x_in = sched.scale_model_input(x, t)
+        u = torch.full((x.shape[0],), to_u(float(t)), device=x.device)
+        out = den.continuous(x_in, u)
+        calls += 1
+        x = sched.step(out.float(), t, x).prev_sample
+    return x.clamp(-1, 1), calls

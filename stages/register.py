@@ -1,0 +1,56 @@
+"""Stage register: every model dir under models/ and every OLSS scheduler under schedulers/ becomes a
+pyfunc sampler version in the MLflow registry, tagged with its lineage.
+
+Names: <dataset>-teacher, <dataset>-student-<k>step, <dataset>-olss-<model>-<n>step. Idempotent: a
+model whose weights_sha256 (a scheduler whose sha256) is already registered is not registered
+again. Parents are registered before their students. The tracking store comes from
+MLFLOW_TRACKING_URI (default sqlite:///<cwd>/mlflow.db), the experiment from FEWSTEP_EXPERIMENT,
+artifacts from FEWSTEP_ARTIFACT_ROOT (see src/fewstep/tracking.py). Writes --out: one line per
+version (name, version, created, role, nfe, parent).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from fewstep import storage
+from stages import _common
+
+
+def main() -> None:
+    ap = _common.parser(__doc__)
+    ap.add_argument("--models", default="models", help="model dirs (each with model.safetensors + config.json)")
+    ap.add_argument("--schedulers", default="schedulers", help="OLSS schedulers: <dir>/<model>/olss-*.json")
+    ap.add_argument("--out", default="registry/versions.json", help="summary of the registered versions")
+    ap.add_argument("--repo", default=".", help="repository root (git commit, dvc.lock)")
+    args = ap.parse_args()
+    if args.no_progress:
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    with _common.clear_errors("register"):
+        p, _ = _common.setup(args)
+        from fewstep import tracking  # imports mlflow (~1 s): only once params are valid
+
+        try:
+            with tracking.stage_run("register", repo=args.repo,
+                                    params={"models": args.models, "schedulers": args.schedulers}) as run:
+                regs = tracking.register_all(args.models, args.schedulers, run_id=run.run_id, repo=args.repo,
+                                             default_steps={"teacher": p.teacher.sample.steps})
+                run.log_metrics({"versions": len(regs), "created": sum(r.created for r in regs)})
+        except tracking.LineageError as e:
+            print(f"register: error: {e}", file=sys.stderr)
+            raise SystemExit(2) from None
+        rows = [{"name": r.name, "version": r.version, "created": r.created, "role": r.tags.get("role"),
+                 "nfe": r.tags.get("nfe"), "weights_sha256": r.tags.get("weights_sha256"),
+                 "parent": f"{r.tags['parent_model']}/{r.tags['parent_version']}" if "parent_version" in r.tags else None}
+                for r in regs]
+        storage.write_json(Path(args.out), {"tracking_uri": tracking.configure().uri, "run_id": run.run_id,
+                                            "versions": rows})
+        for r in rows:
+            print(f"register: {r['name']} v{r['version']} ({'new' if r['created'] else 'unchanged'})"
+                  + (f" <- {r['parent']}" if r["parent"] else ""))
+
+
+if __name__ == "__main__":
+    main()
