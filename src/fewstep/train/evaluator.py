@@ -68,7 +68,8 @@ def train_evaluator(ep: Any, data_dir: Path, out_dir: Path, ckpt_dir: Path, seed
     run_hash = storage.sha256_json({"evaluator": ep.model_dump(), "data": manifest["content_hash"], "seed": seed})
     result = train(net, loss_fn, loop, ckpt_dir, run_hash, device, progress=progress, desc="evaluator")
     net = result.net.eval()
-    metrics: dict[str, Any] = {"train_accuracy": accuracy(net, x_train[:5000], y_train[:5000])}
+    pick = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(seed))[:5000]
+    metrics: dict[str, Any] = {"train_accuracy": accuracy(net, x_train[pick], y_train[pick])}
     if (data_dir / "test_images.npy").exists():
         x_test = from_uint8(storage.load_array(data_dir / "test_images.npy"))
         y_test = torch.from_numpy(storage.load_array(data_dir / "test_labels.npy"))
