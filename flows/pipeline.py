@@ -1,18 +1,21 @@
 """Prefect flow `fewstep-pipeline`: the DVC stages as serial tasks, then registration.
 
 DVC owns caching, Prefect owns scheduling, retries and workers (DESIGN.md principle 6). Each
-task runs ``python -m dvc repro <stage>`` in the repo, so an up-to-date stage is a ~1 s no-op and a
-retry re-runs only the stage that failed. One task per stage (not one ``dvc repro`` for the whole
-pipeline) because that is what makes retries and timeouts meaningful: a transient failure in
-``fit_olss@teacher-8`` retries that stage with its own time limit instead of restarting a pipeline
-whose 3-hour teacher is already cached, and the UI shows which stage failed.
+task runs ``python -m dvc repro <stage>`` in the repo, so an up-to-date stage is a ~1 s no-op.
+One task per stage, not one ``dvc repro`` for the whole pipeline: a retry of the single big task
+would also skip the finished stages (DVC caches them), but it would give a day-long GPU teacher and
+a one-minute OLSS fit the same time limit and one shared retry budget, and the UI would not say
+which stage failed. Per stage, a retry re-runs exactly the stage that failed, under its own limit
+(``timeouts``), with its own log.
 
 Tasks run one after another: DVC allows one command per repo at a time (a second one fails at
 once with "is busy"), so there is nothing to gain from running stages of one repo concurrently.
 
-After the stages, each module named in ``after`` (default: ``register``) runs as
-``python -m stages.<name>`` in the repo if the repo has it; ``after=["register", "promote"]`` adds
-promotion once ``stages/promote.py`` exists.
+Then the ``after`` steps (default: ``register``), for what the stages made: a step that is a stage
+of dvc.yaml runs there (as part of a full run, else as ``dvc repro --single-item <name>``, so it does
+not drag in the whole pipeline upstream of it); one that is not runs as ``python -m stages.<name>``
+if the repo has that module, and is skipped otherwise. ``after=["register", "promote"]`` adds
+promotion.
 
 Run it locally (ephemeral Prefect API, no server):
 
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import logging
 import os
 import re
 import selectors
@@ -35,6 +39,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+from prefect.exceptions import MissingContextError
 
 DEFAULT_TIMEOUT_S = 6 * 3600.0  # per stage; the GPU teacher is the long one
 DEFAULT_RETRIES = 2
@@ -94,14 +99,23 @@ def _lines(buf: bytes) -> tuple[list[str], bytes]:
     return [d.rsplit(b"\r", 1)[-1].decode(errors="replace").rstrip() for d in done], rest
 
 
-def run_logged(cmd: list[str], cwd: str, env: dict[str, str], timeout_s: float, what: str, echo: bool = True) -> str:
+def _logger() -> logging.Logger | logging.LoggerAdapter:
+    """The task run's logger (shipped to the Prefect API); a plain logger outside a run."""
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return logging.getLogger("fewstep.flows")
+
+
+def run_logged(cmd: list[str], cwd: str, env: dict[str, str], timeout_s: float, what: str,
+               echo: bool = True) -> str:
     """Run ``cmd``, log its stdout/stderr line by line as it runs, return stdout.
 
     Raises StageError with the exit code and stderr tail on failure, or when ``timeout_s`` passes
     (the process tree is stopped first). Any exception here (Prefect's own timeout, a cancel)
     also stops the tree, so no stage outlives its task.
     """
-    log = get_run_logger()
+    log = _logger()
     t0 = time.monotonic()
     proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE)
@@ -112,10 +126,16 @@ def run_logged(cmd: list[str], cwd: str, env: dict[str, str], timeout_s: float, 
     sel.register(proc.stdout, selectors.EVENT_READ, "out")
     sel.register(proc.stderr, selectors.EVENT_READ, "err")
     timed_out = False
+    drain_until = None  # a background grandchild may hold the pipes open after the command exits
     try:
         while sel.get_map():
-            if time.monotonic() - t0 > timeout_s:
+            now = time.monotonic()
+            if now - t0 > timeout_s:
                 timed_out = True
+                break
+            if drain_until is None and proc.poll() is not None:
+                drain_until = now + 5
+            elif drain_until is not None and now > drain_until:
                 break
             for key, _ in sel.select(timeout=0.5):  # short waits: Prefect can interrupt between them
                 chunk = os.read(key.fd, 65536)
@@ -181,7 +201,8 @@ def order_stages(dot: str) -> list[str]:
 @task(name="list-stages", retries=1, retry_delay_seconds=5, cache_policy=NO_CACHE)
 def list_stages(repo: str) -> list[str]:
     """Every stage of the repo's dvc.yaml (foreach/matrix expanded), upstream first."""
-    dot = run_logged([sys.executable, "-m", "dvc", "dag", "--dot"], repo, stage_env(None, 1), 300, "dvc dag", echo=False)
+    dot = run_logged([sys.executable, "-m", "dvc", "dag", "--dot"], repo, stage_env(None, 1), 300, "dvc dag",
+                     echo=False)
     stages = order_stages(dot)
     get_run_logger().info("stages in dependency order: %s", ", ".join(stages))
     return stages
@@ -193,11 +214,14 @@ def list_stages(repo: str) -> list[str]:
 
 # Prefect's own result cache stays off: DVC decides what is up to date.
 @task(name="dvc-repro", cache_policy=NO_CACHE)
-def dvc_repro(repo: str, stage: str, profile: str | None, world_size: int, timeout_s: float) -> dict[str, Any]:
-    """``dvc repro <stage>`` (its upstream too, if not cached); 'ran' or 'cached'."""
+def dvc_repro(repo: str, stage: str, profile: str | None, world_size: int, timeout_s: float,
+              single: bool = False) -> dict[str, Any]:
+    """``dvc repro <stage>``: its upstream too unless ``single`` (the flow already ran it); the
+    result says whether the stage 'ran' or was 'cached'."""
     t0 = time.monotonic()
     env = stage_env(profile, world_size)
-    out = run_logged([sys.executable, "-m", "dvc", "repro", stage], repo, env, timeout_s, f"dvc repro {stage}")
+    cmd = [sys.executable, "-m", "dvc", "repro", *(["--single-item"] if single else []), stage]
+    out = run_logged(cmd, repo, env, timeout_s, f"dvc repro {stage}")
     ran = "Running stage" in out
     return {"stage": stage, "status": "ran" if ran else "cached", "seconds": round(time.monotonic() - t0, 1)}
 
@@ -211,7 +235,8 @@ def has_module(repo: str, module: str, env: dict[str, str]) -> bool:
 
 
 @task(name="stage-module", cache_policy=NO_CACHE)
-def run_stage_module(repo: str, name: str, profile: str | None, world_size: int, timeout_s: float) -> dict[str, Any]:
+def run_stage_module(repo: str, name: str, profile: str | None, world_size: int,
+                     timeout_s: float) -> dict[str, Any]:
     """``python -m stages.<name>`` (register, promote, ...) when the repo has it; else skipped."""
     module = f"stages.{name}"
     env = stage_env(profile, world_size)
@@ -253,7 +278,7 @@ def pipeline(
     timeouts: dict[str, float] | None = None,
     after: list[str] | None = None,
 ) -> list[dict[str, Any]]:
-    """Reproduce the DVC pipeline in ``repo`` stage by stage, then run the ``after`` modules.
+    """Reproduce the DVC pipeline in ``repo`` stage by stage, then run the ``after`` steps.
 
     Args:
         repo: the DVC repo (relative paths are taken from the working directory, which the
@@ -265,24 +290,30 @@ def pipeline(
         world_size: processes per training stage, passed as $FEWSTEP_WORLD_SIZE.
         retries, retry_delay_s: per task.
         timeout_s: per task; ``timeouts`` overrides it by stage name or group.
-        after: modules of ``stages`` run after the DVC stages when present; default
-            ``["register"]`` (MLflow registration); add "promote" for promotion.
+        after: steps run after the stages (see the module docstring); default ``["register"]``
+            (MLflow registration); add "promote" for promotion; ``[]`` for none.
     """
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
     repo = resolve_repo(repo)
-    todo = stages if stages else list_stages(repo)
-    results = []
-    for stage in todo:  # serial: one dvc per repo
-        limit = _timeout_for(stage, timeouts, timeout_s)
-        repro = dvc_repro.with_options(name=f"repro {stage}", retries=retries, retry_delay_seconds=retry_delay_s,
-                                       timeout_seconds=limit + 60)  # backstop; run_logged stops at `limit`
-        results.append(repro(repo, stage, profile, world_size, limit))
+    dag = list_stages(repo)
+    # Listed here: in dependency order, so each stage's upstream is done when it starts (`--single-item`
+    # skips re-checking it). Named by the caller: each with its upstream, whatever the order.
+    todo, single = (list(stages), False) if stages else (dag, True)
+    steps = [(stage, "dvc", single) for stage in todo]
     for name in ["register"] if after is None else after:
+        if name in todo:
+            continue  # already one of the stages
+        steps.append((name, "dvc", True) if name in dag else (name, "module", False))
+    results = []
+    for name, kind, single_item in steps:  # serial: one dvc per repo
         limit = _timeout_for(name, timeouts, timeout_s)
-        step = run_stage_module.with_options(name=name, retries=retries, retry_delay_seconds=retry_delay_s,
-                                             timeout_seconds=limit + 60)
-        results.append(step(repo, name, profile, world_size, limit))
+        task_fn = dvc_repro if kind == "dvc" else run_stage_module
+        step = task_fn.with_options(name=f"repro {name}" if kind == "dvc" else name, retries=retries,
+                                    retry_delay_seconds=retry_delay_s,
+                                    timeout_seconds=limit + 60)  # backstop; run_logged stops at `limit`
+        args = (repo, name, profile, world_size, limit) + ((single_item,) if kind == "dvc" else ())
+        results.append(step(*args))
     for r in results:
         print(f"{r['stage']:<32} {r['status']:<8} {r['seconds']:>8.1f} s")
     return results

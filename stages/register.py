@@ -43,7 +43,8 @@ def main() -> None:
             raise SystemExit(2) from None
         rows = [{"name": r.name, "version": r.version, "created": r.created, "role": r.tags.get("role"),
                  "nfe": r.tags.get("nfe"), "weights_sha256": r.tags.get("weights_sha256"),
-                 "parent": f"{r.tags['parent_model']}/{r.tags['parent_version']}" if "parent_version" in r.tags else None}
+                 "parent": f"{r.tags['parent_model']}/{r.tags['parent_version']}" if "parent_version" in r.tags
+                 else None}
                 for r in regs]
         storage.write_json(Path(args.out), {"tracking_uri": tracking.configure().uri, "run_id": run.run_id,
                                             "versions": rows})

@@ -198,6 +198,10 @@ class EvaluateParams(_Strict):
     kid_subsets: int = Field(20, ge=1)
 
 
+class PromoteParams(_Strict):
+    margin: float = Field(0.02, ge=0.0, lt=1.0, description="relative FD improvement a candidate needs")
+
+
 class Params(_Strict):
     base: BaseParams = BaseParams()
     schedule: ScheduleParams = ScheduleParams()
@@ -208,6 +212,7 @@ class Params(_Strict):
     olss: OLSSParams = OLSSParams()
     evaluator: EvaluatorParams = EvaluatorParams()
     evaluate: EvaluateParams = EvaluateParams()
+    promote: PromoteParams = PromoteParams()
 
     @model_validator(mode="after")
     def _distill_grid(self) -> "Params":

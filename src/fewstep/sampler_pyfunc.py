@@ -107,7 +107,7 @@ def parse_request(model_input: Any) -> tuple[int, int, int | None]:
     try:
         n, seed = int(req["n"]), int(req.get("seed", 0))
         steps = req.get("steps")
-        steps = None if steps is None else int(steps)
+        steps = None if steps is None or steps != steps else int(steps)  # steps != steps: NaN from a DataFrame
     except (KeyError, TypeError, ValueError) as e:
         raise ValueError(f"bad request {req!r}: n (int >= 1), seed (int), steps (int, optional)") from e
     if n < 1:

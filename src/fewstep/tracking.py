@@ -12,7 +12,9 @@ itself loads). Configuration comes from the environment:
     FEWSTEP_GIT_COMMIT      overrides `git rev-parse HEAD` (images without .git)
 
 Registered names: ``<dataset>-teacher``, ``<dataset>-student-<k>step`` and
-``<dataset>-olss-<model>-<n>step``. Every version carries lineage tags (data_hash, weights_sha256,
+``<dataset>-olss-<model>-<n>step``; a student or OLSS name is a budget (one step count), so the OLSS
+variants of a model and step count (closed-loop, open-loop, OLSS-P) are versions of one name and
+compete for its champion alias. Every version carries lineage tags (data_hash, weights_sha256,
 params_hash, git_commit, role, sample_steps, nfe, parent_model + parent_version) and is found again
 by its weights / scheduler hash, so registering is idempotent. The ``champion`` alias moves only on
 a complete evaluation that beats the champion's FD, measured in the same evaluation, by a relative
@@ -44,7 +46,8 @@ from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from fewstep import models, storage
+# fewstep.models / fewstep.storage import torch: they are imported where needed, so that promote()
+# in a flow process costs only the mlflow import.
 
 ENV_TRACKING_URI = "MLFLOW_TRACKING_URI"
 ENV_EXPERIMENT = "FEWSTEP_EXPERIMENT"
@@ -200,6 +203,8 @@ def git_commit(repo: str | Path = ".") -> str | None:
 
 
 def _read_lock(lock: str | Path) -> dict[str, Any]:
+    from fewstep import storage
+
     if not Path(lock).exists():
         return {}
     with storage.open_read(lock) as f:
@@ -217,6 +222,8 @@ def dvc_lock_hash(stage: str, lock: str | Path = "dvc.lock") -> str | None:
 
 
 def _entry_hash(entry: Any) -> str:
+    from fewstep import storage
+
     return storage.sha256_bytes(yaml.safe_dump(entry, sort_keys=True).encode())
 
 
@@ -269,7 +276,7 @@ class StageRun:
         now = int(time.time() * 1000)
         items: list[Metric] = []
         for key, v in metrics.items():
-            hist = [(step, v)] if isinstance(v, (int, float)) else v
+            hist = v if isinstance(v, (list, tuple)) else [(step, v)]  # numpy / torch scalars too
             items += [Metric(key, float(val), now, int(s)) for s, val in hist]
         for lo in range(0, len(items), MAX_METRICS_PER_BATCH):
             self.tracking.client.log_batch(self.run_id, metrics=items[lo : lo + MAX_METRICS_PER_BATCH])
@@ -318,7 +325,8 @@ def stage_run(
         except MlflowException:
             warnings.warn(f"parent run {parent} not found in {t.uri}; {stage} is not nested", stacklevel=3)
     all_tags.update({k: v for k, v in (tags or {}).items() if v is not None})
-    run = t.client.create_run(t.experiment_id, run_name=run_name or stage, tags={k: str(v) for k, v in all_tags.items()})
+    run = t.client.create_run(t.experiment_id, run_name=run_name or stage,
+                              tags={k: str(v) for k, v in all_tags.items()})
     sr = StageRun(t, run.info.run_id)
     try:
         if params:
@@ -474,6 +482,8 @@ def register_model_dir(
     version with the same weights_sha256 is returned). A student's parent must be registered.
     ``default_steps``: the predict default when the request has no "steps" (default: the config's
     sample_steps)."""
+    from fewstep import models, storage
+
     t = tracking or configure()
     model_dir = Path(model_dir)
     cfg = models.load_config(model_dir)
@@ -507,6 +517,8 @@ def register_model_dir(
 
 def _trajectories_hash(meta: Mapping[str, Any], repo: Path, lock: Path) -> str | None:
     """The scheduler's trajectories: a hash in its meta, else DVC's dir hash, else sha256 of the files."""
+    from fewstep import storage
+
     for key in ("trajectories_sha256", "trajectories_hash"):
         if meta.get(key):
             return str(meta[key])
@@ -534,7 +546,9 @@ def register_scheduler(
 ) -> Registered:
     """Register an OLSS scheduler JSON (with its model's weights) as ``<dataset>-olss-<model>-<n>step``.
     Idempotent by the scheduler file's sha256; the model's registered version must exist."""
+    from fewstep import models, storage
     from fewstep.math.olss import OLSSScheduler
+
 
     t = tracking or configure()
     path, model_dir, repo = Path(scheduler_path), Path(model_dir), Path(repo)
@@ -556,14 +570,15 @@ def register_scheduler(
         pname = model_registry_name(cfg)
         parent = find_version(pname, {"weights_sha256": cfg["weights_sha256"]}, t)
         if parent is None:
-            raise LineageError(f"the model of {path} ({pname}, weights {cfg['weights_sha256'][:12]}) is not registered; "
-                               "register it first")
+            raise LineageError(f"the model of {path} ({pname}, weights {cfg['weights_sha256'][:12]}) is not "
+                               "registered; register it first")
         tags = {
             "role": "olss", "model": model, "dataset": cfg["dataset"], "data_hash": cfg.get("data_hash"),
             "weights_sha256": cfg["weights_sha256"], "params_hash": storage.sha256_json(meta),
             "scheduler_sha256": ssha, "scheduler_file": path.name, "olss_variant": meta.get("variant"),
             "sample_steps": sched.steps, "nfe": sched.steps, "timesteps": json.dumps(sched.timesteps),
-            "reference_steps": meta.get("reference_steps"), "parent_model": pname, "parent_version": str(parent.version),
+            "reference_steps": meta.get("reference_steps"), "parent_model": pname,
+            "parent_version": str(parent.version),
             "parent_weights_sha256": cfg["weights_sha256"], "trajectories_path": meta.get("trajectories"),
             "trajectories_hash": _trajectories_hash(meta, repo, lock), "git_commit": git_commit(repo),
             "source_dir": str(path),
@@ -589,11 +604,14 @@ def register_all(
 ) -> list[Registered]:
     """Every model dir (teachers first, then students from most to fewest steps, so a parent is
     registered before its student) and every ``<schedulers_root>/<model>/olss-*.json``."""
+    from fewstep import models
+
     t = tracking or configure()
     kw = dict(run_id=run_id, repo=repo, dvc_lock=dvc_lock, tracking=t)
     root = Path(models_root)
     dirs = [d for d in sorted(root.iterdir()) if not d.name.startswith(".") and (d / models.CONFIG).exists()] \
         if root.is_dir() else []
+    dirs = [d for d in dirs if _read_role(d / models.CONFIG) in ("teacher", "student")]  # samplers only
     cfgs = {d: models.load_config(d) for d in dirs}
     dirs.sort(key=lambda d: (cfgs[d]["role"] != "teacher", -int(cfgs[d]["sample_steps"]), d.name))
     out = [register_model_dir(d, default_steps=(default_steps or {}).get(d.name), **kw) for d in dirs]
@@ -601,6 +619,12 @@ def register_all(
     for f in sorted(sroot.glob("*/olss-*.json")) if sroot.is_dir() else []:
         out.append(register_scheduler(f, root / f.parent.name, **kw))
     return out
+
+
+def _read_role(config: Path) -> str | None:
+    import json
+
+    return json.loads(config.read_text()).get("role")
 
 
 def lineage(name: str, version: str | int, tracking: Tracking | None = None) -> list[tuple[str, str, dict[str, str]]]:
@@ -686,9 +710,10 @@ def decide(
                 f"{champion.version}': fd}}", None)
     champ_fd = float(champ_fd)
     bar = champ_fd * (1.0 - margin)
-    if float(candidate_fd) < bar:
-        return "promoted", f"FD {candidate_fd:.6g} < {bar:.6g} (champion {champ_fd:.6g} {source}, margin {margin})", champ_fd
-    return "kept", f"FD {candidate_fd:.6g} >= {bar:.6g} (champion {champ_fd:.6g} {source}, margin {margin})", champ_fd
+    better = float(candidate_fd) < bar
+    why = (f"FD {candidate_fd:.6g} {'<' if better else '>='} {bar:.6g} "
+           f"(champion {champ_fd:.6g} {source}, margin {margin})")
+    return ("promoted" if better else "kept"), why, champ_fd
 
 
 def _alias_version(t: Tracking, name: str, alias: str) -> str | None:
@@ -760,6 +785,8 @@ def promote(
     any store the alias is re-read before and after it is set; if another process changed it the
     decision is taken again against the new champion (optimistic; without the lock a very narrow
     window remains, since MLflow has no compare-and-set on aliases)."""
+    if not 0.0 <= margin < 1.0:
+        raise ValueError(f"margin is a relative improvement in [0, 1), got {margin}")
     t = tracking or configure()
     cand = str(candidate_version)
     t.client.get_model_version(name, cand)  # fails clearly on an unknown version

@@ -109,6 +109,11 @@ def micro(p: dict) -> None:
     p["distill"]["rounds"] = {"student-1": {"parent": "teacher", "steps": 1}}
     p["trajectories"].update(reference_steps=4, n_fit=4, shard_size=4, batch_size=4)
     p["olss"].update(steps=[2], max_elements=1000, bisection_iters=5, n_holdout=2)
+    if "evaluator" in p:  # sections added as the pipeline grows: shrunk when present
+        p["evaluator"].update(widths=[8], blocks_per_stage=1, steps=5, batch_size=8, ref_subset=16)
+    if "evaluate" in p:
+        p["evaluate"].update(n_samples=10, batch_size=10, reference_steps=4, ddim_steps=[2], eta_steps=[2],
+                             etas=[1.0], sigma_hat=False, peers=[], peer_steps=[2], grid_n=4, kid_subsets=2)
 
 
 MICRO_STAGES = ["prepare_data", "train_teacher", "distill@student-1", "collect_trajectories@teacher",

@@ -54,6 +54,7 @@ def repo(tmp_path):
         else:
             shutil.copy(src, repo / name)
     p = tiny_params(steps=30, checkpoint_every=10)
+    p["teacher"]["sample"]["steps"] = 16  # the registered teacher samples with 16 DDIM steps (a row of evaluate)
     p["distill"] = {"defaults": {"train_steps": 10, "batch_size": 8, "checkpoint_every": 5, "log_every": 5,
                                  "sample": {"n": 4, "steps": 0, "spacing": "trailing", "seed": 0}},
                     "rounds": {"student-2": {"parent": "teacher", "steps": 2},
@@ -90,7 +91,10 @@ def test_dvc_repro_runs_the_stages_and_caches(repo):
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
     assert set(lock["stages"]) == {"prepare_data", "train_teacher", "distill@student-2", "distill@student-1",
                                    "collect_trajectories@teacher", "fit_olss@teacher-2", "fit_olss@teacher-3",
-                                   "train_evaluator", "evaluate"}
+                                   "train_evaluator", "evaluate", "register", "promote"}
+    promos = {d["name"]: d for d in storage.read_json(repo / "registry/promotions.json")["decisions"]}
+    assert promos["cifar10-teacher"]["decision"] == "promoted"  # first champion
+    assert "cifar10-olss-teacher-2step" in promos and "cifar10-student-1step" in promos
     rows = storage.read_json(repo / "metrics/evaluate.json")["rows"]
     for name in ("teacher ddim 1", "teacher ddim 16", "teacher olss-2", "teacher olss-p-3", "student-1 ddim 1",
                  "student-2 ddim 2", "teacher ddim 4 eta=1", "teacher ddpm 4 sigma-hat", "diffusers dpmpp_2m 2"):
@@ -110,7 +114,10 @@ def test_dvc_repro_runs_the_stages_and_caches(repo):
     assert storage.read_json(repo / "metrics/student-1.json")["student_steps"] == 1
 
     out = _run([sys.executable, "-m", "dvc", "repro"], repo)
-    assert "didn't change, skipping" in out and "Running stage" not in out
+    ran = {l.split("'")[1] for l in out.splitlines() if l.startswith("Running stage")}
+    assert ran == {"register", "promote"}, ran  # only the always-checked registry stages
+    promos = {d["name"]: d for d in storage.read_json(repo / "registry/promotions.json")["decisions"]}
+    assert promos["cifar10-teacher"]["decision"] != "promoted"  # same version, same evaluation: nothing moves
 
     # changing round 2 re-runs round 2 only
     p = yaml.safe_load((repo / "params.yaml").read_text())
@@ -119,6 +126,7 @@ def test_dvc_repro_runs_the_stages_and_caches(repo):
     out = _run([sys.executable, "-m", "dvc", "repro"], repo)
     assert "Running stage 'distill@student-1'" in out
     assert "Running stage 'distill@student-2'" not in out and "Running stage 'train_teacher'" not in out
+    assert "Running stage 'fit_olss@teacher-2'" not in out
 
     # a teacher param change re-runs the teacher and the rounds below it, not the data
     p["teacher"]["lr"] = 1e-3

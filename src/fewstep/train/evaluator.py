@@ -77,7 +77,7 @@ def train_evaluator(ep: Any, data_dir: Path, out_dir: Path, ckpt_dir: Path, seed
     feats = features(net, x_train)
     rng = np.random.default_rng(seed)
     subset = feats[rng.choice(len(feats), min(len(feats), ep.ref_subset), replace=False)]
-    meta = {"role": "evaluator", "net": cfg.to_dict(), "data_hash": manifest["content_hash"],
+    meta = {"format_version": 1, "role": "evaluator", "net": cfg.to_dict(), "data_hash": manifest["content_hash"],
             "class_names": manifest["class_names"], "feature_dim": net.feature_dim, **metrics}
     with storage.atomic_dir(out_dir) as tmp:
         storage.save_tensors(tmp / WEIGHTS, net.cpu().state_dict())
