@@ -1,14 +1,13 @@
 # fewstep: the two commands a new user needs.
 #   make run    set up .venv (CPU torch + pinned deps) and run the pipeline (`dvc repro`)
 #   make test   set up .venv and run the test suite
-# PROFILE=gpu merges profiles/gpu.yaml over params.yaml for the run.
+# PROFILE=gpu writes params.yaml merged with profiles/gpu.yaml (DVC tracks it), then runs.
 SHELL := /bin/bash
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 PROFILE ?=
 export DO_NOT_TRACK=1 DVC_NO_ANALYTICS=1 MLFLOW_DISABLE_TELEMETRY=true HF_HUB_OFFLINE=1
-export FEWSTEP_PROFILE=$(PROFILE)
 
 .PHONY: setup run test test-unit test-integration bench clean
 
@@ -25,6 +24,7 @@ setup: $(BIN)/.installed
 run: setup
 	test -d .git || (git init -q && git add -A && git -c user.name=fewstep -c user.email=fewstep@localhost commit -qm "init")
 	test -d .dvc || ($(BIN)/dvc init -q && $(BIN)/dvc config core.check_update false)
+	test -z "$(PROFILE)" || $(BIN)/python -m stages.profile $(PROFILE)
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/dvc repro
 
 test: setup

@@ -6,7 +6,7 @@
 #
 # BASE_IMAGE must carry the torch the project pins (2.13.0) built for the host's CUDA driver; pip never
 # installs torch here (requirements.txt leaves it out), so the CUDA build is kept.
-# The DVC workspace (a git checkout: code the stages run, .dvc/cache, outputs) is a volume at
+# The DVC workspace (a git clone: code the stages run, .dvc/cache, outputs) is a volume at
 # $FEWSTEP_ROOT, not baked in: the image's copy of the project is for `prefect deploy` and a default.
 ARG BASE_IMAGE=pytorch/pytorch:2.13.0-cuda12.8-cudnn9-runtime
 FROM ${BASE_IMAGE}

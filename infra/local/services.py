@@ -381,7 +381,8 @@ def cmd_start(a: argparse.Namespace) -> int:
     (state / "services.json").write_text(json.dumps({n: {"pid": s.pid, "url": s.base, "log": str(s.log)}
                                                      for n, s in started.items()}, indent=2))
     for name, svc in started.items():
-        print(f"{name:<8} {svc.base:<28} pid {svc.pid:<8} log {svc.log}")
+        what = {"prefect": "API " + svc.base + "/api", "worker": "health " + svc.url}.get(name, svc.base)
+        print(f"{name:<8} {what:<40} pid {svc.pid:<8} log {svc.log}")
     print(f"ready in {time.monotonic() - t0:.1f} s; clients: source {env_file}")
     return 0
 

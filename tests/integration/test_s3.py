@@ -5,7 +5,6 @@ the Prefect task retries, then fails with the stage's message)."""
 from __future__ import annotations
 
 import hashlib
-import os
 import subprocess
 import sys
 import time
@@ -13,6 +12,7 @@ from pathlib import Path
 
 import boto3
 import numpy as np
+from PIL import Image
 
 from fewstep.data import load_images
 from infra.local import services
@@ -64,8 +64,6 @@ def test_loader_reads_s3_tarball_and_folder(moto_server, tmp_path, monkeypatch):
     s3.upload_file(str(tar), "fewstep-data", "cifar/train.tar.gz")
     imgs, labels = tiny_images(6, 8, seed=3)
     for i, (im, lab) in enumerate(zip(imgs, labels)):  # an ImageFolder under a prefix
-        from PIL import Image
-
         f = tmp_path / f"{i}.png"
         Image.fromarray(im).save(f)
         s3.upload_file(str(f), "fewstep-data", f"folder/{['red', 'blue'][lab]}/{i:03d}.png")
