@@ -266,6 +266,15 @@ def resolve_repo(repo: str) -> str:
 # Flow
 
 
+@task(name="apply profile", retries=0)
+def apply_profile(repo: str, profile: str) -> None:
+    r = subprocess.run([sys.executable, "-m", "stages.profile", profile], cwd=repo, capture_output=True, text=True,
+                       timeout=120)
+    if r.returncode:
+        raise RuntimeError(f"applying profile {profile!r} failed: {(r.stderr or r.stdout)[-2000:]}")
+    print(r.stdout.strip())
+
+
 @flow(name="fewstep-pipeline", log_prints=True)
 def pipeline(
     repo: str = ".",
@@ -306,6 +315,11 @@ def pipeline(
             continue  # already one of the stages
         steps.append((name, "dvc", True) if name in dag else (name, "module", False))
     results = []
+    if profile and profile != "default":
+        # DVC tracks params.yaml, not $FEWSTEP_PROFILE: write the profile into params.yaml so DVC
+        # re-runs what it changes (stages/profile.py), then the stages read params.yaml alone.
+        apply_profile(repo, profile)
+        profile = "default"
     for name, kind, single_item in steps:  # serial: one dvc per repo
         limit = _timeout_for(name, timeouts, timeout_s)
         task_fn = dvc_repro if kind == "dvc" else run_stage_module

@@ -17,17 +17,16 @@ from fewstep import storage
 from stages import _common
 
 
-def row_for(version: dict, model_steps: dict[str, int]) -> str | None:
-    """The evaluate row of a registered version (names from stages.evaluate / tracking)."""
+def row_for(version: dict) -> str | None:
+    """The evaluate row of a registered version (row names from fewstep.evaluation.build_rows)."""
     name, role, nfe = version["name"], version.get("role"), version.get("nfe")
     if role == "teacher":
         return f"teacher ddim {nfe}"
     if role == "student":
         model = name.split("-", 1)[1].removesuffix("step")  # <dataset>-student-<k>step -> student-<k>
         return f"{model} ddim {nfe}"
-    if role == "scheduler":  # <dataset>-olss-<model>-<n>step
-        model = name.split("-olss-", 1)[1].rsplit("-", 1)[0]
-        return f"{model} olss-{nfe}"
+    if role == "olss" and version.get("scheduler_file"):  # each variant is its own row
+        return f"{version['model']} {Path(version['scheduler_file']).stem}"
     return None
 
 
@@ -54,14 +53,16 @@ def main() -> None:
             by_name.setdefault(v["name"], []).append(v)
         decisions = []
         for name, vs in by_name.items():
-            fds = {v["version"]: rows.get(row_for(v, {}), {}).get("fd") for v in vs}
+            fds = {v["version"]: rows.get(row_for(v), {}).get("fd") for v in vs}
             remeasured = {k: f for k, f in fds.items() if f is not None and math.isfinite(f)}
-            cand = max(vs, key=lambda v: int(v["version"]))
-            res = tracking.promote(name, cand["version"], fds.get(cand["version"]), eval_id, margin=p.promote.margin,
-                                   remeasured=remeasured, partial=partial)
-            decisions.append({"name": name, "candidate": cand["version"], "decision": res.decision,
-                              "reason": res.reason, "champion": res.champion_version})
-            print(f"promote: {name} v{cand['version']}: {res.decision} ({res.reason})", file=sys.stderr)
+            # every version of a name (e.g. the OLSS variants) is a candidate, oldest first
+            for cand in sorted(vs, key=lambda v: int(v["version"])):
+                res = tracking.promote(name, cand["version"], fds.get(cand["version"]), eval_id,
+                                       margin=p.promote.margin, remeasured=remeasured, partial=partial)
+                decisions.append({"name": name, "candidate": cand["version"], "decision": res.decision,
+                                  "reason": res.reason, "champion": res.champion_version,
+                                  "candidate_fd": fds.get(cand["version"])})
+                print(f"promote: {name} v{cand['version']}: {res.decision} ({res.reason})", file=sys.stderr)
         storage.write_json(args.out, {"evaluation_id": eval_id, "decisions": decisions})
 
 

@@ -43,6 +43,7 @@ def main() -> None:
             raise SystemExit(2) from None
         rows = [{"name": r.name, "version": r.version, "created": r.created, "role": r.tags.get("role"),
                  "nfe": r.tags.get("nfe"), "weights_sha256": r.tags.get("weights_sha256"),
+                 "model": r.tags.get("model"), "scheduler_file": r.tags.get("scheduler_file"),
                  "parent": f"{r.tags['parent_model']}/{r.tags['parent_version']}" if "parent_version" in r.tags
                  else None}
                 for r in regs]

@@ -92,8 +92,14 @@ def test_dvc_repro_runs_the_stages_and_caches(repo):
     assert set(lock["stages"]) == {"prepare_data", "train_teacher", "distill@student-2", "distill@student-1",
                                    "collect_trajectories@teacher", "fit_olss@teacher-2", "fit_olss@teacher-3",
                                    "train_evaluator", "evaluate", "register", "promote"}
-    promos = {d["name"]: d for d in storage.read_json(repo / "registry/promotions.json")["decisions"]}
+    decisions = storage.read_json(repo / "registry/promotions.json")["decisions"]
+    promos = {d["name"]: d for d in decisions}
     assert promos["cifar10-teacher"]["decision"] == "promoted"  # first champion
+    olss = [d for d in decisions if d["name"] == "cifar10-olss-teacher-2step"]
+    assert len(olss) == 3 and all(d["candidate_fd"] is not None for d in olss)  # every variant was scored
+    best = min(olss, key=lambda d: d["candidate_fd"])
+    assert olss[-1]["champion"] == best["candidate"] or best["candidate_fd"] > 0.98 * min(
+        d["candidate_fd"] for d in olss if d["candidate"] == olss[-1]["champion"])
     assert "cifar10-olss-teacher-2step" in promos and "cifar10-student-1step" in promos
     rows = storage.read_json(repo / "metrics/evaluate.json")["rows"]
     for name in ("teacher ddim 1", "teacher ddim 16", "teacher olss-2", "teacher olss-p-3", "student-1 ddim 1",

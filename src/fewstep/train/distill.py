@@ -21,6 +21,7 @@ from fewstep.math.losses import weighted_x_loss
 from fewstep.math.param import NetDenoiser
 from fewstep.nets.unet import UNet
 from fewstep.train.loop import LoopConfig, LoopResult, train
+from fewstep.train.teacher import sample_batch
 
 
 def distill_loss(
@@ -35,11 +36,7 @@ def distill_loss(
     dev = data.device
 
     def loss_fn(student: torch.nn.Module, gen: torch.Generator) -> torch.Tensor:
-        idx = torch.randint(0, data.shape[0], (batch_size,), generator=gen, device=dev)
-        x = data[idx].float() / 127.5 - 1.0
-        if hflip:
-            flip = torch.rand(batch_size, generator=gen, device=dev) < 0.5
-            x = torch.where(flip[:, None, None, None], x.flip(3), x)
+        x = sample_batch(data, batch_size, hflip, gen)
         i = torch.randint(1, student_steps + 1, (batch_size,), generator=gen, device=dev)
         t = 2 * dt * i
         eps = torch.randn(x.shape, generator=gen, device=dev)

@@ -24,6 +24,16 @@ def schedule_meta(p: Params) -> dict[str, Any]:
     return {"kind": p.schedule.kind, "T": p.schedule.T, **p.schedule.kwargs()}
 
 
+def sample_batch(data: torch.Tensor, batch_size: int, hflip: bool, gen: torch.Generator) -> torch.Tensor:
+    """A batch in [-1, 1] drawn with replacement from uint8 ``data``, randomly flipped; all from ``gen``."""
+    idx = torch.randint(0, data.shape[0], (batch_size,), generator=gen, device=data.device)
+    x = data[idx].float() / 127.5 - 1.0
+    if hflip:
+        flip = torch.rand(batch_size, generator=gen, device=data.device) < 0.5
+        x = torch.where(flip[:, None, None, None], x.flip(3), x)
+    return x
+
+
 def diffusion_loss(
     data: torch.Tensor, schedule: Schedule, kind: str, weighting: str, batch_size: int, hflip: bool
 ) -> Callable[[torch.nn.Module, torch.Generator], torch.Tensor]:
@@ -35,11 +45,7 @@ def diffusion_loss(
     channels_last = dev.type == "cuda"
 
     def loss_fn(net: torch.nn.Module, gen: torch.Generator) -> torch.Tensor:
-        idx = torch.randint(0, data.shape[0], (batch_size,), generator=gen, device=dev)
-        x = data[idx].float() / 127.5 - 1.0
-        if hflip:
-            flip = torch.rand(batch_size, generator=gen, device=dev) < 0.5
-            x = torch.where(flip[:, None, None, None], x.flip(3), x)
+        x = sample_batch(data, batch_size, hflip, gen)
         t = torch.randint(1, T + 1, (batch_size,), generator=gen, device=dev)
         eps = torch.randn(x.shape, generator=gen, device=dev)
         alpha, sigma = schedule.at(t, torch.float32)
