@@ -1,7 +1,6 @@
 """Shared integration fixtures: a tiny-profile DVC repo in a temp git repo, and the service env.
 
-``make_tiny_repo`` builds the same kind of repo as tests/integration/test_dvc_pipeline.py (which
-keeps its own copy): the project's dvc.yaml, stages, src and profiles, tiny params, tiny image
+``build_tiny_repo`` builds the repo every pipeline test uses: the project's dvc.yaml, stages, src and profiles, tiny params, tiny image
 tarballs, then ``git init`` + ``dvc init`` + a first commit. Server fixtures live in servers.py.
 """
 

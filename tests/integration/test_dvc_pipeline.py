@@ -1,83 +1,33 @@
 """Real `dvc repro` of the pipeline on a tiny profile inside a temp git repo."""
 
-import os
-import shutil
-import subprocess
 import sys
-import tarfile
-from pathlib import Path
 
-import numpy as np
 import pytest
 import yaml
-from PIL import Image
 
 from fewstep import models, storage
-from tests.helpers import ROOT, tiny_images, tiny_params, write_params
-
-COPY = ["dvc.yaml", "stages", "src", "profiles", "pyproject.toml"]
-
-
-def _env():
-    env = dict(os.environ)
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    env.update(DVC_NO_ANALYTICS="1", CI="1", GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t",
-               GIT_COMMITTER_EMAIL="t@t")
-    env.pop("FEWSTEP_PROFILE", None)
-    return env
+from tests.helpers import write_params
+from tests.integration.conftest import build_tiny_repo, run
 
 
 def _run(cmd, cwd, timeout=600):
-    r = subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=timeout)
-    assert r.returncode == 0, f"{cmd}: {r.stdout[-2000:]}\n{r.stderr[-3000:]}"
+    r = run(cmd, cwd, timeout=timeout)
     return r.stdout + r.stderr
 
 
-def _image_tar(path: Path, n: int) -> Path:
-    imgs, labels = tiny_images(n, 8)
-    with tarfile.open(path, "w:gz") as tar:
-        for i, (im, lab) in enumerate(zip(imgs, labels)):
-            f = path.parent / "tmp.png"
-            Image.fromarray(im).save(f)
-            tar.add(f, arcname=f"train/{['red', 'blue'][lab]}/{i:04d}.png")
-    return path
-
-
-@pytest.fixture
-def repo(tmp_path):
-    repo = tmp_path / "repo"
-    repo.mkdir()
-    for name in COPY:
-        src = ROOT / name
-        if src.is_dir():
-            shutil.copytree(src, repo / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-        else:
-            shutil.copy(src, repo / name)
-    p = tiny_params(steps=30, checkpoint_every=10)
+def _tiny_eval(p: dict) -> None:
+    """The shared tiny profile plus a small evaluation, registration and promotion."""
     p["teacher"]["sample"]["steps"] = 16  # the registered teacher samples with 16 DDIM steps (a row of evaluate)
-    p["distill"] = {"defaults": {"train_steps": 10, "batch_size": 8, "checkpoint_every": 5, "log_every": 5,
-                                 "sample": {"n": 4, "steps": 0, "spacing": "trailing", "seed": 0}},
-                    "rounds": {"student-2": {"parent": "teacher", "steps": 2},
-                               "student-1": {"parent": "student-2", "steps": 1}}}
-    p["trajectories"] = {"models": ["teacher"], "reference_steps": 8, "n_fit": 8, "seed_offset": 1000,
-                         "shard_size": 4, "batch_size": 4}
-    p["olss"] = {"models": ["teacher"], "steps": [2, 3], "max_elements": 2000, "bisection_iters": 10, "n_holdout": 4,
-                 "ridge": 0.0, "closed_loop": True}
     p["evaluator"] = {"widths": [8, 16], "blocks_per_stage": 1, "steps": 40, "batch_size": 16, "lr": 2e-3,
                       "weight_decay": 0.0, "ref_subset": 48}
     p["evaluate"] = {"n_samples": 40, "batch_size": 20, "seed": 0, "reference_steps": 16, "ddim_steps": [1, 16],
                      "eta_steps": [4], "etas": [1.0], "sigma_hat": True, "peers": ["ddim", "dpmpp_2m"],
                      "peer_steps": [2], "grid_n": 4, "kid_subsets": 3}
-    p["prepare"].update(train_source=str(_image_tar(tmp_path / "train.tar.gz", 48)),
-                        test_source=str(_image_tar(tmp_path / "test.tar.gz", 16)), classes=None,
-                        max_per_class=None, test_max_per_class=None)
-    write_params(repo / "params.yaml", p)
-    _run(["git", "init", "-q", "-b", "main"], repo)
-    _run([sys.executable, "-m", "dvc", "init", "-q"], repo)
-    _run([sys.executable, "-m", "dvc", "config", "core.check_update", "false"], repo)
-    _run(["git", "add", "-A"], repo)
-    _run(["git", "commit", "-qm", "init"], repo)
-    return repo
+
+
+@pytest.fixture
+def repo(tmp_path):
+    return build_tiny_repo(tmp_path / "repo", tmp_path / "data", tweak=_tiny_eval)
 
 
 def test_dvc_repro_runs_the_stages_and_caches(repo):
