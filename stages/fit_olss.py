@@ -1,7 +1,8 @@
 """Stage fit_olss@MODEL-N: an OLSS scheduler with N steps for one model.
 
 Writes schedulers/MODEL/olss-N.json (searched path; closed-loop refit when olss.closed_loop),
-olss-open-N.json (the paper's teacher-forced fit), olss-p-N.json (OLSS-P, uniform path), and
+olss-open-N.json (the paper's teacher-forced fit), olss-p-N.json (OLSS-P, uniform path),
+olss-ridge-N.json (open loop with olss.ridge_variant, when > 0), and
 metrics/olss/MODEL-N.json: RMSE to the full-step DDIM result on held-out seeds for DDIM, every
 OLSS variant, with the path, the bound D and the fit time.
 """
@@ -67,6 +68,10 @@ def main() -> None:
             best.meta = {**lineage, "variant": "closed-loop"}
         out = Path(args.out) / name
         variants = {f"olss-{n}": best, f"olss-open-{n}": open_loop, f"olss-p-{n}": uni}
+        if op.ridge_variant > 0:  # beyond the paper: the searched path, open loop, with a small ridge
+            ridged = fit_weights(X, E, ps.path, t_path, op.ridge_variant)
+            ridged.meta = {**lineage, "variant": "ridge", "ridge": op.ridge_variant}
+            variants[f"olss-ridge-{n}"] = ridged
         for fname, sched in variants.items():
             sched.validate()
             storage.atomic_write_bytes(out / f"{fname}.json", sched.to_json().encode())
@@ -78,8 +83,10 @@ def main() -> None:
         with torch.no_grad():
             ref = sample_ddim(den, x_T, t_path, clip=False)
             res = {"ddim": rmse(sample_ddim(den, x_T, timesteps(den.schedule.T, n), clip=False), ref)}
-            for label, sched in (("olss", best), ("olss_open", open_loop), ("olss_p", uni)):
-                res[label] = rmse(sample_olss(den, x_T, sched, clip=False), ref)
+            for label, sched in (("olss", best), ("olss_open", open_loop), ("olss_p", uni),
+                                 ("olss_ridge", variants.get(f"olss-ridge-{n}"))):
+                if sched is not None:
+                    res[label] = rmse(sample_olss(den, x_T, sched, clip=False), ref)
         metrics = {"model": name, "steps": n, "reference_steps": N, "path": ps.path, "timesteps": best.timesteps,
                    "path_note": ps.note, "D": ps.D, "fit_seconds": fit_seconds, "max_cond": max(open_loop.cond),
                    "rmse_vs_full_step": res, "holdout_seeds": op.n_holdout}

@@ -79,7 +79,7 @@ def build_rows(models_dir: Path, schedulers_dir: Path, ep, device: torch.device)
         dens[model_dir.name] = den
         for f in sorted(model_dir.glob("olss*.json")):
             sched = OLSSScheduler.from_json(f.read_text())
-            fam = "olss-open" if "open" in f.stem else "olss-p" if "olss-p" in f.stem else "olss"
+            fam = next((k for k in ("olss-open", "olss-p", "olss-ridge") if f.stem.startswith(k + "-")), "olss")
             rows.append(Row(f"{model_dir.name} {f.stem}", fam, model_dir.name, sched.steps,
                             (lambda s, dn: lambda x_T, noise: sample_olss(dn, x_T, s))(sched, den)))
     if ep.peers:

@@ -62,7 +62,7 @@ def tiny_pipeline_params(train_source: str, test_source: str | None) -> dict:
     p["trajectories"] = {"models": ["teacher"], "reference_steps": 8, "n_fit": 8, "seed_offset": 1000,
                          "shard_size": 4, "batch_size": 4}
     p["olss"] = {"models": ["teacher"], "steps": [2, 3], "max_elements": 2000, "bisection_iters": 10, "n_holdout": 4,
-                 "ridge": 0.0, "closed_loop": True}
+                 "ridge": 0.0, "ridge_variant": 1e-4, "closed_loop": True}
     p["prepare"].update(train_source=train_source, test_source=test_source, classes=None, max_per_class=None,
                         test_max_per_class=None)
     return p

@@ -46,7 +46,7 @@ def test_dvc_repro_runs_the_stages_and_caches(repo):
     promos = {d["name"]: d for d in decisions}
     assert promos["cifar10-teacher"]["decision"] == "promoted"  # first champion
     olss = [d for d in decisions if d["name"] == "cifar10-olss-teacher-2step"]
-    assert len(olss) == 3 and all(d["candidate_fd"] is not None for d in olss)  # every variant was scored
+    assert len(olss) == 4 and all(d["candidate_fd"] is not None for d in olss)  # every variant was scored
     best = min(olss, key=lambda d: d["candidate_fd"])
     assert olss[-1]["champion"] == best["candidate"] or best["candidate_fd"] > 0.98 * min(
         d["candidate_fd"] for d in olss if d["candidate"] == olss[-1]["champion"])
@@ -64,7 +64,8 @@ def test_dvc_repro_runs_the_stages_and_caches(repo):
 
     sched = OLSSScheduler.from_json((repo / "schedulers/teacher/olss-3.json").read_text())
     assert sched.steps <= 3 and sched.meta["model_weights_sha256"] == models.load_config(repo / "models/teacher")["weights_sha256"]
-    assert set(storage.read_json(repo / "metrics/olss/teacher-2.json")["rmse_vs_full_step"]) == {"ddim", "olss", "olss_open", "olss_p"}
+    rmses = storage.read_json(repo / "metrics/olss/teacher-2.json")["rmse_vs_full_step"]
+    assert set(rmses) == {"ddim", "olss", "olss_open", "olss_p", "olss_ridge"}
     s1 = models.load_config(repo / "models/student-1")
     assert s1["parent"]["weights_sha256"] == models.load_config(repo / "models/student-2")["weights_sha256"]
     assert storage.read_json(repo / "metrics/student-1.json")["student_steps"] == 1
