@@ -14,6 +14,7 @@ import torch
 
 from fewstep import models, storage
 from fewstep.images import save_grid
+from fewstep.math import metrics
 from fewstep.math.ddim import generate
 from fewstep.math.schedules import timesteps
 from fewstep.train.distill import distill_round
@@ -22,7 +23,7 @@ from stages.train_teacher import write_loss_csv
 
 
 def rmse(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.double() - b.double()).pow(2).mean().sqrt())
+    return metrics.rmse(a.numpy(), b.numpy())
 
 
 def main() -> None:

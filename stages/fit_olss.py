@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from fewstep import models, storage
+from fewstep.math import metrics
 from fewstep.math.ddim import PerImageNoise, sample_ddim
 from fewstep.math.olss import OLSSScheduler, fit_weights, refit_closed_loop, sample_olss, search_path, uniform_path
 from fewstep.math.schedules import timesteps
@@ -25,7 +26,8 @@ HOLDOUT_SEED = 2_000_000
 
 
 def rmse(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.double().clamp(-1, 1) - b.double().clamp(-1, 1)).pow(2).mean().sqrt())
+    """RMSE of the images as they would be shown (clamped to [-1, 1])."""
+    return metrics.rmse(a.clamp(-1, 1).cpu().numpy(), b.clamp(-1, 1).cpu().numpy())
 
 
 def main() -> None:

@@ -9,7 +9,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import boto3
@@ -24,7 +23,7 @@ from fewstep.math.schedules import timesteps
 from fewstep.nets.unet import UNet, UNetConfig
 from infra.local import services
 from tests.integration.servers import stop_and_check
-from tests.unit.test_tracking import _LOAD, _RACE, _build_tree, _one_thread
+from tests.unit.test_tracking import _LOAD, _build_tree, _one_thread, race
 
 tracking = pytest.importorskip("fewstep.tracking")
 
@@ -94,18 +93,7 @@ def test_registry_on_a_tracking_server_with_s3_artifacts(mlflow_server, moto_ser
     lm = [t.client.create_logged_model(t.experiment_id, name="toy") for _ in range(2)]
     v2, v3 = (str(t.client.create_model_version(name, f"models:/{m.model_id}", model_id=m.model_id).version)
               for m in lm)
-    go = tmp_path / "go"
-    procs = [subprocess.Popen([sys.executable, "-c", _RACE, name, v, str(fd), str(go)], cwd=tmp_path,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for v, fd in ((v2, 8.0), (v3, 6.0))]
-    deadline = time.monotonic() + 120
-    while not all(Path(f"{go}.{v}").exists() for v in (v2, v3)) and time.monotonic() < deadline:
-        assert all(p.poll() is None for p in procs), [p.communicate()[1][-2000:] for p in procs]
-        time.sleep(0.02)
-    go.touch()
-    for p in procs:
-        _, err = p.communicate(timeout=120)
-        assert p.returncode == 0, err[-3000:]
+    race(name, [(v2, 8.0), (v3, 6.0)], tmp_path)
     rm = t.client.get_registered_model(name)
     assert str(rm.aliases["champion"]) == v3
     assert (rm.tags["champion.version"], rm.tags["champion.fd"]) == (v3, "6.0")

@@ -304,24 +304,31 @@ print(json.dumps({"decision": p.decision, "champion": p.champion_version}))
 """
 
 
-def test_racing_promotions_end_with_one_consistent_champion(store, tmp_path):
-    t, name = store, "race-student-4step"
-    v1, v2, v3 = _versions(t, name, 3)
-    tracking.promote(name, v1, 10.0, "e1", margin=0.01)
+def race(name: str, candidates: list[tuple[str, float]], tmp_path: Path) -> list[dict]:
+    """Start one real process per (version, fd) promotion, release them together once all are
+    imported and configured, and return each process's last JSON line."""
     go = tmp_path / "go"
     procs = [subprocess.Popen([sys.executable, "-c", _RACE, name, v, str(fd), str(go)], cwd=tmp_path,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for v, fd in ((v2, 8.0), (v3, 6.0))]
+             for v, fd in candidates]
     deadline = time.monotonic() + 120
-    while not all(Path(f"{go}.{v}").exists() for v in (v2, v3)) and time.monotonic() < deadline:
+    while not all(Path(f"{go}.{v}").exists() for v, _ in candidates) and time.monotonic() < deadline:
         assert all(p.poll() is None for p in procs), [p.communicate()[1][-2000:] for p in procs]
         time.sleep(0.02)
-    go.touch()  # both are imported and configured: start them together
+    go.touch()
     res = []
     for p in procs:
         out, err = p.communicate(timeout=120)
         assert p.returncode == 0, err[-3000:]
         res.append(json.loads(out.strip().splitlines()[-1]))
+    return res
+
+
+def test_racing_promotions_end_with_one_consistent_champion(store, tmp_path):
+    t, name = store, "race-student-4step"
+    v1, v2, v3 = _versions(t, name, 3)
+    tracking.promote(name, v1, 10.0, "e1", margin=0.01)
+    res = race(name, [(v2, 8.0), (v3, 6.0)], tmp_path)
     rm = t.client.get_registered_model(name)
     assert str(rm.aliases["champion"]) == v3  # the best candidate wins whatever the order
     assert (rm.tags["champion.version"], rm.tags["champion.fd"]) == (v3, "6.0")
