@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import logging
 import os
 import re
@@ -35,7 +36,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
@@ -315,6 +316,47 @@ def pipeline(
             continue  # already one of the stages
         steps.append((name, "dvc", True) if name in dag else (name, "module", False))
     results = []
+    with pipeline_mlflow_run(repo, profile):
+        _run_steps(repo, steps, profile, world_size, retries, retry_delay_s, timeout_s, timeouts, results)
+    for r in results:
+        print(f"{r['stage']:<32} {r['status']:<8} {r['seconds']:>8.1f} s")
+    return results
+
+
+@contextlib.contextmanager
+def pipeline_mlflow_run(repo: str, profile: str | None) -> Iterator[None]:
+    """One MLflow run for the flow run; every stage's run nests under it ($FEWSTEP_PARENT_RUN_ID,
+    inherited by the stage processes). Skipped when $FEWSTEP_TRACKING=off or mlflow is missing; a
+    store that cannot be reached is a warning here (the stages and `register` decide for themselves)."""
+    if os.environ.get("FEWSTEP_TRACKING", "auto").strip().lower() == "off":
+        yield
+        return
+    try:
+        from fewstep import tracking
+    except ImportError:
+        yield
+        return
+    tags: dict[str, Any] = {"fewstep.profile": profile or os.environ.get("FEWSTEP_PROFILE") or "default"}
+    try:
+        from prefect.runtime import flow_run
+
+        tags.update({"prefect.flow_run_id": flow_run.id, "prefect.flow_run_name": flow_run.name,
+                     "prefect.deployment": flow_run.deployment_id})
+    except Exception:  # noqa: BLE001 - outside a flow run (tests calling the function)
+        pass
+    with contextlib.ExitStack() as stack:
+        try:  # the stages run in `repo`: their default store is <repo>/mlflow.db, so the parent's is too
+            uri = tracking.default_tracking_uri(repo)
+            t = tracking.configure(uri, artifact_root=tracking.default_artifact_root(uri, repo))
+            stack.enter_context(tracking.pipeline_run("pipeline", tags=tags, repo=repo, tracking=t))
+        except Exception as e:  # noqa: BLE001
+            print(f"pipeline: warning: no MLflow pipeline run ({type(e).__name__}: {str(e)[:300]})")
+        yield
+
+
+def _run_steps(repo: str, steps: list[tuple[str, str, bool]], profile: str | None, world_size: int, retries: int,
+               retry_delay_s: float, timeout_s: float, timeouts: dict[str, float] | None,
+               results: list[dict[str, Any]]) -> None:
     if profile and profile != "default":
         # DVC tracks params.yaml, not $FEWSTEP_PROFILE: write the profile into params.yaml so DVC
         # re-runs what it changes (stages/profile.py), then the stages read params.yaml alone.
@@ -328,9 +370,6 @@ def pipeline(
                                     timeout_seconds=limit + 60)  # backstop; run_logged stops at `limit`
         args = (repo, name, profile, world_size, limit) + ((single_item,) if kind == "dvc" else ())
         results.append(step(*args))
-    for r in results:
-        print(f"{r['stage']:<32} {r['status']:<8} {r['seconds']:>8.1f} s")
-    return results
 
 
 def main() -> None:

@@ -21,7 +21,7 @@ def main() -> None:
     ap.add_argument("--models", default="models")
     ap.add_argument("--out", default="trajectories")
     args = ap.parse_args()
-    with _common.clear_errors("collect_trajectories"):
+    with _common.clear_errors("collect_trajectories" + (f"@{args.model}" if args.model else "")) as rec:
         p, device = _common.setup(args)
         tp = p.trajectories
         for name in [args.model] if args.model else tp.models:
@@ -35,6 +35,7 @@ def main() -> None:
                     "sampler": "ddim eta=0 unclipped", "output": "x"}
             write_shards(Path(args.out) / name, den, seeds, (3, size, size), t_path, tp.shard_size, tp.batch_size,
                          device, meta, progress=not args.no_progress)
+            rec.log_metrics({f"{name}/trajectories": tp.n_fit, f"{name}/reference_steps": n_ref})
             print(f"collect_trajectories: {name}: {tp.n_fit} trajectories x {n_ref} steps")
 
 

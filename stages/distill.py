@@ -33,7 +33,7 @@ def main() -> None:
     ap.add_argument("--models", default="models")
     args = ap.parse_args()
     name = args.round
-    with _common.clear_errors(f"distill@{name}"):
+    with _common.clear_errors(f"distill@{name}") as rec:
         p, device = _common.setup(args)
         rp = p.distill.round(name)
         parent_dir = Path(args.models) / rp.parent
@@ -61,6 +61,10 @@ def main() -> None:
         if result.steps_run:
             metrics["seconds"] = result.seconds
         storage.write_json(Path("metrics") / f"{name}.json", metrics)
+        rec.log_metrics(metrics)
+        rec.log_history("loss", result.history)
+        rec.log_artifact(Path("samples") / f"{name}.png")
+        rec.set_tags(weights_sha256=meta["weights_sha256"], parent=rp.parent)
         print(f"distill@{name}: {2 * S}->{S} steps, RMSE to parent: student {metrics['rmse_student_vs_parent']:.4f} "
               f"vs parent at {S} steps {metrics['rmse_parent_half_steps_vs_parent']:.4f}")
 

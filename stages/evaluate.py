@@ -97,7 +97,7 @@ def main() -> None:
     ap.add_argument("--schedulers", default="schedulers")
     ap.add_argument("--reports", default="reports")
     args = ap.parse_args()
-    with _common.clear_errors("evaluate"):
+    with _common.clear_errors("evaluate") as rec:
         p, device = _common.setup(args)
         ep = p.evaluate
         evaluator, stats = load_evaluator(Path(args.models) / "evaluator", device)
@@ -128,6 +128,9 @@ def main() -> None:
         report(results, p, out, pngs, {"n": ep.n_samples, "acc": f"{acc:.3f}" if acc is not None else "n/a",
                                        "ref_steps": len(ref_steps)})
         storage.write_json("metrics/evaluate.json", {"n_samples": ep.n_samples, "rows": results})
+        rec.log_metrics({name: {k: v for k, v in r.items() if k in ("fd", "kid", "rmse", "psnr", "nfe", "images_per_s")}
+                         for name, r in results.items()})
+        rec.log_artifact(out, "reports")
         buf = io.StringIO()
         w = csv.writer(buf)
         w.writerow(["sampler", "family", "nfe", "fd", "kid", "rmse", "gflops"])

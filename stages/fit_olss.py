@@ -40,7 +40,7 @@ def main() -> None:
     ap.add_argument("--metrics", default="metrics/olss")
     args = ap.parse_args()
     name, n = args.model, args.steps
-    with _common.clear_errors(f"fit_olss@{name}-{n}"):
+    with _common.clear_errors(f"fit_olss@{name}-{n}") as rec:
         p, device = _common.setup(args)
         op = p.olss
         tdir = Path(args.trajectories) / name
@@ -93,6 +93,9 @@ def main() -> None:
                    "path_note": ps.note, "D": ps.D, "fit_seconds": fit_seconds, "max_cond": max(open_loop.cond),
                    "rmse_vs_full_step": res, "holdout_seeds": op.n_holdout}
         storage.write_json(Path(args.metrics) / f"{name}-{n}.json", metrics)
+        rec.log_metrics(metrics)
+        rec.log_history("fit_error", list(enumerate(best.fit_mse)))
+        rec.log_artifact(out / f"olss-{n}.json")
         print(f"fit_olss@{name}-{n}: path {ps.path} ({ps.note}); held-out RMSE "
               + ", ".join(f"{k} {v:.4f}" for k, v in res.items()))
 

@@ -56,10 +56,12 @@ def main() -> None:
     ap = _common.parser(__doc__)
     ap.add_argument("--out", default="data/prepared")
     args = ap.parse_args()
-    with _common.clear_errors("prepare_data"):
+    with _common.clear_errors("prepare_data") as rec:
         p, _ = _common.setup(args)
         m = prepare(p, Path(args.out), progress=not args.no_progress)
         counts = {k: v["count"] for k, v in m["splits"].items()}
+        rec.log_metrics({"images": counts})
+        rec.set_tags(data_hash=m["content_hash"])
         print(f"prepare_data: {counts} images at {m['resolution']}px, classes {m['class_names']}, "
               f"hash {m['content_hash'][:12]}")
 

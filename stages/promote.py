@@ -36,7 +36,7 @@ def main() -> None:
     ap.add_argument("--evaluation", default="metrics/evaluate.json")
     ap.add_argument("--out", default="registry/promotions.json")
     args = ap.parse_args()
-    with _common.clear_errors("promote"):
+    with _common.clear_errors("promote") as rec:
         p, _ = _common.setup(args)
         from fewstep import tracking
 
@@ -50,6 +50,8 @@ def main() -> None:
         versions = storage.read_json(args.versions)["versions"]
         by_name: dict[str, list[dict]] = {}
         for v in versions:
+            if v.get("role") == "evaluator":  # measures the others; it has no FD of its own to promote on
+                continue
             by_name.setdefault(v["name"], []).append(v)
         decisions = []
         for name, vs in by_name.items():
@@ -64,6 +66,9 @@ def main() -> None:
                                   "candidate_fd": fds.get(cand["version"])})
                 print(f"promote: {name} v{cand['version']}: {res.decision} ({res.reason})", file=sys.stderr)
         storage.write_json(args.out, {"evaluation_id": eval_id, "decisions": decisions})
+        rec.set_tags(evaluation_id=eval_id, partial_evaluation=partial)
+        rec.log_metrics({"candidates": len(decisions),
+                         "promoted": sum(d["decision"] == "promoted" for d in decisions)})
 
 
 if __name__ == "__main__":

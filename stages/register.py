@@ -28,7 +28,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.no_progress:
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    with _common.clear_errors("register"):
+    with _common.clear_errors("register", track=False):
         p, _ = _common.setup(args)
         from fewstep import tracking  # imports mlflow (~1 s): only once params are valid
 
@@ -36,7 +36,8 @@ def main() -> None:
             with tracking.stage_run("register", repo=args.repo,
                                     params={"models": args.models, "schedulers": args.schedulers}) as run:
                 regs = tracking.register_all(args.models, args.schedulers, run_id=run.run_id, repo=args.repo,
-                                             default_steps={"teacher": p.teacher.sample.steps})
+                                             default_steps={"teacher": p.teacher.sample.steps},
+                                             dataset=p.base.dataset)
                 run.log_metrics({"versions": len(regs), "created": sum(r.created for r in regs)})
         except tracking.LineageError as e:
             print(f"register: error: {e}", file=sys.stderr)

@@ -19,11 +19,14 @@ def main() -> None:
     ap.add_argument("--data", default="data/prepared")
     ap.add_argument("--out", default="models/evaluator")
     args = ap.parse_args()
-    with _common.clear_errors("train_evaluator"):
+    with _common.clear_errors("train_evaluator") as rec:
         p, device = _common.setup(args)
         m = train_evaluator(p.evaluator, Path(args.data), Path(args.out), Path("checkpoints/evaluator"),
                             p.base.seed, device, progress=not args.no_progress)
-        write_loss_csv(Path("plots/evaluator_loss.csv"), m.pop("history"))
+        history = m.pop("history")
+        write_loss_csv(Path("plots/evaluator_loss.csv"), history)
+        rec.log_history("loss", history)
+        rec.log_metrics(m)
         storage.write_json("metrics/evaluator.json", m)
         print(f"train_evaluator: " + ", ".join(f"{k} {v:.3f}" for k, v in m.items()))
 

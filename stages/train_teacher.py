@@ -44,7 +44,7 @@ def main() -> None:
     ap.add_argument("--loss-csv", default="plots/teacher_loss.csv")
     ap.add_argument("--grid", default="samples/teacher.png")
     args = ap.parse_args()
-    with _common.clear_errors("train_teacher"):
+    with _common.clear_errors("train_teacher") as rec:
         p, device = _common.setup(args)
         result, meta = train_teacher(p, args.data, args.model, args.checkpoints, device,
                                      progress=not args.no_progress)
@@ -60,6 +60,10 @@ def main() -> None:
         if result.steps_run:
             metrics["images_per_s"] = result.steps_run * p.teacher.batch_size / result.seconds
         storage.write_json(args.metrics, metrics)
+        rec.log_metrics(metrics)
+        rec.log_history("loss", result.history)
+        rec.log_artifact(args.grid)
+        rec.set_tags(weights_sha256=meta["weights_sha256"])
         print(f"train_teacher: loss {metrics['final_loss']}, {n_params} params, weights {meta['weights_sha256'][:12]}")
 
 

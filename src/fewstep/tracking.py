@@ -30,6 +30,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -294,6 +295,27 @@ class StageRun:
             self.tracking.client.log_batch(self.run_id, tags=items[lo : lo + MAX_PARAMS_PER_BATCH])
 
 
+def _run_tags(t: Tracking, stage: str, repo: str | Path, dvc_lock: str | Path | None, parent_run_id: str | None,
+              tags: Mapping[str, Any] | None) -> dict[str, Any]:
+    """fewstep.stage, the git commit, the sha256 of the stage's dvc.lock entry and the parent run."""
+    all_tags: dict[str, Any] = {"fewstep.stage": stage}
+    commit = git_commit(repo)
+    if commit:
+        all_tags.update({"git_commit": commit, "mlflow.source.git.commit": commit})
+    lock_hash = dvc_lock_hash(stage, Path(dvc_lock) if dvc_lock else Path(repo) / "dvc.lock")
+    if lock_hash:
+        all_tags["dvc_lock_sha256"] = lock_hash
+    parent = parent_run_id or os.environ.get(ENV_PARENT_RUN) or None
+    if parent:
+        try:
+            t.client.get_run(parent)
+            all_tags["mlflow.parentRunId"] = parent
+        except MlflowException:
+            warnings.warn(f"parent run {parent} not found in {t.uri}; {stage} is not nested", stacklevel=4)
+    all_tags.update({k: v for k, v in (tags or {}).items() if v is not None})
+    return all_tags
+
+
 @contextlib.contextmanager
 def stage_run(
     stage: str,
@@ -310,21 +332,7 @@ def stage_run(
     dvc.lock entry (as it stands when the run starts), and nested under ``parent_run_id`` or
     $FEWSTEP_PARENT_RUN_ID. Ends FINISHED, FAILED on an exception, KILLED on Ctrl-C."""
     t = tracking or configure()
-    all_tags: dict[str, Any] = {"fewstep.stage": stage}
-    commit = git_commit(repo)
-    if commit:
-        all_tags.update({"git_commit": commit, "mlflow.source.git.commit": commit})
-    lock_hash = dvc_lock_hash(stage, Path(dvc_lock) if dvc_lock else Path(repo) / "dvc.lock")
-    if lock_hash:
-        all_tags["dvc_lock_sha256"] = lock_hash
-    parent = parent_run_id or os.environ.get(ENV_PARENT_RUN) or None
-    if parent:
-        try:
-            t.client.get_run(parent)
-            all_tags["mlflow.parentRunId"] = parent
-        except MlflowException:
-            warnings.warn(f"parent run {parent} not found in {t.uri}; {stage} is not nested", stacklevel=3)
-    all_tags.update({k: v for k, v in (tags or {}).items() if v is not None})
+    all_tags = _run_tags(t, stage, repo, dvc_lock, parent_run_id, tags)
     run = t.client.create_run(t.experiment_id, run_name=run_name or stage,
                               tags={k: str(v) for k, v in all_tags.items()})
     sr = StageRun(t, run.info.run_id)
@@ -339,6 +347,57 @@ def stage_run(
         t.client.set_terminated(sr.run_id, RunStatus.to_string(RunStatus.FAILED))
         raise
     t.client.set_terminated(sr.run_id, RunStatus.to_string(RunStatus.FINISHED))
+
+
+_METRIC_KEY_BAD = re.compile(r"[^A-Za-z0-9_\-./ ]")
+
+
+def metric_key(name: str) -> str:
+    """A row name such as ``teacher ddim 4 eta=1`` as a valid MLflow metric key."""
+    return _METRIC_KEY_BAD.sub("_", name)[:250]
+
+
+def record_stage(
+    stage: str,
+    *,
+    status: str = "FINISHED",
+    start_ms: int | None = None,
+    end_ms: int | None = None,
+    params: Mapping[str, Any] | None = None,
+    metrics: Mapping[str, float] | None = None,
+    histories: Mapping[str, Sequence[tuple[int, float]]] | None = None,
+    artifacts: Sequence[tuple[str | Path, str | None]] = (),
+    tags: Mapping[str, Any] | None = None,
+    error: str | None = None,
+    repo: str | Path = ".",
+    tracking: Tracking | None = None,
+) -> str:
+    """Record a finished stage execution as one MLflow run, after the fact: its real start and end
+    times, status (FINISHED / FAILED / KILLED), params, metrics, metric histories (step, value),
+    artifacts (sample grids, reports) and the lineage tags of :func:`stage_run`. Used by every
+    stage (stages/_common.py) so that a stage's work never waits on, or is lost to, the tracking
+    store. Returns the run id."""
+    t = tracking or configure()
+    all_tags = _run_tags(t, stage, repo, None, None, tags)
+    if error:
+        all_tags["fewstep.error"] = error[:MAX_PARAM_LEN]
+    run = t.client.create_run(t.experiment_id, start_time=start_ms, run_name=stage,
+                              tags={k: str(v) for k, v in all_tags.items()})
+    sr = StageRun(t, run.info.run_id)
+    try:
+        if params:
+            sr.log_params(params)
+        clean = {metric_key(k): float(v) for k, v in (metrics or {}).items() if _finite(v)}
+        hist = {metric_key(k): [(int(s), float(v)) for s, v in h if _finite(v)] for k, h in (histories or {}).items()}
+        sr.log_metrics({**clean, **{k: h for k, h in hist.items() if h}})
+        for path, artifact_path in artifacts:
+            if Path(path).exists():
+                sr.log_artifact(path, artifact_path)
+    except BaseException:
+        t.client.set_terminated(sr.run_id, RunStatus.to_string(RunStatus.FAILED), end_time=end_ms)
+        raise
+    t.client.set_terminated(sr.run_id, status, end_time=end_ms)
+    return sr.run_id
 
 
 @contextlib.contextmanager
@@ -413,10 +472,11 @@ def _log_sampler(
     model_config: dict[str, Any],
     run_id: str | None,
     tags: dict[str, str],
+    module: str = "fewstep.sampler_pyfunc",
 ) -> str:
     """Save the pyfunc sampler (models from code + fewstep as code_paths), upload it as a logged
-    model; returns its model id."""
-    code_file = importlib.util.find_spec("fewstep.sampler_pyfunc").origin
+    model; returns its model id. ``module``: the models-from-code file (the evaluator has its own)."""
+    code_file = importlib.util.find_spec(module).origin
     pkg_dir = Path(code_file).parent
     with tempfile.TemporaryDirectory(prefix="fewstep-pyfunc-") as tmp:
         pkg_copy = Path(tmp) / "code" / "fewstep"
@@ -441,9 +501,10 @@ def _log_sampler(
     return lm.model_id
 
 
-def _create_version(t: Tracking, name: str, model_id: str, run_id: str | None, tags: dict[str, str]):
+def _create_version(t: Tracking, name: str, model_id: str, run_id: str | None, tags: dict[str, str],
+                    kind: str = "sampler"):
     try:
-        t.client.create_registered_model(name, tags={"fewstep": "sampler"})
+        t.client.create_registered_model(name, tags={"fewstep": kind})
     except MlflowException as e:
         if "ALREADY_EXISTS" not in str(e.error_code):
             raise
@@ -512,6 +573,45 @@ def register_model_dir(
         artifacts = {"weights": str(weights), "config": str(model_dir / models.CONFIG)}
         model_id = _log_sampler(t, artifacts, {"default_steps": steps}, run_id, tags)
         mv = _create_version(t, name, model_id, run_id, tags)
+    return Registered(name, str(mv.version), True, tags)
+
+
+def register_evaluator(
+    model_dir: str | Path,
+    dataset: str,
+    *,
+    run_id: str | None = None,
+    repo: str | Path = ".",
+    dvc_lock: str | Path | None = None,
+    tracking: Tracking | None = None,
+) -> Registered:
+    """Register the evaluator (the feature network of FD/KID) as ``<dataset>-evaluator``: a pyfunc
+    from uint8 images to features (fewstep/evaluator_pyfunc.py), with its reference statistics,
+    tagged with the data it was trained on and its test accuracy. Idempotent by weights_sha256."""
+    from fewstep import models, storage
+
+    t = tracking or configure()
+    model_dir = Path(model_dir)
+    cfg = models.load_config(model_dir)
+    weights = model_dir / models.WEIGHTS
+    sha = storage.sha256_file(weights)
+    if sha != cfg["weights_sha256"]:
+        raise LineageError(f"{weights}: sha256 {sha[:12]} does not match config.json ({cfg['weights_sha256'][:12]})")
+    name = f"{dataset}-evaluator"
+    with _store_lock(t.uri):
+        existing = find_version(name, {"weights_sha256": sha}, t)
+        if existing is not None:
+            return Registered(name, str(existing.version), False, dict(existing.tags))
+        tags = {"role": "evaluator", "model": model_dir.name, "dataset": dataset, "data_hash": cfg.get("data_hash"),
+                "weights_sha256": sha, "test_accuracy": cfg.get("test_accuracy"),
+                "feature_dim": cfg.get("feature_dim"), "git_commit": git_commit(repo), "source_dir": str(model_dir)}
+        tags.update(dvc_producer(model_dir, Path(dvc_lock) if dvc_lock else Path(repo) / "dvc.lock") or {})
+        tags = _clean(tags)
+        artifacts = {"weights": str(weights), "config": str(model_dir / models.CONFIG)}
+        if (model_dir / "ref_stats.safetensors").exists():
+            artifacts["ref_stats"] = str(model_dir / "ref_stats.safetensors")
+        model_id = _log_sampler(t, artifacts, {}, run_id, tags, module="fewstep.evaluator_pyfunc")
+        mv = _create_version(t, name, model_id, run_id, tags, kind="evaluator")
     return Registered(name, str(mv.version), True, tags)
 
 
@@ -597,13 +697,15 @@ def register_all(
     schedulers_root: str | Path = "schedulers",
     *,
     default_steps: Mapping[str, int] | None = None,
+    dataset: str | None = None,
     run_id: str | None = None,
     repo: str | Path = ".",
     dvc_lock: str | Path | None = None,
     tracking: Tracking | None = None,
 ) -> list[Registered]:
     """Every model dir (teachers first, then students from most to fewest steps, so a parent is
-    registered before its student) and every ``<schedulers_root>/<model>/olss-*.json``."""
+    registered before its student), the evaluator (``<dataset>-evaluator``; ``dataset`` defaults to
+    the teachers') and every ``<schedulers_root>/<model>/olss-*.json``."""
     from fewstep import models
 
     t = tracking or configure()
@@ -615,6 +717,13 @@ def register_all(
     cfgs = {d: models.load_config(d) for d in dirs}
     dirs.sort(key=lambda d: (cfgs[d]["role"] != "teacher", -int(cfgs[d]["sample_steps"]), d.name))
     out = [register_model_dir(d, default_steps=(default_steps or {}).get(d.name), **kw) for d in dirs]
+    evaluators = [d for d in sorted(root.iterdir()) if (d / models.CONFIG).exists()
+                  and _read_role(d / models.CONFIG) == "evaluator"] if root.is_dir() else []
+    for d in evaluators:
+        ds = dataset or next((c["dataset"] for c in cfgs.values() if c.get("dataset")), None)
+        if ds is None:
+            raise LineageError(f"{d}: no dataset name for the evaluator (pass dataset=, or register a teacher)")
+        out.append(register_evaluator(d, ds, **kw))
     sroot = Path(schedulers_root)
     for f in sorted(sroot.glob("*/olss-*.json")) if sroot.is_dir() else []:
         out.append(register_scheduler(f, root / f.parent.name, **kw))

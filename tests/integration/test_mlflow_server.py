@@ -73,7 +73,7 @@ def test_registry_on_a_tracking_server_with_s3_artifacts(mlflow_server, moto_ser
     with _one_thread():
         regs = {r.name: r for r in tracking.register_all(tree / "models", tree / "schedulers", repo=tree)}
         again = tracking.register_all(tree / "models", tree / "schedulers", repo=tree)
-    assert len(regs) == 4 and not any(r.created for r in again)
+    assert len(regs) == 5 and not any(r.created for r in again)
     assert regs["cifar10-olss-student-4-2step"].tags["parent_version"] == regs["cifar10-student-4step"].version
     assert any(k.endswith("model.safetensors") for k in _s3_keys(moto_server.base, "fewstep-mlflow", "mlflow/"))
 

@@ -115,12 +115,30 @@ def _build_tree(tiny_teacher: Path, d: Path) -> None:
         sched.meta = {"model": name, "model_weights_sha256": den.config["weights_sha256"], "variant": "open-loop",
                       "trajectories": f"trajectories/{name}", "reference_steps": n_ref}
         storage.atomic_write_bytes(d / "schedulers" / name / "olss-2.json", sched.to_json().encode())
+    _tiny_evaluator(d / "models" / "evaluator", models.load_config(d / "models" / "teacher")["data_hash"])
     lock = {"schema": "2.0", "stages": {
         "distill@student-4": {"cmd": "python -m stages.distill --round student-4",
                               "outs": [{"path": "models/student-4", "md5": "aaaa.dir"}]},
         "collect_trajectories@student-4": {"cmd": "python -m stages.collect_trajectories --model student-4",
                                            "outs": [{"path": "trajectories/student-4", "md5": "bbbb.dir"}]}}}
     (d / "dvc.lock").write_text(yaml.safe_dump(lock))
+
+
+def _tiny_evaluator(out: Path, data_hash: str) -> None:
+    """What stages.train_evaluator writes, with untrained weights (the registry is tested, not accuracy)."""
+    from fewstep.nets.evaluator import Evaluator, EvaluatorConfig
+
+    torch.manual_seed(0)
+    cfg = EvaluatorConfig(num_classes=2, widths=(8, 16), blocks_per_stage=1)
+    net = Evaluator(cfg)
+    out.mkdir(parents=True)
+    storage.save_tensors(out / "model.safetensors", net.state_dict())
+    storage.save_tensors(out / "ref_stats.safetensors", {"mu": torch.zeros(16, dtype=torch.float64),
+                                                         "sigma": torch.eye(16, dtype=torch.float64)})
+    storage.write_json(out / "config.json", {
+        "format_version": 1, "role": "evaluator", "net": cfg.to_dict(), "data_hash": data_hash,
+        "class_names": ["red", "blue"], "feature_dim": 16, "test_accuracy": 0.5,
+        "weights_sha256": storage.sha256_file(out / "model.safetensors")})
 
 
 @pytest.fixture(scope="module")
@@ -226,6 +244,30 @@ for key, uri in json.loads(sys.argv[1]).items():
 np.savez(sys.argv[2], **out)
 print(sys.modules["fewstep"].__file__)
 """
+
+
+def test_evaluator_is_registered_and_loads_as_a_feature_pyfunc(registry, tree, monkeypatch):
+    import mlflow
+
+    from fewstep.train.evaluator import features, load_evaluator
+
+    env, regs = registry
+    _use(monkeypatch, env)
+    ev = regs["cifar10-evaluator"]
+    cfg = models.load_config(tree / "models" / "evaluator")
+    assert ev.created and ev.tags["role"] == "evaluator" and ev.tags["weights_sha256"] == cfg["weights_sha256"]
+    assert ev.tags["data_hash"] == models.load_config(tree / "models" / "teacher")["data_hash"]
+    assert ev.tags["test_accuracy"] == "0.5" and ev.tags["git_commit"] == "c0ffee" * 6 + "c0ff"
+    tracking.configure()
+    m = mlflow.pyfunc.load_model(f"models:/cifar10-evaluator/{ev.version}")
+    imgs = np.random.default_rng(0).integers(0, 256, (5, 8, 8, 3), dtype=np.uint8)
+    net, stats = load_evaluator(tree / "models" / "evaluator")
+    want = features(net, torch.from_numpy(imgs).permute(0, 3, 1, 2).double().div(127.5).sub(1).float())
+    np.testing.assert_allclose(m.predict(imgs), want, rtol=1e-5, atol=1e-6)
+    probs = m.predict({"images": imgs, "output": "probs"})
+    assert probs.shape == (5, 2) and np.allclose(probs.sum(1), 1, atol=1e-5)
+    with pytest.raises(Exception, match="uint8 images"):
+        m.predict(imgs.astype(np.float32))
 
 
 def test_pyfunc_by_alias_in_a_fresh_process_matches_direct_sampling(registry, tree, tmp_path, monkeypatch):

@@ -91,8 +91,19 @@ def train_evaluator(ep: Any, data_dir: Path, out_dir: Path, ckpt_dir: Path, seed
 
 
 def load_evaluator(directory: Path, device: torch.device | str = "cpu") -> tuple[Evaluator, dict[str, np.ndarray]]:
-    cfg = storage.read_json(Path(directory) / CONFIG)
+    d = Path(directory)
+    return load_evaluator_files(d / WEIGHTS, d / CONFIG, d / STATS, device)
+
+
+def load_evaluator_files(weights: str | Path, config: str | Path, stats: str | Path | None = None,
+                         device: torch.device | str = "cpu") -> tuple[Evaluator, dict[str, np.ndarray]]:
+    """The evaluator from explicit files (a model dir, or a registered version's artifacts); the
+    weights must match the config's sha256."""
+    cfg = storage.read_json(config)
+    digest = storage.sha256_file(weights)
+    if cfg.get("weights_sha256") not in (None, digest):
+        raise ValueError(f"{weights}: sha256 {digest[:12]} does not match the config's {cfg['weights_sha256'][:12]}")
     net = Evaluator(EvaluatorConfig(**{**cfg["net"], "widths": tuple(cfg["net"]["widths"])}))
-    net.load_state_dict(storage.load_tensors(Path(directory) / WEIGHTS))
-    stats = {k: v.numpy() for k, v in storage.load_tensors(Path(directory) / STATS).items()}
-    return net.to(device).eval(), stats
+    net.load_state_dict(storage.load_tensors(weights))
+    ref = {k: v.numpy() for k, v in storage.load_tensors(stats).items()} if stats else {}
+    return net.to(device).eval(), ref
