@@ -338,10 +338,10 @@ def pipeline_mlflow_run(repo: str, profile: str | None) -> Iterator[None]:
         return
     tags: dict[str, Any] = {"fewstep.profile": profile or os.environ.get("FEWSTEP_PROFILE") or "default"}
     try:
-        from prefect.runtime import flow_run
+        from prefect.runtime import deployment, flow_run
 
         tags.update({"prefect.flow_run_id": flow_run.id, "prefect.flow_run_name": flow_run.name,
-                     "prefect.deployment": flow_run.deployment_id})
+                     "prefect.deployment": deployment.name})
     except Exception:  # noqa: BLE001 - outside a flow run (tests calling the function)
         pass
     with contextlib.ExitStack() as stack:

@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 
 from tests.helpers import ROOT, tiny_images, tiny_params, write_params
-from tests.integration.servers import moto_server, prefect_server, service_env, state_dir  # noqa: F401 (fixtures)
+from tests.integration.servers import mlflow_server, moto_server, prefect_server, service_env, state_dir  # noqa: F401
 
 COPY = ("dvc.yaml", "stages", "src", "profiles", "pyproject.toml")
 GIT_ENV = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}

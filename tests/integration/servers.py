@@ -95,5 +95,19 @@ def prefect_server(service_env, state_dir) -> Iterator[tuple[Service, dict[str, 
     stop_and_check(svc)
 
 
+MLFLOW_BUCKET = "fewstep-mlflow"
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(moto_server, service_env, state_dir) -> Iterator[Service]:
+    """An MLflow tracking server (SQLite backend) proxying artifacts to s3://fewstep-mlflow/mlflow on
+    the session's moto; tests keep apart by experiment (FEWSTEP_EXPERIMENT) and model names."""
+    services.create_bucket(moto_server.base, MLFLOW_BUCKET, service_env)
+    svc = services.ready(lambda: services.start_mlflow(state_dir / "mlflow-server", service_env, moto_server.base,
+                                                       f"s3://{MLFLOW_BUCKET}/mlflow"))
+    yield svc
+    stop_and_check(svc)
+
+
 def start_worker(state: Path, env: Mapping[str, str], pool: str) -> Service:
     return services.ready(lambda: services.start_worker(state, env, pool=pool, name=f"worker-{pool}"))

@@ -22,7 +22,6 @@ from fewstep.math.ddim import generate
 from fewstep.math.schedules import timesteps
 from fewstep.nets.unet import UNet, UNetConfig
 from infra.local import services
-from tests.integration.servers import stop_and_check
 from tests.unit.test_tracking import _LOAD, _build_tree, _one_thread, race
 
 tracking = pytest.importorskip("fewstep.tracking")
@@ -51,15 +50,6 @@ def tree(tmp_path_factory) -> Path:
 def _s3_keys(endpoint: str, bucket: str, prefix: str) -> list[str]:
     s3 = boto3.client("s3", endpoint_url=endpoint)
     return [o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix=prefix).get("Contents", [])]
-
-
-@pytest.fixture(scope="module")
-def mlflow_server(moto_server, service_env, state_dir):
-    services.create_bucket(moto_server.base, "fewstep-mlflow", service_env)
-    svc = services.ready(lambda: services.start_mlflow(state_dir / "mlflow-server", service_env, moto_server.base,
-                                                       "s3://fewstep-mlflow/mlflow"))
-    yield svc
-    stop_and_check(svc)
 
 
 def test_registry_on_a_tracking_server_with_s3_artifacts(mlflow_server, moto_server, tree, tmp_path, monkeypatch):
