@@ -70,6 +70,16 @@ def test_dvc_repro_runs_the_stages_and_caches(repo):
     assert s1["parent"]["weights_sha256"] == models.load_config(repo / "models/student-2")["weights_sha256"]
     assert storage.read_json(repo / "metrics/student-1.json")["student_steps"] == 1
 
+    # the embedded default: every stage a FINISHED run in <repo>/mlflow.db, no server
+    from mlflow.tracking import MlflowClient
+
+    c = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
+    runs = c.search_runs([c.get_experiment_by_name("fewstep").experiment_id])
+    stages_run = {r.data.tags["fewstep.stage"]: r for r in runs}
+    assert set(lock["stages"]) <= set(stages_run) and all(r.info.status == "FINISHED" for r in runs)
+    assert len(stages_run["distill@student-1"].data.tags["git_commit"]) == 40
+    assert stages_run["evaluate"].data.metrics["teacher ddim 16/fd"] == rows["teacher ddim 16"]["fd"]
+
     out = _run([sys.executable, "-m", "dvc", "repro"], repo)
     ran = {l.split("'")[1] for l in out.splitlines() if l.startswith("Running stage")}
     assert ran == {"register", "promote"}, ran  # only the always-checked registry stages
