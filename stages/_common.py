@@ -10,6 +10,7 @@ from typing import Iterator
 
 import torch
 
+from fewstep import dist
 from fewstep.config import Params, ParamsError, load_params
 from fewstep.models import resolve_device
 
@@ -23,11 +24,12 @@ def parser(doc: str | None) -> argparse.ArgumentParser:
 
 
 def setup(args: argparse.Namespace) -> tuple[Params, torch.device]:
-    """Validate params before any work; pick the device and thread count."""
+    """Validate params before any work; pick the device and thread count. Under torchrun
+    (WORLD_SIZE > 1) join the process group: this rank's device (cuda:LOCAL_RANK or the CPU)."""
     p = load_params(args.params, args.profile)
     if p.base.threads:
         torch.set_num_threads(p.base.threads)
-    return p, resolve_device(p.base.device)
+    return p, dist.init(resolve_device(p.base.device))
 
 
 @contextmanager
@@ -40,7 +42,10 @@ def clear_errors(stage: str) -> Iterator[None]:
     t0 = time.perf_counter()
     try:
         yield
-    except (ParamsError, DataError, StorageError, TrainingDivergedError, FileNotFoundError) as e:
-        print(f"{stage}: error: {e}", file=sys.stderr)
+    except (ParamsError, DataError, StorageError, TrainingDivergedError, FileNotFoundError, dist.DistError) as e:
+        print(f"{stage}: error: {e}" + (f" (rank {dist.rank()})" if dist.world_size() > 1 else ""), file=sys.stderr)
         raise SystemExit(2) from None
-    print(f"{stage}: done in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+    finally:
+        dist.shutdown()
+    if dist.env_world()[0] == 0:
+        print(f"{stage}: done in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
