@@ -89,6 +89,21 @@ def _takes_part(loss_fn: Callable[..., torch.Tensor]) -> bool:
         return False
 
 
+def backward(model: torch.nn.Module, loss_fn: Callable[..., torch.Tensor], gen: torch.Generator,
+             part: dist.BatchPart) -> torch.Tensor:
+    """Forward and backward of this rank's rows of the step's global batch; returns the loss
+    ``loss_fn`` gave (the rank's share of the global mean, or the whole mean for a 2-argument
+    ``loss_fn``). DDP averages gradients over ranks, so a share (sum over its rows / B) is scaled
+    by the world size: the average is then the gradient of the global-batch mean."""
+    if _takes_part(loss_fn):
+        loss = loss_fn(model, gen, part)
+        (loss * part.world if part.world > 1 else loss).backward()
+    else:
+        loss = loss_fn(model, gen)
+        loss.backward()
+    return loss
+
+
 def train(
     net: torch.nn.Module,
     loss_fn: Callable[..., torch.Tensor],
@@ -147,9 +162,6 @@ def train(
     model = dist.wrap_ddp(net, device)
     part = dist.batch_part()
     sharded = _takes_part(loss_fn)
-    # DDP averages gradients over ranks; a rank's share (sum over its rows / B) times the world
-    # size makes that average the gradient of the global-batch mean.
-    scale = float(part.world) if sharded else 1.0
 
     window = torch.zeros((), device=device)
     window_n, t0 = 0, time.perf_counter()
@@ -159,9 +171,8 @@ def train(
         torch.manual_seed(step_seed(cfg.seed, step, stream=1 + part.rank))  # dropout, per rank
         for g in opt.param_groups:
             g["lr"] = lr_at(cfg, step)
-        loss = loss_fn(model, gen, part) if sharded else loss_fn(model, gen)
         opt.zero_grad(set_to_none=True)
-        (loss * scale if scale != 1.0 else loss).backward()
+        loss = backward(model, loss_fn, gen, part)
         torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
         opt.step()
         if ema is not None:
