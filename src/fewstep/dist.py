@@ -261,4 +261,4 @@ def wrap_ddp(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     from torch.nn.parallel import DistributedDataParallel
 
     ids = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else None
-    return DistributedDataParallel(module, device_ids=ids, broadcast_buffers=True)
+    return DistributedDataParallel(module, device_ids=ids)
