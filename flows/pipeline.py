@@ -57,16 +57,18 @@ class StageError(RuntimeError):
 # Subprocesses: streamed logs, a deadline, and the whole process tree stopped on any exit
 
 
-def stage_env(profile: str | None, world_size: int) -> dict[str, str]:
+def stage_env(profile: str | None, world_size: int | None) -> dict[str, str]:
     """The worker's environment plus what the stages read. ``python`` in dvc.yaml resolves to
-    this interpreter (its bin dir goes first on PATH); ``profile=None`` keeps $FEWSTEP_PROFILE."""
+    this interpreter (its bin dir goes first on PATH); ``profile=None`` keeps $FEWSTEP_PROFILE;
+    ``world_size=None`` keeps $FEWSTEP_WORLD_SIZE (unset: params' distributed.world_size)."""
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env["PYTHONUNBUFFERED"] = "1"
     env.setdefault("DVC_NO_ANALYTICS", "1")
     if profile is not None:
         env["FEWSTEP_PROFILE"] = profile
-    env["FEWSTEP_WORLD_SIZE"] = str(world_size)
+    if world_size is not None:
+        env["FEWSTEP_WORLD_SIZE"] = str(world_size)  # read by python -m fewstep.launch
     return env
 
 
@@ -215,7 +217,7 @@ def list_stages(repo: str) -> list[str]:
 
 # Prefect's own result cache stays off: DVC decides what is up to date.
 @task(name="dvc-repro", cache_policy=NO_CACHE)
-def dvc_repro(repo: str, stage: str, profile: str | None, world_size: int, timeout_s: float,
+def dvc_repro(repo: str, stage: str, profile: str | None, world_size: int | None, timeout_s: float,
               single: bool = False) -> dict[str, Any]:
     """``dvc repro <stage>``: its upstream too unless ``single`` (the flow already ran it); the
     result says whether the stage 'ran' or was 'cached'."""
@@ -236,7 +238,7 @@ def has_module(repo: str, module: str, env: dict[str, str]) -> bool:
 
 
 @task(name="stage-module", cache_policy=NO_CACHE)
-def run_stage_module(repo: str, name: str, profile: str | None, world_size: int,
+def run_stage_module(repo: str, name: str, profile: str | None, world_size: int | None,
                      timeout_s: float) -> dict[str, Any]:
     """``python -m stages.<name>`` (register, promote, ...) when the repo has it; else skipped."""
     module = f"stages.{name}"
@@ -281,7 +283,7 @@ def pipeline(
     repo: str = ".",
     stages: list[str] | None = None,
     profile: str | None = None,
-    world_size: int = 1,
+    world_size: int | None = None,
     retries: int = DEFAULT_RETRIES,
     retry_delay_s: float = DEFAULT_RETRY_DELAY_S,
     timeout_s: float = DEFAULT_TIMEOUT_S,
@@ -297,14 +299,15 @@ def pipeline(
             upstream; None = every stage of dvc.yaml in dependency order.
         profile: profiles/<profile>.yaml merged over params.yaml ($FEWSTEP_PROFILE for the
             stages); None keeps the worker's $FEWSTEP_PROFILE, "default" forces params.yaml alone.
-        world_size: processes per training stage, passed as $FEWSTEP_WORLD_SIZE.
+        world_size: processes for the training and sampling stages (python -m fewstep.launch), passed
+            as $FEWSTEP_WORLD_SIZE; 0 = one per visible GPU; None = params' distributed.world_size.
         retries, retry_delay_s: per task.
         timeout_s: per task; ``timeouts`` overrides it by stage name or group.
         after: steps run after the stages (see the module docstring); default ``["register"]``
             (MLflow registration); add "promote" for promotion; ``[]`` for none.
     """
-    if world_size < 1:
-        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    if world_size is not None and world_size < 0:
+        raise ValueError(f"world_size must be >= 0 (0 = one per GPU) or None, got {world_size}")
     repo = resolve_repo(repo)
     dag = list_stages(repo)
     # Listed here: in dependency order, so each stage's upstream is done when it starts (`--single-item`
@@ -377,7 +380,7 @@ def main() -> None:
     ap.add_argument("--repo", default=".")
     ap.add_argument("--stages", nargs="*", default=None)
     ap.add_argument("--profile", default=None)
-    ap.add_argument("--world-size", type=int, default=1)
+    ap.add_argument("--world-size", type=int, default=None)
     ap.add_argument("--retries", type=int, default=DEFAULT_RETRIES)
     ap.add_argument("--retry-delay-s", type=float, default=DEFAULT_RETRY_DELAY_S)
     ap.add_argument("--timeout-s", type=float, default=DEFAULT_TIMEOUT_S)

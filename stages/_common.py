@@ -30,6 +30,8 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 
+from fewstep import dist
+from fewstep import dist
 from fewstep.config import Params, ParamsError, load_params
 from fewstep.models import resolve_device
 
@@ -81,14 +83,15 @@ def parser(doc: str | None) -> argparse.ArgumentParser:
 
 
 def setup(args: argparse.Namespace) -> tuple[Params, torch.device]:
-    """Validate params before any work; pick the device and thread count."""
+    """Validate params before any work; pick the device and thread count. Under torchrun
+    (WORLD_SIZE > 1) join the process group: this rank's device (cuda:LOCAL_RANK or the CPU)."""
     p = load_params(args.params, args.profile)
     if p.base.threads:
         torch.set_num_threads(p.base.threads)
     if _CURRENT is not None:
         _CURRENT.params = {**p.model_dump(mode="json"),
                            "args": {k: v for k, v in vars(args).items() if v is not None}}
-    return p, resolve_device(p.base.device)
+    return p, dist.init(resolve_device(p.base.device))
 
 
 def tracking_mode() -> str:
@@ -99,7 +102,10 @@ def tracking_mode() -> str:
 
 
 def _is_rank0() -> bool:
-    return os.environ.get("RANK", "0") == "0"
+    try:
+        return dist.env_world()[0] == 0
+    except dist.DistError:  # reported by the stage itself
+        return True
 
 
 def _record(rec: StageRecord, status: str, start_ms: int, error: str | None) -> str | None:
@@ -153,8 +159,8 @@ def clear_errors(stage: str, track: bool = True) -> Iterator[StageRecord]:
             raise SystemExit(2) from None
     try:
         yield rec
-    except (ParamsError, DataError, StorageError, TrainingDivergedError, FileNotFoundError) as e:
-        print(f"{stage}: error: {e}", file=sys.stderr)
+    except (ParamsError, DataError, StorageError, TrainingDivergedError, FileNotFoundError, dist.DistError) as e:
+        print(f"{stage}: error: {e}" + (f" (rank {dist.rank()})" if dist.world_size() > 1 else ""), file=sys.stderr)
         if track:
             _record(rec, "FAILED", start_ms, str(e))
         raise SystemExit(2) from None
@@ -172,8 +178,10 @@ def clear_errors(stage: str, track: bool = True) -> Iterator[StageRecord]:
         raise
     finally:
         _CURRENT = None
+        dist.shutdown()
     rec.metrics.setdefault("stage_seconds", time.perf_counter() - t0)
     if track and (err := _record(rec, "FINISHED", start_ms, None)):
         print(f"{stage}: error: {err}", file=sys.stderr)
         raise SystemExit(2)
-    print(f"{stage}: done in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+    if _is_rank0():
+        print(f"{stage}: done in {time.perf_counter() - t0:.1f}s", file=sys.stderr)

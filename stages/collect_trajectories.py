@@ -2,14 +2,15 @@
 
 For each model in trajectories.models: trajectories/<model>/shard-*.safetensors + meta.json
 (timesteps, seeds, model weights hash). A student's reference is its own step count when that is
-smaller than trajectories.reference_steps.
+smaller than trajectories.reference_steps. Under torchrun the shards are computed across the
+ranks and written by rank 0 (the same files for any world size).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from fewstep import models
+from fewstep import dist, models
 from fewstep.math.schedules import timesteps
 from fewstep.trajectories import write_shards
 from stages import _common
@@ -36,7 +37,9 @@ def main() -> None:
             write_shards(Path(args.out) / name, den, seeds, (3, size, size), t_path, tp.shard_size, tp.batch_size,
                          device, meta, progress=not args.no_progress)
             rec.log_metrics({f"{name}/trajectories": tp.n_fit, f"{name}/reference_steps": n_ref})
-            print(f"collect_trajectories: {name}: {tp.n_fit} trajectories x {n_ref} steps")
+            if dist.is_main():
+                print(f"collect_trajectories: {name}: {tp.n_fit} trajectories x {n_ref} steps "
+                      f"({dist.world_size()} process(es))")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from fewstep import models, storage
+from fewstep import dist, models, storage
 from fewstep.images import save_grid
 from fewstep.math import metrics
 from fewstep.math.ddim import generate
@@ -40,16 +40,19 @@ def main() -> None:
         out_dir = Path(args.models) / name
         result, meta = distill_round(parent_dir, out_dir, Path("checkpoints") / name, args.data, rp.steps, rp,
                                      p.base.seed, device, progress=not args.no_progress)
-        write_loss_csv(Path("plots") / f"{name}_loss.csv", result.history)
-
         parent = models.load_denoiser(parent_dir, device)
         student = models.load_denoiser(out_dir, device)
         T, S = parent.schedule.T, rp.steps
         shape = (3, p.base.image_size, p.base.image_size)
         seeds = range(rp.sample.seed, rp.sample.seed + rp.sample.n)
-        ref = generate(parent, seeds, shape, timesteps(T, 2 * S), device=device)
-        parent_half = generate(parent, seeds, shape, timesteps(T, S), device=device)
-        stud = generate(student, seeds, shape, timesteps(T, S), device=device)
+
+        def sharded(den, n):  # seeds sharded over the ranks, gathered on rank 0
+            return dist.map_sharded(lambda s: generate(den, s, shape, timesteps(T, n), device=device), seeds)
+
+        ref, parent_half, stud = sharded(parent, 2 * S), sharded(parent, S), sharded(student, S)
+        if not dist.is_main():
+            return
+        write_loss_csv(Path("plots") / f"{name}_loss.csv", result.history)
         save_grid(stud, Path("samples") / f"{name}.png", scale=max(1, 64 // p.base.image_size))
         metrics = {
             "student_steps": S,

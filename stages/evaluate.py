@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from fewstep import storage
+from fewstep import dist, storage
 from fewstep.evaluation import build_rows, pareto_front, run_row, score
 from fewstep.images import save_grid
 from fewstep.math.ddim import sample_ddim
@@ -117,12 +117,16 @@ def main() -> None:
         results = {}
         for row in rows:
             images, ips = run_row(row, seeds, shape, ep.batch_size, device)
+            if not dist.is_main():  # under torchrun: the other ranks sample their share, rank 0 scores
+                continue
             feats = features(evaluator, images.to(device) if device.type == "cuda" else images)
             r = score(feats, images, reference, stats, ep.kid_subsets, ep.seed)
             r.update(family=row.family, model=row.model, nfe=row.nfe, gflops=row.gflops, images_per_s=ips)
             results[row.name] = r
             save_grid(images[: ep.grid_n], out / "grids" / f"{slug(row.name)}.png", scale=max(1, 32 // size))
             print(f"evaluate: {row.name:32s} NFE {row.nfe:4d} FD {r['fd']:8.3f} RMSE {r['rmse']:.4f}", flush=True)
+        if not dist.is_main():
+            return
         pngs = plots(results, out)
         acc = storage.read_json(Path(args.models) / "evaluator" / "config.json").get("test_accuracy")
         report(results, p, out, pngs, {"n": ep.n_samples, "acc": f"{acc:.3f}" if acc is not None else "n/a",

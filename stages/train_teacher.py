@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from fewstep import models, storage
+from fewstep import dist, models, storage
 from fewstep.images import save_grid
 from fewstep.math.ddim import generate
 from fewstep.math.schedules import timesteps
@@ -29,10 +29,13 @@ def write_loss_csv(path: Path, history: list[list[float]]) -> None:
 
 
 def sample_grid(model_dir: Path, out: Path, sp, image_size: int, device: torch.device) -> None:
+    """The grid's seeds are sampled sharded over the ranks; rank 0 writes it."""
     den = models.load_denoiser(model_dir, device)
     steps = timesteps(den.schedule.T, min(sp.steps, den.schedule.T), sp.spacing)
-    imgs = generate(den, range(sp.seed, sp.seed + sp.n), (3, image_size, image_size), steps, device=device)
-    save_grid(imgs, out, scale=max(1, 64 // image_size))
+    imgs = dist.map_sharded(lambda s: generate(den, s, (3, image_size, image_size), steps, device=device),
+                            range(sp.seed, sp.seed + sp.n))
+    if dist.is_main():
+        save_grid(imgs, out, scale=max(1, 64 // image_size))
 
 
 def main() -> None:
@@ -48,8 +51,10 @@ def main() -> None:
         p, device = _common.setup(args)
         result, meta = train_teacher(p, args.data, args.model, args.checkpoints, device,
                                      progress=not args.no_progress)
-        write_loss_csv(Path(args.loss_csv), result.history)
         sample_grid(Path(args.model), Path(args.grid), p.teacher.sample, p.base.image_size, device)
+        if not dist.is_main():
+            return
+        write_loss_csv(Path(args.loss_csv), result.history)
         n_params = sum(t.numel() for t in storage.load_tensors(Path(args.model) / models.WEIGHTS).values())
         metrics = {
             "final_loss": result.history[-1][1] if result.history else None,
@@ -59,6 +64,8 @@ def main() -> None:
         }
         if result.steps_run:
             metrics["images_per_s"] = result.steps_run * p.teacher.batch_size / result.seconds
+        if dist.world_size() > 1:
+            metrics["world_size"] = dist.world_size()
         storage.write_json(args.metrics, metrics)
         rec.log_metrics(metrics)
         rec.log_history("loss", result.history)

@@ -203,6 +203,23 @@ class PromoteParams(_Strict):
     margin: float = Field(0.02, ge=0.0, lt=1.0, description="relative FD improvement a candidate needs")
 
 
+class DistributedParams(_Strict):
+    """How many processes the training and sampling stages run in (python -m fewstep.launch).
+    Results do not depend on it (DDP over one global batch, sampling sharded by seed), so no
+    stage lists it as a DVC param dependency."""
+
+    world_size: int = Field(1, ge=0, description="processes over all nodes; 1 = plain, no torchrun; "
+                                                 "0 = one per visible GPU (1 without CUDA); $FEWSTEP_WORLD_SIZE wins")
+    nnodes: int = Field(1, ge=1, description="machines; > 1 = torchrun c10d rendezvous at $FEWSTEP_RDZV_ENDPOINT; "
+                                             "$FEWSTEP_NNODES wins")
+
+    @model_validator(mode="after")
+    def _split(self) -> "DistributedParams":
+        if self.world_size and self.world_size % self.nnodes:
+            raise ValueError(f"world_size {self.world_size} does not split evenly over {self.nnodes} nodes")
+        return self
+
+
 class Params(_Strict):
     base: BaseParams = BaseParams()
     schedule: ScheduleParams = ScheduleParams()
@@ -214,6 +231,7 @@ class Params(_Strict):
     evaluator: EvaluatorParams = EvaluatorParams()
     evaluate: EvaluateParams = EvaluateParams()
     promote: PromoteParams = PromoteParams()
+    distributed: DistributedParams = DistributedParams()
 
     @model_validator(mode="after")
     def _distill_grid(self) -> "Params":

@@ -17,7 +17,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from fewstep import models
+from fewstep import dist, models
 from fewstep.math import metrics as M
 from fewstep.math.ddim import PerImageNoise, sample_ddim
 from fewstep.math.olss import OLSSScheduler, sample_olss
@@ -102,16 +102,26 @@ def build_rows(models_dir: Path, schedulers_dir: Path, ep, device: torch.device)
 
 @torch.no_grad()
 def run_row(row: Row, seeds: list[int], shape: tuple[int, int, int], batch_size: int,
-            device: torch.device) -> tuple[torch.Tensor, float]:
-    """All images of one row (CPU tensor) and the images/s it sampled at."""
-    out, t0 = [], time.perf_counter()
-    for lo in range(0, len(seeds), batch_size):
-        noise = PerImageNoise(seeds[lo : lo + batch_size], device)
-        x_T = noise.randn(*shape)
-        out.append(row.fn(x_T, noise).clamp(-1, 1).float().cpu())
+            device: torch.device) -> tuple[torch.Tensor | None, float]:
+    """All images of one row (CPU tensor) and the images/s it sampled at (all ranks together).
+
+    Under torchrun each rank samples its block of the seeds and rank 0 gets every image (the
+    other ranks get None); an image depends only on its seed, so the result is the same for any
+    world size and batch size."""
+    t0 = time.perf_counter()
+
+    def local(mine: list[int]) -> torch.Tensor:
+        out = []
+        for lo in range(0, len(mine), batch_size):
+            noise = PerImageNoise(mine[lo : lo + batch_size], device)
+            x_T = noise.randn(*shape)
+            out.append(row.fn(x_T, noise).clamp(-1, 1).float().cpu())
+        return torch.cat(out)
+
+    images = dist.map_sharded(local, seeds)
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return torch.cat(out), len(seeds) / (time.perf_counter() - t0)
+    return images, len(seeds) / (time.perf_counter() - t0)
 
 
 def score(feats: np.ndarray, images: torch.Tensor, reference: torch.Tensor, stats: dict, kid_subsets: int,

@@ -4,17 +4,22 @@ A shard holds, for b images: x (N+1, b, C, H, W) latents (x[0] = x_T, x[N] = cle
 e (N, b, C, H, W) model outputs in x-form, seeds (b,). The 1000-step reference for thousands of
 images does not fit in memory, so collection writes shard by shard and the fit loads a fixed,
 seeded subsample of elements from each shard (``load_subsample``) or a few steps in full.
+
+Distributed (fewstep.dist): shards are dealt to ranks in groups of one shard per rank, gathered
+on rank 0, which alone writes. A trajectory depends only on its seed, so the files are the same
+for any world size and batch size.
 """
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Iterator, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
-from fewstep import storage
+from fewstep import dist, storage
 from fewstep.math.ddim import PerImageNoise, sample_ddim
 from fewstep.math.param import Denoiser
 
@@ -38,18 +43,37 @@ def write_shards(out: Path, denoiser: Denoiser, seeds: Sequence[int], shape: tup
                  t_path: Sequence[int], shard_size: int, batch_size: int, device: torch.device,
                  meta: dict, progress: bool = True) -> None:
     seeds = list(seeds)
-    with storage.atomic_dir(out) as tmp:
-        starts = range(0, len(seeds), shard_size)
-        for k, lo in enumerate(tqdm(starts, desc="trajectories", disable=not progress)):
-            chunk = seeds[lo : lo + shard_size]
-            parts = [collect(denoiser, chunk[i : i + batch_size], shape, t_path, device)
-                     for i in range(0, len(chunk), batch_size)]
-            x = torch.cat([p[0] for p in parts], 1)
-            e = torch.cat([p[1] for p in parts], 1)
-            storage.save_tensors(tmp / f"shard-{k:05d}.safetensors",
-                                 {"x": x, "e": e, "seeds": torch.tensor(chunk, dtype=torch.int64)})
-        storage.write_json(tmp / "meta.json", {**meta, "timesteps": list(map(int, t_path)), "seeds": seeds,
-                                               "shards": len(starts), "shape": list(shape)})
+    world, rank, main = dist.world_size(), dist.rank(), dist.is_main()
+    starts = list(range(0, len(seeds), shard_size))
+
+    def compute(chunk: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        parts = [collect(denoiser, chunk[i : i + batch_size], shape, t_path, device)
+                 for i in range(0, len(chunk), batch_size)]
+        return torch.cat([p[0] for p in parts], 1), torch.cat([p[1] for p in parts], 1)
+
+    with storage.atomic_dir(out) if main else contextlib.nullcontext() as tmp:
+        groups = range(0, len(starts), world)  # one shard per rank per group
+        for g in tqdm(groups, desc="trajectories", disable=not (progress and main)):
+            chunks = [seeds[lo : lo + shard_size] for lo in starts[g : g + world]]
+            if world == 1:
+                x, e = compute(chunks[0])
+            else:
+                counts = [len(c) for c in chunks] + [0] * (world - len(chunks))
+                x, e = compute(chunks[rank]) if rank < len(chunks) else (torch.empty(0), torch.empty(0))
+                x, e = dist.gather_cat(x, counts, dim=1), dist.gather_cat(e, counts, dim=1)
+            if not main:
+                continue
+            lo = 0
+            for k, chunk in enumerate(chunks, start=g):
+                sl = slice(lo, lo + len(chunk))
+                lo += len(chunk)
+                storage.save_tensors(tmp / f"shard-{k:05d}.safetensors",
+                                     {"x": x[:, sl].contiguous(), "e": e[:, sl].contiguous(),
+                                      "seeds": torch.tensor(chunk, dtype=torch.int64)})
+        if main:
+            storage.write_json(tmp / "meta.json", {**meta, "timesteps": list(map(int, t_path)), "seeds": seeds,
+                                                   "shards": len(starts), "shape": list(shape)})
+    dist.barrier()  # the shards are in place before any rank goes on
 
 
 def shards(directory: Path) -> list[Path]:

@@ -15,13 +15,14 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from fewstep import models, storage
+from fewstep import dist, models, storage
+from fewstep.dist import BatchPart
 from fewstep.math.distill import distill_target
 from fewstep.math.losses import weighted_x_loss
 from fewstep.math.param import NetDenoiser
 from fewstep.nets.unet import UNet
 from fewstep.train.loop import LoopConfig, LoopResult, train
-from fewstep.train.teacher import sample_batch
+from fewstep.train.teacher import broadcast_sha, draw_like, sample_batch
 
 
 def distill_loss(
@@ -35,17 +36,18 @@ def distill_loss(
     dt = T // N
     dev = data.device
 
-    def loss_fn(student: torch.nn.Module, gen: torch.Generator) -> torch.Tensor:
-        x = sample_batch(data, batch_size, hflip, gen)
-        i = torch.randint(1, student_steps + 1, (batch_size,), generator=gen, device=dev)
+    def loss_fn(student: torch.nn.Module, gen: torch.Generator, part: BatchPart = BatchPart()) -> torch.Tensor:
+        rows = part.rows(batch_size)  # this rank's rows of the global batch (fewstep.train.loop)
+        x = sample_batch(data, batch_size, hflip, gen, rows)
+        i = torch.randint(1, student_steps + 1, (batch_size,), generator=gen, device=dev)[rows]
         t = 2 * dt * i
-        eps = torch.randn(x.shape, generator=gen, device=dev)
+        eps = draw_like(batch_size, tuple(x.shape[1:]), rows, gen, dev)
         alpha, sigma = sch.at(t, torch.float32)
         z = alpha[:, None, None, None] * x + sigma[:, None, None, None] * eps
         x_tgt = distill_target(teacher, z, t, dt)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda"):
             pred = student(z, t.float() / T)
-        return weighted_x_loss(pred.float(), kind, z, x_tgt, alpha, sigma, weighting).mean()
+        return weighted_x_loss(pred.float(), kind, z, x_tgt, alpha, sigma, weighting).sum() / batch_size
 
     return loss_fn
 
@@ -96,5 +98,7 @@ def distill_round(
         parent={"path": str(parent_dir), "weights_sha256": parent_cfg["weights_sha256"], "sample_steps": parent_steps,
                 "role": parent_cfg["role"]},
     )
-    meta["weights_sha256"] = models.save_model(out_dir, result.net.to("cpu").float(), meta)
+    if dist.is_main():
+        meta["weights_sha256"] = models.save_model(out_dir, result.net.to("cpu").float(), meta)
+    meta["weights_sha256"] = broadcast_sha(meta.get("weights_sha256"))  # also: the model is on disk
     return result, meta

@@ -6,11 +6,19 @@ what an uninterrupted run would have drawn, and resumes to the same weights.
 
 No host sync per step: the loss is accumulated on the device and checked (finite?) at every log
 and before every checkpoint, so a NaN can never reach a saved checkpoint.
+
+Distributed (torchrun, fewstep.dist): one code path, a world of 1 being the plain case. Every rank
+draws the same global batch from the same step generator and computes only its own rows
+(``loss_fn(net, gen, part)``); DDP averages the gradients, so W ranks with global batch B take
+the same step as one process with batch B (to float tolerance; dropout masks are drawn per rank).
+Parameters, EMA and optimizer state stay identical on all ranks; only rank 0 writes checkpoints,
+and they hold the unwrapped net, so a run resumes with the same or a different world size.
 """
 
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 import time
 from dataclasses import dataclass, field
@@ -20,6 +28,7 @@ from typing import Any, Callable
 import torch
 from tqdm.auto import tqdm
 
+from fewstep import dist
 from fewstep.train import checkpoint
 
 
@@ -73,9 +82,31 @@ def lr_at(cfg: LoopConfig, step: int) -> float:
     raise ValueError(f"unknown lr_decay {cfg.lr_decay!r}")
 
 
+def _takes_part(loss_fn: Callable[..., torch.Tensor]) -> bool:
+    try:
+        return len(inspect.signature(loss_fn).parameters) >= 3
+    except (TypeError, ValueError):
+        return False
+
+
+def backward(model: torch.nn.Module, loss_fn: Callable[..., torch.Tensor], gen: torch.Generator,
+             part: dist.BatchPart) -> torch.Tensor:
+    """Forward and backward of this rank's rows of the step's global batch; returns the loss
+    ``loss_fn`` gave (the rank's share of the global mean, or the whole mean for a 2-argument
+    ``loss_fn``). DDP averages gradients over ranks, so a share (sum over its rows / B) is scaled
+    by the world size: the average is then the gradient of the global-batch mean."""
+    if _takes_part(loss_fn):
+        loss = loss_fn(model, gen, part)
+        (loss * part.world if part.world > 1 else loss).backward()
+    else:
+        loss = loss_fn(model, gen)
+        loss.backward()
+    return loss
+
+
 def train(
     net: torch.nn.Module,
-    loss_fn: Callable[[torch.nn.Module, torch.Generator], torch.Tensor],
+    loss_fn: Callable[..., torch.Tensor],
     cfg: LoopConfig,
     ckpt_root: str | Path,
     run_hash: str,
@@ -85,45 +116,63 @@ def train(
     log: Callable[[str], None] = print,
     on_log: Callable[[int, float], None] | None = None,
 ) -> LoopResult:
-    """Train ``net`` in place for ``cfg.steps`` updates of ``loss_fn(net, generator)`` (a scalar).
+    """Train ``net`` in place for ``cfg.steps`` updates of ``loss_fn`` (a scalar).
 
-    Resumes from the latest checkpoint under ``ckpt_root`` when its run hash matches; a
-    checkpoint of a different run (params or data changed) is discarded with a message.
+    ``loss_fn(model, gen, part)`` computes the rows ``part.rows(B)`` of the global batch B that
+    ``gen`` draws and returns their summed loss divided by B (its share of the global mean);
+    ``loss_fn(model, gen)`` returns the mean over the whole batch (every rank then computes the
+    whole batch: correct, not faster). Resumes from the latest checkpoint under ``ckpt_root`` when
+    its run hash matches; a checkpoint of a different run (params or data changed) is discarded
+    with a message. In a world > 1 every rank must see ``ckpt_root`` (shared storage).
     """
+    main = dist.is_main()
+    if not main:
+        progress, log, on_log = False, (lambda _msg: None), None
     net.to(device).train()
     ema = copy.deepcopy(net).eval().requires_grad_(False) if cfg.ema_decay is not None else None
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
     history: list[list[float]] = []
     start = 0
     found = checkpoint.latest(ckpt_root)
+    stale = False
     if found is not None:
         ck_dir, meta = found
         if meta.get("run_hash") == run_hash:
             checkpoint.restore(ck_dir, net, opt, ema, meta, device)
             start, history = int(meta["step"]), meta.get("history", [])
-            log(f"{desc}: resuming from {ck_dir} (step {start}/{cfg.steps})")
+            log(f"{desc}: resuming from {ck_dir} (step {start}/{cfg.steps}, world size {dist.world_size()})")
         else:
             log(f"{desc}: checkpoint in {ckpt_root} belongs to another run (params or data changed); starting fresh")
-            checkpoint.clear(ckpt_root)
+            stale = True
+    if dist.broadcast_int(start) != start:
+        raise dist.DistError(f"{desc}: rank {dist.rank()} resumes from step {start} but rank 0 does not; "
+                             f"{ckpt_root} must be the same shared directory on every rank")
+    dist.barrier()  # every rank has read the checkpoint before rank 0 may clear it
+    if stale and main:
+        checkpoint.clear(ckpt_root)
     result = LoopResult(net=ema if ema is not None else net, history=history, resumed_from=start)
     if start >= cfg.steps:
         return result
 
     def save(step: int) -> None:
-        checkpoint.save(ckpt_root, step, net, opt, ema, {"run_hash": run_hash, "history": history},
-                        keep=cfg.keep_checkpoints)
+        if main:  # the unwrapped net: resumable with any world size
+            checkpoint.save(ckpt_root, step, net, opt, ema, {"run_hash": run_hash, "history": history},
+                            keep=cfg.keep_checkpoints)
+
+    model = dist.wrap_ddp(net, device)
+    part = dist.batch_part()
+    sharded = _takes_part(loss_fn)
 
     window = torch.zeros((), device=device)
     window_n, t0 = 0, time.perf_counter()
     bar = tqdm(total=cfg.steps, initial=start, desc=desc, disable=not progress, dynamic_ncols=True)
     for step in range(start, cfg.steps):
         gen = torch.Generator(device=device).manual_seed(step_seed(cfg.seed, step))
-        torch.manual_seed(step_seed(cfg.seed, step, stream=1))  # dropout
+        torch.manual_seed(step_seed(cfg.seed, step, stream=1 + part.rank))  # dropout, per rank
         for g in opt.param_groups:
             g["lr"] = lr_at(cfg, step)
-        loss = loss_fn(net, gen)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        loss = backward(model, loss_fn, gen, part)
         torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
         opt.step()
         if ema is not None:
@@ -136,7 +185,8 @@ def train(
         window_n += 1
         done = step + 1
         if done % cfg.log_every == 0 or done % cfg.checkpoint_every == 0 or done == cfg.steps:
-            mean = window.item() / window_n
+            total = dist.all_reduce_sum(window)  # shares add up to the global mean
+            mean = total.item() / window_n / (1 if sharded else part.world)
             if not math.isfinite(mean):
                 bar.close()
                 last = checkpoint.latest(ckpt_root)
@@ -155,6 +205,7 @@ def train(
         if done % cfg.checkpoint_every == 0 or done == cfg.steps:
             save(done)
     bar.close()
+    dist.barrier()  # the last checkpoint is on disk before any rank goes on
     result.steps_run = cfg.steps - start
     result.seconds = time.perf_counter() - t0
     return result

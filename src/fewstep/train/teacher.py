@@ -8,7 +8,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from fewstep import models, storage
+from fewstep import dist, models, storage
+from fewstep.dist import BatchPart
 from fewstep.config import Params
 from fewstep.math.losses import DEFAULT_WEIGHTING, weighted_x_loss
 from fewstep.math.schedules import Schedule, make_schedule
@@ -24,37 +25,49 @@ def schedule_meta(p: Params) -> dict[str, Any]:
     return {"kind": p.schedule.kind, "T": p.schedule.T, **p.schedule.kwargs()}
 
 
-def sample_batch(data: torch.Tensor, batch_size: int, hflip: bool, gen: torch.Generator) -> torch.Tensor:
-    """A batch in [-1, 1] drawn with replacement from uint8 ``data``, randomly flipped; all from ``gen``."""
+def sample_batch(data: torch.Tensor, batch_size: int, hflip: bool, gen: torch.Generator,
+                 rows: slice = slice(None)) -> torch.Tensor:
+    """Rows ``rows`` of a batch in [-1, 1] drawn with replacement from uint8 ``data``, randomly
+    flipped; all from ``gen``. The whole batch's draws are made (and the slice taken after), so
+    every rank of a distributed step sees its own rows of the same global batch."""
     idx = torch.randint(0, data.shape[0], (batch_size,), generator=gen, device=data.device)
-    x = data[idx].float() / 127.5 - 1.0
-    if hflip:
-        flip = torch.rand(batch_size, generator=gen, device=data.device) < 0.5
-        x = torch.where(flip[:, None, None, None], x.flip(3), x)
+    flip = torch.rand(batch_size, generator=gen, device=data.device) < 0.5 if hflip else None
+    x = data[idx[rows]].float() / 127.5 - 1.0
+    if flip is not None:
+        x = torch.where(flip[rows, None, None, None], x.flip(3), x)
     return x
+
+
+def draw_like(batch_size: int, shape: tuple[int, ...], rows: slice, gen: torch.Generator,
+              device: torch.device) -> torch.Tensor:
+    """Rows ``rows`` of a standard normal (batch_size, *shape) drawn whole from ``gen``."""
+    return torch.randn((batch_size, *shape), generator=gen, device=device)[rows]
 
 
 def diffusion_loss(
     data: torch.Tensor, schedule: Schedule, kind: str, weighting: str, batch_size: int, hflip: bool
 ) -> Callable[[torch.nn.Module, torch.Generator], torch.Tensor]:
-    """loss_fn(net, gen) for the training loop. ``data``: uint8 (N, C, H, W) on the device.
+    """loss_fn(net, gen, part) for the training loop. ``data``: uint8 (N, C, H, W) on the device.
 
-    Timesteps uniform on 1..T; every random draw comes from ``gen`` (seeded per step)."""
+    Timesteps uniform on 1..T; every random draw comes from ``gen`` (seeded per step) for the
+    whole global batch; the rank computes rows ``part.rows(batch_size)`` and returns their loss
+    sum / batch_size (its share of the global mean)."""
     dev = data.device
     T = schedule.T
     channels_last = dev.type == "cuda"
 
-    def loss_fn(net: torch.nn.Module, gen: torch.Generator) -> torch.Tensor:
-        x = sample_batch(data, batch_size, hflip, gen)
-        t = torch.randint(1, T + 1, (batch_size,), generator=gen, device=dev)
-        eps = torch.randn(x.shape, generator=gen, device=dev)
+    def loss_fn(net: torch.nn.Module, gen: torch.Generator, part: BatchPart = BatchPart()) -> torch.Tensor:
+        rows = part.rows(batch_size)
+        x = sample_batch(data, batch_size, hflip, gen, rows)
+        t = torch.randint(1, T + 1, (batch_size,), generator=gen, device=dev)[rows]
+        eps = draw_like(batch_size, tuple(x.shape[1:]), rows, gen, dev)
         alpha, sigma = schedule.at(t, torch.float32)
         z = alpha[:, None, None, None] * x + sigma[:, None, None, None] * eps
         if channels_last:
             z = z.contiguous(memory_format=torch.channels_last)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda"):
             pred = net(z, t.float() / T)
-        return weighted_x_loss(pred.float(), kind, z, x, alpha, sigma, weighting, eps_target=eps).mean()
+        return weighted_x_loss(pred.float(), kind, z, x, alpha, sigma, weighting, eps_target=eps).sum() / batch_size
 
     return loss_fn
 
@@ -114,5 +127,15 @@ def train_teacher(
         "sample_steps": p.schedule.T,
         "parent": None,
     }
-    meta["weights_sha256"] = models.save_model(model_dir, result.net.to("cpu").float(), meta)
+    if dist.is_main():
+        meta["weights_sha256"] = models.save_model(model_dir, result.net.to("cpu").float(), meta)
+    meta["weights_sha256"] = broadcast_sha(meta.get("weights_sha256"))
     return result, meta
+
+
+def broadcast_sha(sha: str | None) -> str:
+    """Rank 0's sha256 hex digest on every rank; ranks wait until rank 0 has written the model."""
+    buf = torch.zeros(64, dtype=torch.uint8)
+    if dist.is_main():
+        buf[:] = torch.tensor(list(sha.encode()), dtype=torch.uint8)
+    return bytes(dist.broadcast(buf).tolist()).decode()
