@@ -41,7 +41,7 @@ try:
 except ImportError:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from fewstep import dist  # noqa: E402
+from fewstep import parallel  # noqa: E402
 from fewstep.config import load_params  # noqa: E402
 from fewstep.math.losses import DEFAULT_WEIGHTING  # noqa: E402
 from fewstep.nets.unet import UNet, count_params  # noqa: E402
@@ -63,7 +63,7 @@ def _worker(rank: int, world: int, port: int, cfg: dict, out: str) -> None:
     torch.set_num_threads(cfg["threads"])
     p = load_params(ROOT / "params.yaml", cfg["profile"])
     want = torch.device("cuda" if cfg["cuda"] else "cpu")
-    with dist.session(want) as device, tempfile.TemporaryDirectory() as ck:
+    with parallel.session(want) as device, tempfile.TemporaryDirectory() as ck:
         size = p.base.image_size
         g = torch.Generator().manual_seed(0)
         data = torch.randint(0, 256, (1024, 3, size, size), dtype=torch.uint8, generator=g).to(device)

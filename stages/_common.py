@@ -30,8 +30,7 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 
-from fewstep import dist
-from fewstep import dist
+from fewstep import parallel
 from fewstep.config import Params, ParamsError, load_params
 from fewstep.models import resolve_device
 
@@ -91,7 +90,7 @@ def setup(args: argparse.Namespace) -> tuple[Params, torch.device]:
     if _CURRENT is not None:
         _CURRENT.params = {**p.model_dump(mode="json"),
                            "args": {k: v for k, v in vars(args).items() if v is not None}}
-    return p, dist.init(resolve_device(p.base.device))
+    return p, parallel.init(resolve_device(p.base.device))
 
 
 def tracking_mode() -> str:
@@ -103,8 +102,8 @@ def tracking_mode() -> str:
 
 def _is_rank0() -> bool:
     try:
-        return dist.env_world()[0] == 0
-    except dist.DistError:  # reported by the stage itself
+        return parallel.env_world()[0] == 0
+    except parallel.DistError:  # reported by the stage itself
         return True
 
 
@@ -159,8 +158,8 @@ def clear_errors(stage: str, track: bool = True) -> Iterator[StageRecord]:
             raise SystemExit(2) from None
     try:
         yield rec
-    except (ParamsError, DataError, StorageError, TrainingDivergedError, FileNotFoundError, dist.DistError) as e:
-        print(f"{stage}: error: {e}" + (f" (rank {dist.rank()})" if dist.world_size() > 1 else ""), file=sys.stderr)
+    except (ParamsError, DataError, StorageError, TrainingDivergedError, FileNotFoundError, parallel.DistError) as e:
+        print(f"{stage}: error: {e}" + (f" (rank {parallel.rank()})" if parallel.world_size() > 1 else ""), file=sys.stderr)
         if track:
             _record(rec, "FAILED", start_ms, str(e))
         raise SystemExit(2) from None
@@ -178,7 +177,7 @@ def clear_errors(stage: str, track: bool = True) -> Iterator[StageRecord]:
         raise
     finally:
         _CURRENT = None
-        dist.shutdown()
+        parallel.shutdown()
     rec.metrics.setdefault("stage_seconds", time.perf_counter() - t0)
     if track and (err := _record(rec, "FINISHED", start_ms, None)):
         print(f"{stage}: error: {err}", file=sys.stderr)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fewstep import dist, models
+from fewstep import parallel, models
 from fewstep.math.schedules import timesteps
 from fewstep.trajectories import write_shards
 from stages import _common
@@ -37,9 +37,9 @@ def main() -> None:
             write_shards(Path(args.out) / name, den, seeds, (3, size, size), t_path, tp.shard_size, tp.batch_size,
                          device, meta, progress=not args.no_progress)
             rec.log_metrics({f"{name}/trajectories": tp.n_fit, f"{name}/reference_steps": n_ref})
-            if dist.is_main():
+            if parallel.is_main():
                 print(f"collect_trajectories: {name}: {tp.n_fit} trajectories x {n_ref} steps "
-                      f"({dist.world_size()} process(es))")
+                      f"({parallel.world_size()} process(es))")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from fewstep import dist, models, storage
+from fewstep import parallel, models, storage
 from fewstep.images import save_grid
 from fewstep.math import metrics
 from fewstep.math.ddim import generate
@@ -47,10 +47,10 @@ def main() -> None:
         seeds = range(rp.sample.seed, rp.sample.seed + rp.sample.n)
 
         def sharded(den, n):  # seeds sharded over the ranks, gathered on rank 0
-            return dist.map_sharded(lambda s: generate(den, s, shape, timesteps(T, n), device=device), seeds)
+            return parallel.map_sharded(lambda s: generate(den, s, shape, timesteps(T, n), device=device), seeds)
 
         ref, parent_half, stud = sharded(parent, 2 * S), sharded(parent, S), sharded(student, S)
-        if not dist.is_main():
+        if not parallel.is_main():
             return
         write_loss_csv(Path("plots") / f"{name}_loss.csv", result.history)
         save_grid(stud, Path("samples") / f"{name}.png", scale=max(1, 64 // p.base.image_size))

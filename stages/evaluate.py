@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from fewstep import dist, storage
+from fewstep import parallel, storage
 from fewstep.evaluation import build_rows, pareto_front, run_row, score
 from fewstep.images import save_grid
 from fewstep.math.ddim import sample_ddim
@@ -117,7 +117,7 @@ def main() -> None:
         results = {}
         for row in rows:
             images, ips = run_row(row, seeds, shape, ep.batch_size, device)
-            if not dist.is_main():  # under torchrun: the other ranks sample their share, rank 0 scores
+            if not parallel.is_main():  # under torchrun: the other ranks sample their share, rank 0 scores
                 continue
             feats = features(evaluator, images.to(device) if device.type == "cuda" else images)
             r = score(feats, images, reference, stats, ep.kid_subsets, ep.seed)
@@ -125,7 +125,7 @@ def main() -> None:
             results[row.name] = r
             save_grid(images[: ep.grid_n], out / "grids" / f"{slug(row.name)}.png", scale=max(1, 32 // size))
             print(f"evaluate: {row.name:32s} NFE {row.nfe:4d} FD {r['fd']:8.3f} RMSE {r['rmse']:.4f}", flush=True)
-        if not dist.is_main():
+        if not parallel.is_main():
             return
         pngs = plots(results, out)
         acc = storage.read_json(Path(args.models) / "evaluator" / "config.json").get("test_accuracy")

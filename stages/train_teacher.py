@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from fewstep import dist, models, storage
+from fewstep import parallel, models, storage
 from fewstep.images import save_grid
 from fewstep.math.ddim import generate
 from fewstep.math.schedules import timesteps
@@ -32,9 +32,9 @@ def sample_grid(model_dir: Path, out: Path, sp, image_size: int, device: torch.d
     """The grid's seeds are sampled sharded over the ranks; rank 0 writes it."""
     den = models.load_denoiser(model_dir, device)
     steps = timesteps(den.schedule.T, min(sp.steps, den.schedule.T), sp.spacing)
-    imgs = dist.map_sharded(lambda s: generate(den, s, (3, image_size, image_size), steps, device=device),
+    imgs = parallel.map_sharded(lambda s: generate(den, s, (3, image_size, image_size), steps, device=device),
                             range(sp.seed, sp.seed + sp.n))
-    if dist.is_main():
+    if parallel.is_main():
         save_grid(imgs, out, scale=max(1, 64 // image_size))
 
 
@@ -52,7 +52,7 @@ def main() -> None:
         result, meta = train_teacher(p, args.data, args.model, args.checkpoints, device,
                                      progress=not args.no_progress)
         sample_grid(Path(args.model), Path(args.grid), p.teacher.sample, p.base.image_size, device)
-        if not dist.is_main():
+        if not parallel.is_main():
             return
         write_loss_csv(Path(args.loss_csv), result.history)
         n_params = sum(t.numel() for t in storage.load_tensors(Path(args.model) / models.WEIGHTS).values())
@@ -64,8 +64,8 @@ def main() -> None:
         }
         if result.steps_run:
             metrics["images_per_s"] = result.steps_run * p.teacher.batch_size / result.seconds
-        if dist.world_size() > 1:
-            metrics["world_size"] = dist.world_size()
+        if parallel.world_size() > 1:
+            metrics["world_size"] = parallel.world_size()
         storage.write_json(args.metrics, metrics)
         rec.log_metrics(metrics)
         rec.log_history("loss", result.history)

@@ -17,7 +17,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from fewstep import dist, models
+from fewstep import parallel, models
 from fewstep.math import metrics as M
 from fewstep.math.ddim import PerImageNoise, sample_ddim
 from fewstep.math.olss import OLSSScheduler, sample_olss
@@ -118,7 +118,7 @@ def run_row(row: Row, seeds: list[int], shape: tuple[int, int, int], batch_size:
             out.append(row.fn(x_T, noise).clamp(-1, 1).float().cpu())
         return torch.cat(out)
 
-    images = dist.map_sharded(local, seeds)
+    images = parallel.map_sharded(local, seeds)
     if device.type == "cuda":
         torch.cuda.synchronize()
     return images, len(seeds) / (time.perf_counter() - t0)

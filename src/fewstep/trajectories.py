@@ -5,7 +5,7 @@ e (N, b, C, H, W) model outputs in x-form, seeds (b,). The 1000-step reference f
 images does not fit in memory, so collection writes shard by shard and the fit loads a fixed,
 seeded subsample of elements from each shard (``load_subsample``) or a few steps in full.
 
-Distributed (fewstep.dist): shards are dealt to ranks in groups of one shard per rank, gathered
+Distributed (fewstep.parallel): shards are dealt to ranks in groups of one shard per rank, gathered
 on rank 0, which alone writes. A trajectory depends only on its seed, so the files are the same
 for any world size and batch size.
 """
@@ -19,7 +19,7 @@ from typing import Iterator, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from fewstep import dist, storage
+from fewstep import parallel, storage
 from fewstep.math.ddim import PerImageNoise, sample_ddim
 from fewstep.math.param import Denoiser
 
@@ -43,7 +43,7 @@ def write_shards(out: Path, denoiser: Denoiser, seeds: Sequence[int], shape: tup
                  t_path: Sequence[int], shard_size: int, batch_size: int, device: torch.device,
                  meta: dict, progress: bool = True) -> None:
     seeds = list(seeds)
-    world, rank, main = dist.world_size(), dist.rank(), dist.is_main()
+    world, rank, main = parallel.world_size(), parallel.rank(), parallel.is_main()
     starts = list(range(0, len(seeds), shard_size))
 
     def compute(chunk: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,7 +60,7 @@ def write_shards(out: Path, denoiser: Denoiser, seeds: Sequence[int], shape: tup
             else:
                 counts = [len(c) for c in chunks] + [0] * (world - len(chunks))
                 x, e = compute(chunks[rank]) if rank < len(chunks) else (torch.empty(0), torch.empty(0))
-                x, e = dist.gather_cat(x, counts, dim=1), dist.gather_cat(e, counts, dim=1)
+                x, e = parallel.gather_cat(x, counts, dim=1), parallel.gather_cat(e, counts, dim=1)
             if not main:
                 continue
             lo = 0
@@ -73,7 +73,7 @@ def write_shards(out: Path, denoiser: Denoiser, seeds: Sequence[int], shape: tup
         if main:
             storage.write_json(tmp / "meta.json", {**meta, "timesteps": list(map(int, t_path)), "seeds": seeds,
                                                    "shards": len(starts), "shape": list(shape)})
-    dist.barrier()  # the shards are in place before any rank goes on
+    parallel.barrier()  # the shards are in place before any rank goes on
 
 
 def shards(directory: Path) -> list[Path]:

@@ -15,8 +15,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from fewstep import dist, models, storage
-from fewstep.dist import BatchPart
+from fewstep import parallel, models, storage
+from fewstep.parallel import BatchPart
 from fewstep.math.distill import distill_target
 from fewstep.math.losses import weighted_x_loss
 from fewstep.math.param import NetDenoiser
@@ -98,7 +98,7 @@ def distill_round(
         parent={"path": str(parent_dir), "weights_sha256": parent_cfg["weights_sha256"], "sample_steps": parent_steps,
                 "role": parent_cfg["role"]},
     )
-    if dist.is_main():
+    if parallel.is_main():
         meta["weights_sha256"] = models.save_model(out_dir, result.net.to("cpu").float(), meta)
     meta["weights_sha256"] = broadcast_sha(meta.get("weights_sha256"))  # also: the model is on disk
     return result, meta

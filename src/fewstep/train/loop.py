@@ -7,7 +7,7 @@ what an uninterrupted run would have drawn, and resumes to the same weights.
 No host sync per step: the loss is accumulated on the device and checked (finite?) at every log
 and before every checkpoint, so a NaN can never reach a saved checkpoint.
 
-Distributed (torchrun, fewstep.dist): one code path, a world of 1 being the plain case. Every rank
+Distributed (torchrun, fewstep.parallel): one code path, a world of 1 being the plain case. Every rank
 draws the same global batch from the same step generator and computes only its own rows
 (``loss_fn(net, gen, part)``); DDP averages the gradients, so W ranks with global batch B take
 the same step as one process with batch B (to float tolerance; dropout masks are drawn per rank).
@@ -28,7 +28,7 @@ from typing import Any, Callable
 import torch
 from tqdm.auto import tqdm
 
-from fewstep import dist
+from fewstep import parallel
 from fewstep.train import checkpoint
 
 
@@ -90,7 +90,7 @@ def _takes_part(loss_fn: Callable[..., torch.Tensor]) -> bool:
 
 
 def backward(model: torch.nn.Module, loss_fn: Callable[..., torch.Tensor], gen: torch.Generator,
-             part: dist.BatchPart) -> torch.Tensor:
+             part: parallel.BatchPart) -> torch.Tensor:
     """Forward and backward of this rank's rows of the step's global batch; returns the loss
     ``loss_fn`` gave (the rank's share of the global mean, or the whole mean for a 2-argument
     ``loss_fn``). DDP averages gradients over ranks, so a share (sum over its rows / B) is scaled
@@ -125,7 +125,7 @@ def train(
     its run hash matches; a checkpoint of a different run (params or data changed) is discarded
     with a message. In a world > 1 every rank must see ``ckpt_root`` (shared storage).
     """
-    main = dist.is_main()
+    main = parallel.is_main()
     if not main:
         progress, log, on_log = False, (lambda _msg: None), None
     net.to(device).train()
@@ -140,14 +140,14 @@ def train(
         if meta.get("run_hash") == run_hash:
             checkpoint.restore(ck_dir, net, opt, ema, meta, device)
             start, history = int(meta["step"]), meta.get("history", [])
-            log(f"{desc}: resuming from {ck_dir} (step {start}/{cfg.steps}, world size {dist.world_size()})")
+            log(f"{desc}: resuming from {ck_dir} (step {start}/{cfg.steps}, world size {parallel.world_size()})")
         else:
             log(f"{desc}: checkpoint in {ckpt_root} belongs to another run (params or data changed); starting fresh")
             stale = True
-    if dist.broadcast_int(start) != start:
-        raise dist.DistError(f"{desc}: rank {dist.rank()} resumes from step {start} but rank 0 does not; "
+    if parallel.broadcast_int(start) != start:
+        raise parallel.DistError(f"{desc}: rank {parallel.rank()} resumes from step {start} but rank 0 does not; "
                              f"{ckpt_root} must be the same shared directory on every rank")
-    dist.barrier()  # every rank has read the checkpoint before rank 0 may clear it
+    parallel.barrier()  # every rank has read the checkpoint before rank 0 may clear it
     if stale and main:
         checkpoint.clear(ckpt_root)
     result = LoopResult(net=ema if ema is not None else net, history=history, resumed_from=start)
@@ -159,8 +159,8 @@ def train(
             checkpoint.save(ckpt_root, step, net, opt, ema, {"run_hash": run_hash, "history": history},
                             keep=cfg.keep_checkpoints)
 
-    model = dist.wrap_ddp(net, device)
-    part = dist.batch_part()
+    model = parallel.wrap_ddp(net, device)
+    part = parallel.batch_part()
     sharded = _takes_part(loss_fn)
 
     window = torch.zeros((), device=device)
@@ -185,7 +185,7 @@ def train(
         window_n += 1
         done = step + 1
         if done % cfg.log_every == 0 or done % cfg.checkpoint_every == 0 or done == cfg.steps:
-            total = dist.all_reduce_sum(window)  # shares add up to the global mean
+            total = parallel.all_reduce_sum(window)  # shares add up to the global mean
             mean = total.item() / window_n / (1 if sharded else part.world)
             if not math.isfinite(mean):
                 bar.close()
@@ -205,7 +205,7 @@ def train(
         if done % cfg.checkpoint_every == 0 or done == cfg.steps:
             save(done)
     bar.close()
-    dist.barrier()  # the last checkpoint is on disk before any rank goes on
+    parallel.barrier()  # the last checkpoint is on disk before any rank goes on
     result.steps_run = cfg.steps - start
     result.seconds = time.perf_counter() - t0
     return result

@@ -8,8 +8,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from fewstep import dist, models, storage
-from fewstep.dist import BatchPart
+from fewstep import parallel, models, storage
+from fewstep.parallel import BatchPart
 from fewstep.config import Params
 from fewstep.math.losses import DEFAULT_WEIGHTING, weighted_x_loss
 from fewstep.math.schedules import Schedule, make_schedule
@@ -127,7 +127,7 @@ def train_teacher(
         "sample_steps": p.schedule.T,
         "parent": None,
     }
-    if dist.is_main():
+    if parallel.is_main():
         meta["weights_sha256"] = models.save_model(model_dir, result.net.to("cpu").float(), meta)
     meta["weights_sha256"] = broadcast_sha(meta.get("weights_sha256"))
     return result, meta
@@ -136,6 +136,6 @@ def train_teacher(
 def broadcast_sha(sha: str | None) -> str:
     """Rank 0's sha256 hex digest on every rank; ranks wait until rank 0 has written the model."""
     buf = torch.zeros(64, dtype=torch.uint8)
-    if dist.is_main():
+    if parallel.is_main():
         buf[:] = torch.tensor(list(sha.encode()), dtype=torch.uint8)
-    return bytes(dist.broadcast(buf).tolist()).decode()
+    return bytes(parallel.broadcast(buf).tolist()).decode()

@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from fewstep import dist, storage
+from fewstep import parallel, storage
 from fewstep.math.ddim import generate
 from fewstep.math.param import NetDenoiser
 from fewstep.math.schedules import make_schedule, timesteps
@@ -53,8 +53,8 @@ def _loss_fn():
 def _grads() -> dict[str, torch.Tensor]:
     """Gradients of one step of the loop (through DDP in a world > 1), as rank 0 holds them."""
     net = _net()
-    model = dist.wrap_ddp(net, CPU)
-    backward(model, _loss_fn(), torch.Generator().manual_seed(5), dist.batch_part())
+    model = parallel.wrap_ddp(net, CPU)
+    backward(model, _loss_fn(), torch.Generator().manual_seed(5), parallel.batch_part())
     return {k: p.grad for k, p in net.named_parameters()}
 
 
@@ -73,7 +73,7 @@ def _denoiser() -> NetDenoiser:
 
 def _sample(name: str, seeds, den: NetDenoiser) -> torch.Tensor | None:
     kw = SAMPLE_CASES[name][1]
-    return dist.map_sharded(lambda s: generate(den, s, (3, 8, 8), timesteps(64, 4), batch_size=2, **kw), seeds)
+    return parallel.map_sharded(lambda s: generate(den, s, (3, 8, 8), timesteps(64, 4), batch_size=2, **kw), seeds)
 
 
 def _rewind(ckpt: Path, step: int) -> None:
@@ -89,8 +89,8 @@ def _worker(rank: int, world: int, port: int, tmp: str) -> None:
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
     tmp = Path(tmp)
-    with dist.session("cpu"):
-        assert dist.world_size() == world and dist.rank() == rank
+    with parallel.session("cpu"):
+        assert parallel.world_size() == world and parallel.rank() == rank
         storage.save_tensors(tmp / f"grads{rank}.safetensors", _grads())
         net, ema = _train(tmp / "two")  # (a) fresh 2-rank run
         storage.save_tensors(tmp / f"rank{rank}.safetensors",
@@ -188,27 +188,27 @@ def test_sharded_sampling_and_trajectories_match_one_process(runs):
 
 @pytest.mark.parametrize("n,world", [(7, 2), (1, 2), (5, 3), (0, 2), (4, 4)])
 def test_shards_cover_in_order_and_rank_0_holds_the_most(n, world):
-    blocks = [dist.shard(list(range(n)), r, world) for r in range(world)]
+    blocks = [parallel.shard(list(range(n)), r, world) for r in range(world)]
     assert sum(blocks, []) == list(range(n))
-    assert dist.shard_counts(n, world) == [len(b) for b in blocks]
+    assert parallel.shard_counts(n, world) == [len(b) for b in blocks]
     assert max(len(b) for b in blocks) - min(len(b) for b in blocks) <= 1 and len(blocks[0]) == max(map(len, blocks))
     with pytest.raises(ValueError):
-        dist.shard([1, 2], world, world)
+        parallel.shard([1, 2], world, world)
 
 
 def test_a_world_of_one_needs_no_process_group(monkeypatch):
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         monkeypatch.delenv(k, raising=False)
-    assert dist.init("cpu") == CPU and not dist.is_initialized()
-    assert (dist.rank(), dist.world_size(), dist.is_main()) == (0, 1, True)
-    dist.barrier()
+    assert parallel.init("cpu") == CPU and not parallel.is_initialized()
+    assert (parallel.rank(), parallel.world_size(), parallel.is_main()) == (0, 1, True)
+    parallel.barrier()
     x = torch.arange(3.0)
-    assert dist.map_sharded(lambda s: torch.tensor(s, dtype=torch.float32), [0, 1, 2]).tolist() == x.tolist()
+    assert parallel.map_sharded(lambda s: torch.tensor(s, dtype=torch.float32), [0, 1, 2]).tolist() == x.tolist()
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")
     monkeypatch.delenv("MASTER_ADDR", raising=False)
-    with pytest.raises(dist.DistError, match="MASTER_ADDR"):
-        dist.init("cpu")
+    with pytest.raises(parallel.DistError, match="MASTER_ADDR"):
+        parallel.init("cpu")
     monkeypatch.setenv("RANK", "5")
-    with pytest.raises(dist.DistError, match="inconsistent"):
-        dist.init("cpu")
+    with pytest.raises(parallel.DistError, match="inconsistent"):
+        parallel.init("cpu")
