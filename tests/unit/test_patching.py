@@ -203,3 +203,32 @@ def test_evaluation_rows_carry_gflops_per_network_for_split_models(tmp_path):
     assert eight.nfe_by_net == {"high": n_high, "low": 8 - n_high}
     assert eight.gflops == pytest.approx(sum(eight.gflops_by_net.values()))
     assert eight.gflops_by_net["low"] == pytest.approx(eight.nfe_by_net["low"] * by["teacher ddim 2"].gflops / 2)
+
+
+def test_a_split_teacher_distils_into_one_student_and_samples_through_the_registry_loader(tmp_path):
+    from fewstep import storage
+    from fewstep.config import DistillRoundParams
+    from fewstep.sampler_pyfunc import load_sampler
+    from fewstep.tracking import model_registry_name
+    from fewstep.train.distill import distill_round
+    from tests.helpers import write_prepared
+
+    write_prepared(tmp_path / "data", size=8, n=16)
+    den = _split("v")
+    meta = {"role": "teacher", "variant": "split", "parameterization": "v", "schedule": {"kind": "cosine", "T": 64},
+            "image_size": 8, "dataset": "toy", "class_names": ["a", "b"], "data_hash": "d", "sample_steps": 64,
+            "parent": None, "split": {"boundary_logsnr": LAM}}
+    models.save_split(tmp_path / "split", {"high": den.high.net, "low": den.low.net}, meta)
+    assert model_registry_name(models.load_config(tmp_path / "split")) == "toy-teacher-split"
+    rp = DistillRoundParams(parent="teacher-split", steps=4, train_steps=2, batch_size=4, checkpoint_every=2,
+                            log_every=1)
+    distill_round(tmp_path / "split", tmp_path / "student", tmp_path / "ckpt", tmp_path / "data", 4, rp, 0,
+                  torch.device("cpu"), progress=False)
+    cfg = models.load_config(tmp_path / "student")
+    assert cfg["parent"]["variant"] == "split" and cfg["net"] == den.low.net.cfg.to_dict()  # started from the low net
+    # the MLflow pyfunc loader rebuilds the routed pair from the same artifacts
+    s = load_sampler(tmp_path / "split" / models.WEIGHTS, tmp_path / "split" / models.CONFIG, default_steps=4)
+    assert isinstance(s.denoiser, SplitDenoiser) and s.shape == (3, 8, 8)
+    imgs = s.sample(2, seed=3)
+    assert imgs.shape == (2, 8, 8, 3) and imgs.dtype == np.uint8
+    assert storage.sha256_file(tmp_path / "split" / models.WEIGHTS) == s.config["weights_sha256"]
