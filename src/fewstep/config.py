@@ -8,6 +8,7 @@ fail with one message that names every bad field.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -259,8 +260,6 @@ class SplitParams(_Strict):
 
     @model_validator(mode="after")
     def _names(self) -> "SplitParams":
-        import re
-
         for name in self.models:
             if not re.fullmatch(r"teacher-[A-Za-z0-9_.-]+", name) or re.fullmatch(r"teacher-p\d+", name):
                 raise ValueError(f"split model {name!r}: name it teacher-<name> (not teacher-p<P>, the study's)")
@@ -285,8 +284,6 @@ class ObjectiveParams(_Strict):
 
     @model_validator(mode="after")
     def _variants(self) -> "ObjectiveParams":
-        import re
-
         bad = [v for v in self.variants if not re.match(OBJECTIVE_VARIANT, v)]
         if bad:
             raise ValueError(f"objective.variants must be <eps|x|v>-<weighting>, got {bad}")
@@ -341,17 +338,24 @@ class Params(_Strict):
     def _study_nets(self) -> "Params":
         """Every study, split and objective net must be buildable at base.image_size."""
         size = self.base.image_size
+
+        def check(tp: TeacherParams, where: str) -> None:
+            try:
+                tp.net.unet_config(size)
+            except ParamsError as e:
+                raise ValueError(f"{where} at image_size {size}: {e}") from None
+
         for P in self.study.patch_sizes:
-            self.study.teacher_for(self.teacher, P).net.unet_config(size)
+            check(self.study.teacher_for(self.teacher, P), f"study.nets.p{P}")
         for name, sp in self.split.models.items():
             sides = {s: sp.side(self.teacher, s) for s in ("high", "low")}
-            for tp in sides.values():
-                tp.net.unet_config(size)
+            for s, tp in sides.items():
+                check(tp, f"split.models.{name}.{s}")
             if sides["high"].parameterization != sides["low"].parameterization:
                 raise ValueError(f"split model {name}: both nets need one parameterization")
         for v in self.objective.variants:
             for P in self.objective.patch_sizes:
-                self.objective.teacher_for(self.teacher, v, P).net.unet_config(size)
+                check(self.objective.teacher_for(self.teacher, v, P), f"objective ({v}, P={P})")
         return self
 
     @model_validator(mode="after")

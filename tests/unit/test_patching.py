@@ -232,3 +232,30 @@ def test_a_split_teacher_distils_into_one_student_and_samples_through_the_regist
     imgs = s.sample(2, seed=3)
     assert imgs.shape == (2, 8, 8, 3) and imgs.dtype == np.uint8
     assert storage.sha256_file(tmp_path / "split" / models.WEIGHTS) == s.config["weights_sha256"]
+
+
+def test_study_split_and_objective_params_are_validated_with_clear_messages():
+    from fewstep.config import ParamsError, validate
+    from tests.helpers import tiny_params
+
+    p = validate(tiny_params())
+    assert p.study.teacher_for(p.teacher, 4).net.patch_size == 4
+    cases = [
+        (("study", "patch_sizes"), [1, 3], "study.patch_sizes"),
+        (("study", "nets"), {"p8": {"channels": 8}, "p1": {}}, None),  # fine: p8 is not in patch_sizes
+        (("objective", "variants"), ["x-bogus"], "<eps|x|v>-<weighting>"),
+        (("objective", "variants"), ["eps-snr_trunc"], "diverges"),
+        (("split", "models"), {"teacher-p4": {}}, "teacher-p<P>"),
+        (("split", "models"), {"teacher-s": {"high": {"net": {"patch_size": 4, "channel_mult": [1, 2, 2]}}}},
+         "split.models.teacher-s.high at image_size 8"),
+        (("split", "models"), {"teacher-s": {"low": {"parameterization": "x"}}}, "one parameterization"),
+    ]
+    for (section, key), value, needle in cases:
+        raw = tiny_params()
+        raw[section][key] = value
+        if needle is None:
+            validate(raw)
+            continue
+        with pytest.raises(ParamsError) as e:
+            validate(raw)
+        assert needle in str(e.value), str(e.value)
