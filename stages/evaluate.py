@@ -77,6 +77,11 @@ def plots(results: dict, out: Path) -> list[str]:
     return made
 
 
+def _per_net(r: dict) -> str:
+    g, n = r.get("gflops_by_net"), r.get("nfe_by_net")
+    return f" (high {g['high']:.3f} x{n['high']} + low {g['low']:.3f} x{n['low']})" if g else ""
+
+
 def report(results: dict, p, out: Path, pngs: list[str], meta: dict) -> None:
     lines = [f"# Evaluation ({meta['n']} samples per row, evaluator test accuracy {meta['acc']})", "",
              "FD is comparable only at equal n (small-sample bias, DESIGN.md). RMSE/PSNR against the teacher's "
@@ -86,7 +91,7 @@ def report(results: dict, p, out: Path, pngs: list[str], meta: dict) -> None:
     for name, r in sorted(results.items(), key=lambda kv: (kv[1]["nfe"], kv[1]["fd"])):
         lines.append(f"| {name}{' *' if r.get('pareto') else ''} | {r['nfe']} | {r['fd']:.3f} | "
                      f"{1e3 * r['kid']:.2f} ± {1e3 * r['kid_se']:.2f} | {r['precision']:.2f} | {r['recall']:.2f} | "
-                     f"{r['rmse']:.4f} | {r['psnr']:.1f} | {r['gflops']:.3f} | {r['images_per_s']:.0f} |")
+                     f"{r['rmse']:.4f} | {r['psnr']:.1f} | {r['gflops']:.3f}{_per_net(r)} | {r['images_per_s']:.0f} |")
     lines += [""] + [f"![{n}]({n})" for n in pngs]
     storage.atomic_write_bytes(out / "evaluation.md", ("\n".join(lines) + "\n").encode())
 
@@ -122,6 +127,8 @@ def main() -> None:
             feats = features(evaluator, images.to(device) if device.type == "cuda" else images)
             r = score(feats, images, reference, stats, ep.kid_subsets, ep.seed)
             r.update(family=row.family, model=row.model, nfe=row.nfe, gflops=row.gflops, images_per_s=ips)
+            if row.gflops_by_net:  # a split model: the cost per network
+                r.update(nfe_by_net=row.nfe_by_net, gflops_by_net=row.gflops_by_net)
             results[row.name] = r
             save_grid(images[: ep.grid_n], out / "grids" / f"{slug(row.name)}.png", scale=max(1, 32 // size))
             print(f"evaluate: {row.name:32s} NFE {row.nfe:4d} FD {r['fd']:8.3f} RMSE {r['rmse']:.4f}", flush=True)

@@ -20,8 +20,8 @@ from stages import _common
 def row_for(version: dict) -> str | None:
     """The evaluate row of a registered version (row names from fewstep.evaluation.build_rows)."""
     name, role, nfe = version["name"], version.get("role"), version.get("nfe")
-    if role == "teacher":
-        return f"teacher ddim {nfe}"
+    if role == "teacher":  # the teacher, a patch-study teacher (teacher-p<P>) or a split model
+        return f"{version.get('model') or 'teacher'} ddim {nfe}"
     if role == "student":
         model = name.split("-", 1)[1].removesuffix("step")  # <dataset>-student-<k>step -> student-<k>
         return f"{model} ddim {nfe}"

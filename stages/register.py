@@ -35,8 +35,11 @@ def main() -> None:
         try:
             with tracking.stage_run("register", repo=args.repo,
                                     params={"models": args.models, "schedulers": args.schedulers}) as run:
+                # study teachers and split models (teacher-*) sample by default at evaluate's largest study row
+                steps = {d.name: max(p.evaluate.study_steps) for d in Path(args.models).glob("teacher-*")
+                         if p.evaluate.study_steps}
                 regs = tracking.register_all(args.models, args.schedulers, run_id=run.run_id, repo=args.repo,
-                                             default_steps={"teacher": p.teacher.sample.steps},
+                                             default_steps={**steps, "teacher": p.teacher.sample.steps},
                                              dataset=p.base.dataset)
                 run.log_metrics({"versions": len(regs), "created": sum(r.created for r in regs)})
         except tracking.LineageError as e:

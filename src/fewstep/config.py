@@ -8,6 +8,7 @@ fail with one message that names every bad field.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -197,6 +198,120 @@ class EvaluateParams(_Strict):
     peer_steps: list[int] = Field(default_factory=lambda: [4, 8])
     grid_n: int = Field(64, ge=1)
     kid_subsets: int = Field(20, ge=1)
+    study_steps: list[int] = Field(default_factory=lambda: [4, 16],
+                                   description="DDIM rows for every models/teacher-* (patch study, split)")
+
+
+class StudyParams(_Strict):
+    """Patched-diffusion study (Luhman & Luhman 2022): one teacher per patch size, models/teacher-p<P>
+    (stage study_teacher@P). ``teacher`` overrides the teacher section for every study teacher;
+    ``nets.p<P>`` overrides teacher.net for patch size P (widths chosen so a step costs less as P
+    grows). ``patch_sizes: []`` turns the study off; the full study is [1, 2, 4, 8]."""
+
+    patch_sizes: list[Literal[1, 2, 4, 8]] = Field(default_factory=list)
+    teacher: dict[str, Any] = Field(default_factory=dict)
+    nets: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _keys(self) -> "StudyParams":
+        if len(set(self.patch_sizes)) != len(self.patch_sizes):
+            raise ValueError(f"study.patch_sizes has duplicates: {self.patch_sizes}")
+        bad = sorted(set(self.nets) - {"p1", "p2", "p4", "p8"})
+        if bad:
+            raise ValueError(f"study.nets keys must be p1, p2, p4 or p8, got {bad}")
+        return self
+
+    def teacher_for(self, teacher: TeacherParams, P: int) -> TeacherParams:
+        """The teacher section of the study teacher with patch size P."""
+        return _teacher_variant(teacher, self.teacher, {**self.nets.get(f"p{P}", {}), "patch_size": P},
+                                f"study (patch size {P})")
+
+
+def _teacher_variant(teacher: TeacherParams, overrides: dict[str, Any], net: dict[str, Any],
+                     source: str) -> TeacherParams:
+    raw = deep_merge(teacher.model_dump(), overrides)
+    raw["net"] = {**raw["net"], **net}
+    try:
+        return TeacherParams.model_validate(raw)
+    except ValidationError as e:
+        raise ParamsError(_format(e, source)) from None
+
+
+class SplitModelParams(_Strict):
+    """A two-network model (PDM B.7): ``high`` answers below the boundary SNR, ``low`` above it.
+    Each side is a set of overrides of the teacher section (its net under ``net``); the low-noise
+    net starts from the high-noise net's weights where shapes match (PDM release)."""
+
+    boundary_snr: float = Field(0.25, gt=0.0, description="SNR = alpha^2/sigma^2 at the boundary (PDM: 0.25)")
+    init_low_from_high: bool = True
+    high: dict[str, Any] = Field(default_factory=dict)
+    low: dict[str, Any] = Field(default_factory=dict)
+
+    def side(self, teacher: TeacherParams, side: str) -> TeacherParams:
+        over = dict(getattr(self, side))
+        return _teacher_variant(teacher, {k: v for k, v in over.items() if k != "net"}, over.get("net", {}),
+                                f"split.{side}")
+
+
+class SplitParams(_Strict):
+    """Split models by model dir name (teacher-<name>), one stage train_split@<name> each; {} = off."""
+
+    models: dict[str, SplitModelParams] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _names(self) -> "SplitParams":
+        for name in self.models:
+            if not re.fullmatch(r"teacher-[A-Za-z0-9_.-]+", name) or re.fullmatch(r"teacher-p\d+", name):
+                raise ValueError(f"split model {name!r}: name it teacher-<name> (not teacher-p<P>, the study's)")
+        return self
+
+
+OBJECTIVE_VARIANT = r"^(eps|x|v)-(snr|snr_trunc|snr\+1|sqrt_snr|constant)$"
+
+
+class ObjectiveParams(_Strict):
+    """Objective study: one small teacher per (variant, patch size), variant = <kind>-<weighting>
+    (stage objective@<variant>-<P>), scored by x-prediction MSE on the test split and FD.
+    ``variants: []`` turns it off; see params.yaml for the full list."""
+
+    variants: list[str] = Field(default_factory=list)
+    patch_sizes: list[Literal[1, 2, 4, 8]] = Field(default_factory=lambda: [1, 4])
+    teacher: dict[str, Any] = Field(default_factory=dict, description="overrides of the teacher section")
+    nets: dict[str, dict[str, Any]] = Field(default_factory=dict, description="p<P>: overrides of teacher.net")
+    n_test: int = Field(256, ge=1, description="test images for the x-MSE per noise level")
+    n_samples: int = Field(200, ge=0, description="samples for FD (0 = no FD)")
+    sample_steps: int = Field(16, ge=1)
+
+    @model_validator(mode="after")
+    def _variants(self) -> "ObjectiveParams":
+        bad = [v for v in self.variants if not re.match(OBJECTIVE_VARIANT, v)]
+        if bad:
+            raise ValueError(f"objective.variants must be <eps|x|v>-<weighting>, got {bad}")
+        if "eps-snr_trunc" in self.variants:
+            raise ValueError("eps-prediction with snr_trunc weighting diverges (Salimans & Ho 2022, Table 1)")
+        return self
+
+    def teacher_for(self, teacher: TeacherParams, variant: str, P: int) -> TeacherParams:
+        kind, weighting = variant.split("-", 1)
+        return _teacher_variant(teacher, {**self.teacher, "parameterization": kind, "weighting": weighting},
+                                {**self.nets.get(f"p{P}", {}), "patch_size": P}, f"objective ({variant}, P={P})")
+
+
+class RedundancyParams(_Strict):
+    """x-prediction error of every teacher against log-SNR on the test split (the PDM argument)."""
+
+    n_images: int = Field(256, ge=1)
+    bins: int = Field(10, ge=1)
+    logsnr_min: float = -10.0
+    logsnr_max: float = 10.0
+    seed: int = Field(0, ge=0)
+    batch_size: int = Field(256, ge=1)
+
+    @model_validator(mode="after")
+    def _range(self) -> "RedundancyParams":
+        if self.logsnr_min >= self.logsnr_max:
+            raise ValueError(f"redundancy.logsnr_min ({self.logsnr_min}) must be below logsnr_max")
+        return self
 
 
 class PromoteParams(_Strict):
@@ -232,6 +347,34 @@ class Params(_Strict):
     evaluate: EvaluateParams = EvaluateParams()
     promote: PromoteParams = PromoteParams()
     distributed: DistributedParams = DistributedParams()
+    study: StudyParams = StudyParams()
+    split: SplitParams = SplitParams()
+    objective: ObjectiveParams = ObjectiveParams()
+    redundancy: RedundancyParams = RedundancyParams()
+
+    @model_validator(mode="after")
+    def _study_nets(self) -> "Params":
+        """Every study, split and objective net must be buildable at base.image_size."""
+        size = self.base.image_size
+
+        def check(tp: TeacherParams, where: str) -> None:
+            try:
+                tp.net.unet_config(size)
+            except ParamsError as e:
+                raise ValueError(f"{where} at image_size {size}: {e}") from None
+
+        for P in self.study.patch_sizes:
+            check(self.study.teacher_for(self.teacher, P), f"study.nets.p{P}")
+        for name, sp in self.split.models.items():
+            sides = {s: sp.side(self.teacher, s) for s in ("high", "low")}
+            for s, tp in sides.items():
+                check(tp, f"split.models.{name}.{s}")
+            if sides["high"].parameterization != sides["low"].parameterization:
+                raise ValueError(f"split model {name}: both nets need one parameterization")
+        for v in self.objective.variants:
+            for P in self.objective.patch_sizes:
+                check(self.objective.teacher_for(self.teacher, v, P), f"objective ({v}, P={P})")
+        return self
 
     @model_validator(mode="after")
     def _distill_grid(self) -> "Params":

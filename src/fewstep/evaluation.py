@@ -23,6 +23,7 @@ from fewstep.math.ddim import PerImageNoise, sample_ddim
 from fewstep.math.olss import OLSSScheduler, sample_olss
 from fewstep.math.param import NetDenoiser
 from fewstep.math.schedules import timesteps
+from fewstep.math.split import SIDES, SplitDenoiser
 
 SampleFn = Callable[[torch.Tensor, PerImageNoise], torch.Tensor]
 
@@ -35,6 +36,8 @@ class Row:
     nfe: int
     fn: SampleFn = field(repr=False)
     gflops: float = 0.0
+    nfe_by_net: dict[str, int] | None = None  # a split model: evaluations per image on each network
+    gflops_by_net: dict[str, float] | None = None
 
 
 def gflops_per_call(den: NetDenoiser, shape: tuple[int, int, int]) -> float:
@@ -49,8 +52,27 @@ def gflops_per_call(den: NetDenoiser, shape: tuple[int, int, int]) -> float:
     return fc.get_total_flops() / 1e9
 
 
+def gflops_per_net(den: NetDenoiser | SplitDenoiser, shape: tuple[int, int, int]) -> dict[str, float]:
+    """{"net": GFLOPs} for one network, {"high": .., "low": ..} for a split model (one call, one image)."""
+    if isinstance(den, SplitDenoiser):
+        return {s: gflops_per_call(getattr(den, s), shape) for s in SIDES}
+    return {"net": gflops_per_call(den, shape)}
+
+
+def count_split_nfe(den: SplitDenoiser, fn: SampleFn, shape: tuple[int, int, int]) -> dict[str, int]:
+    """Network evaluations per image on each side of a split model for sampler ``fn``: counted by
+    running it on one image (so any sampler, OLSS included, is counted as it routes)."""
+    dev = next(den.parameters()).device
+    den.reset_evaluations()
+    noise = PerImageNoise([0], dev)
+    with torch.no_grad():
+        fn(noise.randn(*shape), noise)
+    return den.reset_evaluations()
+
+
 def build_rows(models_dir: Path, schedulers_dir: Path, ep, device: torch.device) -> tuple[list[Row], dict]:
-    """Rows for the teacher (DDIM, eta family, OLSS variants), students and OLSS on them, peers."""
+    """Rows for the teacher (DDIM, eta family, OLSS variants), students and OLSS on them, the
+    patch-study teachers and split models (models/teacher-*), peers."""
     rows: list[Row] = []
     dens: dict[str, NetDenoiser] = {}
     teacher = models.load_denoiser(models_dir / "teacher", device)
@@ -74,6 +96,13 @@ def build_rows(models_dir: Path, schedulers_dir: Path, ep, device: torch.device)
         dens[d.name] = den
         n = int(den.config["sample_steps"])
         rows.append(Row(f"{d.name} ddim {n}", "student", d.name, n, ddim(den, n)))
+    # patch-study teachers (teacher-p<P>) and split models: DDIM at evaluate.study_steps, family = the model
+    for d in sorted(p for p in models_dir.iterdir() if (p / models.CONFIG).exists() and p.name.startswith("teacher-")):
+        den = models.load_denoiser(d, device)
+        dens[d.name] = den
+        for n in ep.study_steps:
+            if n <= den.schedule.T:
+                rows.append(Row(f"{d.name} ddim {n}", d.name, d.name, n, ddim(den, n)))
     for model_dir in sorted(schedulers_dir.glob("*")) if schedulers_dir.exists() else []:
         den = dens.get(model_dir.name) or models.load_denoiser(models_dir / model_dir.name, device)
         dens[model_dir.name] = den
@@ -94,9 +123,14 @@ def build_rows(models_dir: Path, schedulers_dir: Path, ep, device: torch.device)
                     nfe = 2 * peers.steps_for_nfe(name, n) - 1 if name == "heun" else n
                     rows.append(Row(f"diffusers {name} {nfe}", "peer", "teacher", nfe, fn))
     shape = (3, teacher.config["image_size"], teacher.config["image_size"])
-    flops = {k: gflops_per_call(v, shape) for k, v in dens.items()}
+    flops = {k: gflops_per_net(v, shape) for k, v in dens.items()}
     for r in rows:
-        r.gflops = flops[r.model] * r.nfe
+        if isinstance(dens[r.model], SplitDenoiser):  # cost = FLOPs per net x the NFE falling on its side
+            r.nfe_by_net = count_split_nfe(dens[r.model], r.fn, shape)
+            r.gflops_by_net = {s: flops[r.model][s] * r.nfe_by_net[s] for s in SIDES}
+            r.gflops = sum(r.gflops_by_net.values())
+        else:
+            r.gflops = flops[r.model]["net"] * r.nfe
     return rows, dens
 
 

@@ -15,6 +15,7 @@ import torch
 from fewstep import storage
 from fewstep.math.param import NetDenoiser
 from fewstep.math.schedules import Schedule, make_schedule
+from fewstep.math.split import SIDES, SplitDenoiser
 from fewstep.nets.unet import UNet, UNetConfig
 
 FORMAT_VERSION = 1
@@ -47,20 +48,68 @@ def load_config(directory: str | Path) -> dict[str, Any]:
     return cfg
 
 
+def save_split(directory: str | Path, nets: dict[str, UNet], meta: dict[str, Any]) -> str:
+    """A split (two-network) model as one model dir: weights ``high.*`` and ``low.*`` in one
+    safetensors file; config ``nets`` names both architectures, ``split`` the boundary."""
+    if set(nets) != set(SIDES):
+        raise ValueError(f"a split model needs nets {SIDES}, got {sorted(nets)}")
+    if "split" not in meta:
+        raise ValueError("a split model's meta needs a 'split' entry (boundary_logsnr)")
+    directory = Path(directory)
+    cfg = {"format_version": FORMAT_VERSION, "nets": {s: nets[s].cfg.to_dict() for s in SIDES}, **meta}
+    state = {f"{s}.{k}": v for s in SIDES for k, v in nets[s].state_dict().items()}
+    with storage.atomic_dir(directory) as tmp:
+        storage.save_tensors(tmp / WEIGHTS, state, metadata={"fewstep": "split-model"})
+        cfg["weights_sha256"] = storage.sha256_file(tmp / WEIGHTS)
+        storage.write_json(tmp / CONFIG, cfg)
+    return cfg["weights_sha256"]
+
+
+def is_split(cfg: dict[str, Any]) -> bool:
+    return "nets" in cfg
+
+
+def denoiser_from_config(cfg: dict[str, Any], state: dict[str, torch.Tensor],
+                         device: str | torch.device = "cpu") -> NetDenoiser | SplitDenoiser:
+    """The denoiser a config describes (one network, or a split pair), with weights ``state``."""
+    schedule = schedule_from_dict(cfg["schedule"])
+    if is_split(cfg):
+        dens = {}
+        for side in SIDES:
+            net = UNet(UNetConfig(**cfg["nets"][side]))
+            pre = side + "."
+            net.load_state_dict({k[len(pre):]: v for k, v in state.items() if k.startswith(pre)})
+            dens[side] = NetDenoiser(net.to(device).eval(), schedule, cfg["parameterization"])
+        den = SplitDenoiser(dens["high"], dens["low"], float(cfg["split"]["boundary_logsnr"]))
+    else:
+        net = UNet(UNetConfig(**cfg["net"]))
+        net.load_state_dict(state)
+        den = NetDenoiser(net.to(device).eval(), schedule, cfg["parameterization"])
+    den = den.eval().requires_grad_(False)
+    den.config = cfg  # lineage travels with the object
+    return den
+
+
+def single_net(den: NetDenoiser | SplitDenoiser) -> UNet:
+    """The one network to start a student from: the net itself, or a split model's low-noise net
+    (the finer of the two, trained where detail is decided)."""
+    return den.low.net if isinstance(den, SplitDenoiser) else den.net
+
+
 def load_net(directory: str | Path, device: str | torch.device = "cpu") -> tuple[UNet, dict[str, Any]]:
     cfg = load_config(directory)
+    if is_split(cfg):
+        raise ValueError(f"{directory} is a split (two-network) model; load it with load_denoiser")
     net = UNet(UNetConfig(**cfg["net"]))
     state = storage.load_tensors(Path(directory) / WEIGHTS)
     net.load_state_dict(state)
     return net.to(device).eval(), cfg
 
 
-def load_denoiser(directory: str | Path, device: str | torch.device = "cpu") -> NetDenoiser:
-    """Rebuild the denoiser (network + schedule + parameterisation) from a model directory."""
-    net, cfg = load_net(directory, device)
-    den = NetDenoiser(net, schedule_from_dict(cfg["schedule"]), cfg["parameterization"]).eval().requires_grad_(False)
-    den.config = cfg  # lineage travels with the object
-    return den
+def load_denoiser(directory: str | Path, device: str | torch.device = "cpu") -> NetDenoiser | SplitDenoiser:
+    """Rebuild the denoiser (network(s) + schedule + parameterisation) from a model directory."""
+    cfg = load_config(directory)
+    return denoiser_from_config(cfg, storage.load_tensors(Path(directory) / WEIGHTS), device)
 
 
 def resolve_device(name: str = "auto") -> torch.device:

@@ -26,14 +26,14 @@ from fewstep.math.ddim import PerImageNoise, generate
 from fewstep.math.olss import OLSSScheduler, sample_olss
 from fewstep.math.param import NetDenoiser
 from fewstep.math.schedules import timesteps
-from fewstep.nets.unet import UNet, UNetConfig
+from fewstep.math.split import SplitDenoiser
 
 SPACING = "trailing"  # the spacing every fewstep stage samples students with
 
 
 @dataclass
 class Sampler:
-    denoiser: NetDenoiser
+    denoiser: NetDenoiser | SplitDenoiser
     config: dict[str, Any]
     scheduler: OLSSScheduler | None
     default_steps: int
@@ -42,7 +42,8 @@ class Sampler:
     @property
     def shape(self) -> tuple[int, int, int]:
         size = int(self.config["image_size"])
-        return (int(self.config["net"].get("in_channels", 3)), size, size)
+        net = self.config.get("net") or self.config["nets"]["low"]  # a split model names two nets
+        return (int(net.get("in_channels", 3)), size, size)
 
     def sample(self, n: int, seed: int, steps: int | None = None, batch_size: int = 256) -> np.ndarray:
         """uint8 (n, H, W, C) for seeds seed .. seed+n-1."""
@@ -78,11 +79,7 @@ def load_sampler(
     if digest != cfg["weights_sha256"]:
         raise ValueError(f"{weights}: sha256 {digest[:12]} does not match the config's {cfg['weights_sha256'][:12]}")
     dev = torch.device(device)
-    net = UNet(UNetConfig(**cfg["net"]))
-    net.load_state_dict(storage.load_tensors(weights))
-    den = NetDenoiser(net.to(dev).eval(), models.schedule_from_dict(cfg["schedule"]), cfg["parameterization"])
-    den = den.eval().requires_grad_(False)
-    den.config = cfg
+    den = models.denoiser_from_config(cfg, storage.load_tensors(weights), dev)  # one net or a split pair
     sched = None
     if scheduler is not None:
         with storage.open_read(scheduler) as f:

@@ -429,9 +429,10 @@ class Registered:
 
 
 def model_registry_name(cfg: Mapping[str, Any]) -> str:
-    """``<dataset>-teacher`` or ``<dataset>-student-<k>step`` for a model config."""
+    """``<dataset>-teacher`` (``<dataset>-teacher-<variant>`` for a patch-study teacher or a split
+    model) or ``<dataset>-student-<k>step`` for a model config."""
     if cfg["role"] == "teacher":
-        return f"{cfg['dataset']}-teacher"
+        return f"{cfg['dataset']}-teacher" + (f"-{cfg['variant']}" if cfg.get("variant") else "")
     if cfg["role"] == "student":
         return f"{cfg['dataset']}-student-{int(cfg['sample_steps'])}step"
     raise ValueError(f"unknown model role {cfg['role']!r}")
@@ -518,7 +519,8 @@ def _clean(tags: Mapping[str, Any]) -> dict[str, str]:
 
 def _resolve_parent(cfg: Mapping[str, Any], t: Tracking) -> tuple[str, str]:
     p = cfg["parent"]
-    pname = model_registry_name({"dataset": cfg["dataset"], "role": p["role"], "sample_steps": p["sample_steps"]})
+    pname = model_registry_name({"dataset": cfg["dataset"], "role": p["role"], "sample_steps": p["sample_steps"],
+                                 "variant": p.get("variant")})
     mv = find_version(pname, {"weights_sha256": p["weights_sha256"]}, t)
     if mv is None:
         raise LineageError(f"parent {p.get('path')} ({pname}, weights {p['weights_sha256'][:12]}) is not registered; "

@@ -41,7 +41,8 @@ def test_dvc_repro_runs_the_stages_and_caches(repo):
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
     assert set(lock["stages"]) == {"prepare_data", "train_teacher", "distill@student-2", "distill@student-1",
                                    "collect_trajectories@teacher", "fit_olss@teacher-2", "fit_olss@teacher-3",
-                                   "train_evaluator", "evaluate", "register", "promote"}
+                                   "train_evaluator", "evaluate", "register", "promote", "redundancy",
+                                   "objective_report"}
     decisions = storage.read_json(repo / "registry/promotions.json")["decisions"]
     promos = {d["name"]: d for d in decisions}
     assert promos["cifar10-teacher"]["decision"] == "promoted"  # first champion

@@ -74,9 +74,10 @@ def distill_round(
     images = storage.load_array(Path(data_dir) / "train_images.npy")
     data = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2))).to(device)
 
-    net_cfg = dataclasses.replace(teacher.net.cfg, dropout=0.0)
+    base = models.single_net(teacher)  # a split teacher: its low-noise net
+    net_cfg = dataclasses.replace(base.cfg, dropout=0.0)
     student = UNet(net_cfg)
-    student.load_state_dict(teacher.net.state_dict())  # student = copy of teacher (PD Alg. 2)
+    student.load_state_dict(base.state_dict())  # student = copy of teacher (PD Alg. 2)
     student.requires_grad_(True)
     loop = LoopConfig(steps=rp.train_steps, lr=rp.lr, warmup=0, lr_decay="linear", grad_clip=rp.grad_clip,
                       ema_decay=rp.ema_decay, checkpoint_every=rp.checkpoint_every, keep_checkpoints=2,
@@ -96,7 +97,7 @@ def distill_round(
         run_hash=run_hash,
         train_steps=rp.train_steps,
         parent={"path": str(parent_dir), "weights_sha256": parent_cfg["weights_sha256"], "sample_steps": parent_steps,
-                "role": parent_cfg["role"]},
+                "role": parent_cfg["role"], **({"variant": parent_cfg["variant"]} if parent_cfg.get("variant") else {})},
     )
     if parallel.is_main():
         meta["weights_sha256"] = models.save_model(out_dir, result.net.to("cpu").float(), meta)

@@ -45,21 +45,26 @@ def draw_like(batch_size: int, shape: tuple[int, ...], rows: slice, gen: torch.G
 
 
 def diffusion_loss(
-    data: torch.Tensor, schedule: Schedule, kind: str, weighting: str, batch_size: int, hflip: bool
+    data: torch.Tensor, schedule: Schedule, kind: str, weighting: str, batch_size: int, hflip: bool,
+    t_range: tuple[int, int] | None = None,
 ) -> Callable[[torch.nn.Module, torch.Generator], torch.Tensor]:
     """loss_fn(net, gen, part) for the training loop. ``data``: uint8 (N, C, H, W) on the device.
 
-    Timesteps uniform on 1..T; every random draw comes from ``gen`` (seeded per step) for the
-    whole global batch; the rank computes rows ``part.rows(batch_size)`` and returns their loss
-    sum / batch_size (its share of the global mean)."""
+    Timesteps uniform on 1..T, or on ``t_range`` (inclusive indices: one side of a split model's
+    log-SNR boundary); every random draw comes from ``gen`` (seeded per step) for the whole global
+    batch; the rank computes rows ``part.rows(batch_size)`` and returns their loss sum / batch_size
+    (its share of the global mean)."""
     dev = data.device
     T = schedule.T
+    lo, hi = t_range or (1, T)
+    if not 1 <= lo <= hi <= T:
+        raise ValueError(f"t_range {t_range} must satisfy 1 <= lo <= hi <= T={T}")
     channels_last = dev.type == "cuda"
 
     def loss_fn(net: torch.nn.Module, gen: torch.Generator, part: BatchPart = BatchPart()) -> torch.Tensor:
         rows = part.rows(batch_size)
         x = sample_batch(data, batch_size, hflip, gen, rows)
-        t = torch.randint(1, T + 1, (batch_size,), generator=gen, device=dev)[rows]
+        t = torch.randint(lo, hi + 1, (batch_size,), generator=gen, device=dev)[rows]
         eps = draw_like(batch_size, tuple(x.shape[1:]), rows, gen, dev)
         alpha, sigma = schedule.at(t, torch.float32)
         z = alpha[:, None, None, None] * x + sigma[:, None, None, None] * eps
@@ -70,6 +75,27 @@ def diffusion_loss(
         return weighted_x_loss(pred.float(), kind, z, x, alpha, sigma, weighting, eps_target=eps).sum() / batch_size
 
     return loss_fn
+
+
+def loop_config(tp: Any, seed: int) -> LoopConfig:
+    """The training loop's settings from a teacher section (fewstep.config.TeacherParams)."""
+    return LoopConfig(
+        steps=tp.steps, lr=tp.lr, warmup=tp.warmup, lr_decay=tp.lr_decay, weight_decay=tp.weight_decay,
+        grad_clip=tp.grad_clip, ema_decay=tp.ema_decay, checkpoint_every=tp.checkpoint_every,
+        keep_checkpoints=tp.keep_checkpoints, log_every=tp.log_every, seed=seed,
+    )
+
+
+def load_train_data(p: Params, data_dir: str | Path, device: torch.device) -> tuple[dict[str, Any], torch.Tensor]:
+    """(manifest, uint8 (N, C, H, W) train images on ``device``), checked against base.image_size."""
+    data_dir = Path(data_dir)
+    manifest = storage.read_json(data_dir / "manifest.json")
+    images = storage.load_array(data_dir / "train_images.npy")
+    if images.shape[1] != p.base.image_size:
+        raise ValueError(
+            f"prepared images are {images.shape[1]}px but base.image_size is {p.base.image_size}; re-run prepare_data"
+        )
+    return manifest, torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2))).to(device)
 
 
 def run_hash(p: Params, data_hash: str) -> str:
@@ -86,29 +112,20 @@ def train_teacher(
     device: torch.device,
     progress: bool = True,
     on_log: Callable[[int, float], None] | None = None,
+    extra_meta: dict[str, Any] | None = None,
 ) -> tuple[LoopResult, dict[str, Any]]:
     """Train (or resume) the teacher and write its model directory. Returns the loop result
-    and the model config written beside the weights."""
+    and the model config written beside the weights (``extra_meta`` added to it, e.g. the patch
+    study's ``variant``)."""
     tp = p.teacher
-    data_dir = Path(data_dir)
-    manifest = storage.read_json(data_dir / "manifest.json")
-    images = storage.load_array(data_dir / "train_images.npy")
-    if images.shape[1] != p.base.image_size:
-        raise ValueError(
-            f"prepared images are {images.shape[1]}px but base.image_size is {p.base.image_size}; re-run prepare_data"
-        )
-    data = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2))).to(device)
+    manifest, data = load_train_data(p, data_dir, device)
     schedule = schedule_of(p)
     weighting = tp.weighting or DEFAULT_WEIGHTING[tp.parameterization]
     torch.manual_seed(p.base.seed)
     net = UNet(tp.net.unet_config(p.base.image_size))
     if device.type == "cuda":
         net = net.to(memory_format=torch.channels_last)
-    loop = LoopConfig(
-        steps=tp.steps, lr=tp.lr, warmup=tp.warmup, lr_decay=tp.lr_decay, weight_decay=tp.weight_decay,
-        grad_clip=tp.grad_clip, ema_decay=tp.ema_decay, checkpoint_every=tp.checkpoint_every,
-        keep_checkpoints=tp.keep_checkpoints, log_every=tp.log_every, seed=p.base.seed,
-    )
+    loop = loop_config(tp, p.base.seed)
     rh = run_hash(p, manifest["content_hash"])
     loss_fn = diffusion_loss(data, schedule, tp.parameterization, weighting, tp.batch_size, tp.hflip)
     result = train(net, loss_fn, loop, ckpt_dir, rh, device, progress=progress, desc="teacher", on_log=on_log)
@@ -126,6 +143,7 @@ def train_teacher(
         "train_steps": tp.steps,
         "sample_steps": p.schedule.T,
         "parent": None,
+        **(extra_meta or {}),
     }
     if parallel.is_main():
         meta["weights_sha256"] = models.save_model(model_dir, result.net.to("cpu").float(), meta)
