@@ -197,6 +197,8 @@ class EvaluateParams(_Strict):
     peer_steps: list[int] = Field(default_factory=lambda: [4, 8])
     grid_n: int = Field(64, ge=1)
     kid_subsets: int = Field(20, ge=1)
+    inception_weights: str | None = Field(None, description="a user's FID Inception-v3 weight file (safetensors or "
+                                          "a weights-only .pth): adds standard FID/KID beside the evaluator's")
 
 
 class PromoteParams(_Strict):

@@ -187,3 +187,25 @@ def sha256_arrays(*arrays: np.ndarray) -> str:
         h.update(f"{a.dtype.str}{a.shape}".encode())
         h.update(a.tobytes())
     return h.hexdigest()
+
+
+def load_state_dict_file(path: PathLike) -> dict[str, torch.Tensor]:
+    """A user-supplied state dict: safetensors (by content), else a PyTorch .pth/.pt read with
+    ``torch.load(weights_only=True)``, the restricted unpickler that builds only tensors and plain
+    containers (never arbitrary objects). Clear errors for a missing or unreadable file."""
+    p = local_path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"weight file {path} does not exist")
+    try:
+        return load_tensors(p)
+    except Exception as st_err:  # not safetensors: try the weights-only torch format
+        try:
+            sd = torch.load(p, map_location="cpu", weights_only=True)
+        except Exception as pt_err:
+            raise ValueError(f"{path} is neither safetensors ({st_err}) nor a weights-only PyTorch state dict "
+                             f"({type(pt_err).__name__}: {str(pt_err).splitlines()[0] if str(pt_err) else ''})") from None
+    if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
+        sd = sd["state_dict"]
+    if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
+        raise ValueError(f"{path} does not hold a state dict (a mapping of names to tensors)")
+    return dict(sd)
