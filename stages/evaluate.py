@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from fewstep import storage
+from fewstep.config import ParamsError
 from fewstep.evaluation import build_rows, feature_scores, inception_space, pareto_front, run_row, score
 from fewstep.images import from_uint8, save_grid
 from fewstep.math.ddim import sample_ddim
@@ -111,7 +112,10 @@ def main() -> None:
         inception = None
         if ep.inception_weights:  # standard FID: the user's Inception weights, same FD/KID code
             train = from_uint8(storage.load_array(Path(args.data) / "train_images.npy"))
-            inception = inception_space(ep.inception_weights, train, p.evaluator.ref_subset, ep.seed, device)
+            try:
+                inception = inception_space(ep.inception_weights, train, p.evaluator.ref_subset, ep.seed, device)
+            except ValueError as e:  # a file that is not an FID Inception state dict: one clear line
+                raise ParamsError(f"evaluate.inception_weights: {e}") from None
         teacher = dens["teacher"]
         size = p.base.image_size
         shape = (3, size, size)

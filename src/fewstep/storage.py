@@ -190,20 +190,24 @@ def sha256_arrays(*arrays: np.ndarray) -> str:
 
 
 def load_state_dict_file(path: PathLike) -> dict[str, torch.Tensor]:
-    """A user-supplied state dict: safetensors (by content), else a PyTorch .pth/.pt read with
-    ``torch.load(weights_only=True)``, the restricted unpickler that builds only tensors and plain
-    containers (never arbitrary objects). Clear errors for a missing or unreadable file."""
+    """A user-supplied state dict: safetensors (recognised by its JSON header), else a PyTorch
+    .pth/.pt read with ``torch.load(weights_only=True)``, the restricted unpickler that builds only
+    tensors and plain containers (never arbitrary objects). Clear errors for a missing, unreadable
+    or non-state-dict file."""
     p = local_path(path)
     if not p.is_file():
         raise FileNotFoundError(f"weight file {path} does not exist")
+    with p.open("rb") as f:
+        head = f.read(9)
     try:
-        return load_tensors(p)
-    except Exception as st_err:  # not safetensors: try the weights-only torch format
-        try:
+        if len(head) == 9 and head[8:9] == b"{":  # u64 header length, then the JSON header
+            sd = load_tensors(p)
+        else:
             sd = torch.load(p, map_location="cpu", weights_only=True)
-        except Exception as pt_err:
-            raise ValueError(f"{path} is neither safetensors ({st_err}) nor a weights-only PyTorch state dict "
-                             f"({type(pt_err).__name__}: {str(pt_err).splitlines()[0] if str(pt_err) else ''})") from None
+    except Exception as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ValueError(f"{path} is not a readable weight file (safetensors, or a PyTorch state dict that loads "
+                         f"with weights_only=True): {type(e).__name__}: {msg}") from None
     if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
         sd = sd["state_dict"]
     if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):

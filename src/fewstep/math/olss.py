@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -75,6 +76,7 @@ def lstsq(cols: Sequence[torch.Tensor], y: torch.Tensor, ridge: float = 0.0, wit
 
 GRAM_COND_MAX = 1e6  # basis condition number (of the column-scaled basis) above which the Gram solve defers to SVD
 CANCEL_REL = 1e-9  # a Gram residual below CANCEL_REL * ||y||^2 is cancellation noise: recompute it on the data
+CACHE_BYTES = 512 << 20  # float64 copies of the most recently used reference vectors
 
 
 class ProjectionCache:
@@ -82,16 +84,20 @@ class ProjectionCache:
 
     The search asks ~n * 30 * log2(N) times for the projection error of a reference latent X[j]
     onto span{X[c], E[p_0..p_i]}. All of them need only inner products between rows of X and E,
-    so each pair's inner product is computed once (float64 accumulation) and kept; a solve is then
-    a (k x k) problem: equilibrate the Gram matrix, eigendecompose it (rank revealing), and read
-    the residual off the normal equations, ||y - A w||^2 = y.y - 2 b.w + w.G w.
+    so each pair's inner product is computed once (float64, from float64 copies of the vectors kept
+    in a bounded LRU) and kept; a solve is then a (k x k) problem: equilibrate the Gram matrix,
+    eigendecompose it (rank revealing), and read the residual off the normal equations,
+    ||y - A w||^2 = y.y - 2 b.w + w.G w.
 
     Gram squares the condition number, so the fast path is taken only while the column-scaled
-    basis has cond <= GRAM_COND_MAX (Gram cond <= 1e12, well inside float64); a worse basis, or a
-    residual small enough to be lost to cancellation, is solved on the data by ``lstsq`` (SVD),
-    exactly as before. ``stats`` counts both, and keeps the largest condition number seen."""
+    basis has cond <= GRAM_COND_MAX (Gram cond <= 1e12, well inside float64); a worse basis is
+    solved on the data by ``lstsq`` (SVD), exactly as before. A residual small enough to be lost to
+    cancellation (<= CANCEL_REL * ||y||^2) is measured on the data, ||y - A w||^2 in float64 with
+    the Gram weights (their error enters the residual only to second order). ``stats`` counts
+    each case and keeps the largest condition number seen."""
 
-    def __init__(self, X: torch.Tensor, E: torch.Tensor, cond_max: float = GRAM_COND_MAX):
+    def __init__(self, X: torch.Tensor, E: torch.Tensor, cond_max: float = GRAM_COND_MAX,
+                 cache_bytes: int = CACHE_BYTES):
         if X.shape[0] != E.shape[0] + 1 or X.shape[1:] != E.shape[1:]:
             raise ValueError(f"need X (N+1, M) and E (N, M), got {tuple(X.shape)} and {tuple(E.shape)}")
         self.X, self.E, self.N = X, E, E.shape[0]
@@ -99,24 +105,36 @@ class ProjectionCache:
         self.cond_max = cond_max
         self._dot: dict[tuple[int, int], float] = {}
         self._mse: dict[tuple[tuple[int, ...], int], float] = {}
-        self.stats = {"solves": 0, "cached": 0, "gram": 0, "svd_ill_conditioned": 0, "svd_cancellation": 0,
+        self._v64: OrderedDict[int, torch.Tensor] = OrderedDict()
+        self._v64_max = max(2, cache_bytes // (8 * self.M))
+        self.stats = {"solves": 0, "cached": 0, "gram": 0, "svd_ill_conditioned": 0, "residual_on_data": 0,
                       "dots": 0, "max_cond": 0.0}
 
     # vectors are numbered 0..N for X[0..N] and N+1+p for E[p]
     def vec(self, i: int) -> torch.Tensor:
         return self.X[i] if i <= self.N else self.E[i - self.N - 1]
 
+    def vec64(self, i: int) -> torch.Tensor:
+        """Vector i flattened in float64 (LRU cache of recent ones)."""
+        v = self._v64.get(i)
+        if v is None:
+            v = self.vec(i).reshape(-1).to("cpu", torch.float64)
+            self._v64[i] = v
+            if len(self._v64) > self._v64_max:
+                self._v64.popitem(last=False)
+        else:
+            self._v64.move_to_end(i)
+        return v
+
     def gram(self, idx: Sequence[int]) -> np.ndarray:
         """Inner products <v_a, v_b> for a, b in idx, computing only the missing ones."""
         idx = list(idx)
-        for b in idx:
-            need = [a for a in idx if (min(a, b), max(a, b)) not in self._dot]
-            if need:
-                cols = torch.stack([self.vec(a).reshape(-1) for a in need]).double()
-                vals = (cols @ self.vec(b).reshape(-1).double()).tolist()
-                self.stats["dots"] += len(need)
-                for a, v in zip(need, vals):
-                    self._dot[(min(a, b), max(a, b))] = v
+        for i, a in enumerate(idx):
+            for b in idx[i:]:
+                key = (min(a, b), max(a, b))
+                if key not in self._dot:
+                    self._dot[key] = float(torch.dot(self.vec64(a), self.vec64(b)))
+                    self.stats["dots"] += 1
         return np.array([[self._dot[(min(a, b), max(a, b))] for b in idx] for a in idx])
 
     def solve(self, basis: Sequence[int], target: int) -> Solve:
@@ -136,8 +154,11 @@ class ProjectionCache:
         w = (Q @ ((Q.T @ (b / d)) / lam)) / d
         rss = yy - 2.0 * b @ w + w @ A @ w
         if rss <= CANCEL_REL * yy:  # too small to trust after cancellation: measure it on the data
-            self.stats["svd_cancellation"] += 1
-            return self._svd(basis, target, cond)
+            self.stats["residual_on_data"] += 1
+            r = self.vec64(target).clone()
+            for a, wa in zip(basis, w.tolist()):
+                r.add_(self.vec64(a), alpha=-wa)
+            return Solve(torch.from_numpy(w), float(torch.dot(r, r)) / self.M, cond)
         self.stats["gram"] += 1
         return Solve(torch.from_numpy(w), float(rss) / self.M, cond)
 
