@@ -67,8 +67,8 @@ def main() -> None:
     print(f"trajectories: {args.images} images x {len(t_path)} steps, {X.shape[1]} elements kept, "
           f"{collect_s:.1f} s ({how})")
     print(f"search solver: {'SVD on the data per problem' if args.svd else 'cached Gram (SVD fallback)'}")
-    print("| n | path length | search s | fit s | total s | max cond | solves (gram / residual on data / SVD) |")
-    print("|---:|---:|---:|---:|---:|---:|---:|")
+    print("| n | path length | search s | fit s | total s | max cond | solves (gram / residual on data / SVD) | path |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---|")
     for n in args.steps:
         t1 = time.perf_counter()
         ps = search_path(X, E, n, fast=not args.svd)
@@ -77,7 +77,7 @@ def main() -> None:
         t3 = time.perf_counter()
         st = ps.stats
         solves = f"{st['gram']} / {st['residual_on_data']} / {st['svd_ill_conditioned']}" if st else "all SVD"
-        print(f"| {n} | {len(ps.path)} ({ps.note}) | {t2 - t1:.1f} | {t3 - t2:.2f} | {t3 - t1:.1f} | {max(sched.cond):.2e} | {solves} |")
+        print(f"| {n} | {len(ps.path)} ({ps.note}) | {t2 - t1:.1f} | {t3 - t2:.2f} | {t3 - t1:.1f} | {max(sched.cond):.2e} | {solves} | {ps.path} |")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU")
 
 
