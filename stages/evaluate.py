@@ -17,8 +17,9 @@ from pathlib import Path
 import torch
 
 from fewstep import parallel, storage
-from fewstep.evaluation import build_rows, pareto_front, run_row, score
-from fewstep.images import save_grid
+from fewstep.config import ParamsError
+from fewstep.evaluation import build_rows, feature_scores, inception_space, pareto_front, run_row, score
+from fewstep.images import from_uint8, save_grid
 from fewstep.math.ddim import sample_ddim
 from fewstep.math.schedules import timesteps
 from fewstep.train.evaluator import features, load_evaluator
@@ -92,6 +93,11 @@ def report(results: dict, p, out: Path, pngs: list[str], meta: dict) -> None:
         lines.append(f"| {name}{' *' if r.get('pareto') else ''} | {r['nfe']} | {r['fd']:.3f} | "
                      f"{1e3 * r['kid']:.2f} ± {1e3 * r['kid_se']:.2f} | {r['precision']:.2f} | {r['recall']:.2f} | "
                      f"{r['rmse']:.4f} | {r['psnr']:.1f} | {r['gflops']:.3f}{_per_net(r)} | {r['images_per_s']:.0f} |")
+    inc = {n: r["inception"] for n, r in results.items() if "inception" in r}
+    if inc:
+        lines += ["", "Standard FID (Inception-v3 pool features, user-supplied weights; training-split statistics):", "",
+                  "| sampler | FID | KID (x1e3) |", "|---|---:|---:|"]
+        lines += [f"| {n} | {s['fd']:.3f} | {1e3 * s['kid']:.2f} ± {1e3 * s['kid_se']:.2f} |" for n, s in inc.items()]
     lines += [""] + [f"![{n}]({n})" for n in pngs]
     storage.atomic_write_bytes(out / "evaluation.md", ("\n".join(lines) + "\n").encode())
 
@@ -101,12 +107,20 @@ def main() -> None:
     ap.add_argument("--models", default="models")
     ap.add_argument("--schedulers", default="schedulers")
     ap.add_argument("--reports", default="reports")
+    ap.add_argument("--data", default="data/prepared", help="training split for Inception reference statistics")
     args = ap.parse_args()
     with _common.clear_errors("evaluate") as rec:
         p, device = _common.setup(args)
         ep = p.evaluate
         evaluator, stats = load_evaluator(Path(args.models) / "evaluator", device)
         rows, dens = build_rows(Path(args.models), Path(args.schedulers), ep, device)
+        inception = None
+        if ep.inception_weights:  # standard FID: the user's Inception weights, same FD/KID code
+            train = from_uint8(storage.load_array(Path(args.data) / "train_images.npy"))
+            try:
+                inception = inception_space(ep.inception_weights, train, p.evaluator.ref_subset, ep.seed, device)
+            except ValueError as e:  # a file that is not an FID Inception state dict: one clear line
+                raise ParamsError(f"evaluate.inception_weights: {e}") from None
         teacher = dens["teacher"]
         size = p.base.image_size
         shape = (3, size, size)
@@ -129,6 +143,8 @@ def main() -> None:
             r.update(family=row.family, model=row.model, nfe=row.nfe, gflops=row.gflops, images_per_s=ips)
             if row.gflops_by_net:  # a split model: the cost per network
                 r.update(nfe_by_net=row.nfe_by_net, gflops_by_net=row.gflops_by_net)
+            if inception is not None:
+                r["inception"] = feature_scores(inception[0](images), inception[1], ep.kid_subsets, ep.seed)
             results[row.name] = r
             save_grid(images[: ep.grid_n], out / "grids" / f"{slug(row.name)}.png", scale=max(1, 32 // size))
             print(f"evaluate: {row.name:32s} NFE {row.nfe:4d} FD {r['fd']:8.3f} RMSE {r['rmse']:.4f}", flush=True)

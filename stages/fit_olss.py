@@ -91,7 +91,7 @@ def main() -> None:
                     res[label] = rmse(sample_olss(den, x_T, sched, clip=False), ref)
         metrics = {"model": name, "steps": n, "reference_steps": N, "path": ps.path, "timesteps": best.timesteps,
                    "path_note": ps.note, "D": ps.D, "fit_seconds": fit_seconds, "max_cond": max(open_loop.cond),
-                   "rmse_vs_full_step": res, "holdout_seeds": op.n_holdout}
+                   "rmse_vs_full_step": res, "holdout_seeds": op.n_holdout, "search_stats": ps.stats}
         storage.write_json(Path(args.metrics) / f"{name}-{n}.json", metrics)
         rec.log_metrics(metrics)
         rec.log_history("fit_error", list(enumerate(best.fit_mse)))

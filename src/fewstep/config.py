@@ -200,6 +200,8 @@ class EvaluateParams(_Strict):
     kid_subsets: int = Field(20, ge=1)
     study_steps: list[int] = Field(default_factory=lambda: [4, 16],
                                    description="DDIM rows for every models/teacher-* (patch study, split)")
+    inception_weights: str | None = Field(None, description="a user's FID Inception-v3 weight file (safetensors or "
+                                          "a weights-only .pth): adds standard FID/KID beside the evaluator's")
 
 
 class StudyParams(_Strict):

@@ -158,17 +158,23 @@ def run_row(row: Row, seeds: list[int], shape: tuple[int, int, int], batch_size:
     return images, len(seeds) / (time.perf_counter() - t0)
 
 
+def feature_scores(feats: np.ndarray, stats: dict, kid_subsets: int, seed: int) -> dict:
+    """FD against the reference statistics and KID against the reference subset, in one feature
+    space (the evaluator's, or Inception's for standard FID)."""
+    kid_mean, kid_se = M.kid(feats, stats["subset"], subsets=kid_subsets, subset_size=min(1000, len(feats)),
+                             seed=seed)
+    return {"fd": M.frechet_distance(*M.mean_cov(feats), stats["mu"], stats["sigma"]), "kid": kid_mean,
+            "kid_se": kid_se}
+
+
 def score(feats: np.ndarray, images: torch.Tensor, reference: torch.Tensor, stats: dict, kid_subsets: int,
           seed: int) -> dict:
     ref_sub = stats["subset"]
-    kid_mean, kid_se = M.kid(feats, ref_sub, subsets=kid_subsets, subset_size=min(1000, len(feats)), seed=seed)
     n_pr = min(len(feats), len(ref_sub), 2000)
     prec, rec = M.precision_recall(ref_sub[:n_pr], feats[:n_pr])
     a, b = images.numpy(), reference.numpy()
     return {
-        "fd": M.frechet_distance(*M.mean_cov(feats), stats["mu"], stats["sigma"]),
-        "kid": kid_mean,
-        "kid_se": kid_se,
+        **feature_scores(feats, stats, kid_subsets, seed),
         "precision": prec,
         "recall": rec,
         "rmse": M.rmse(a, b),
@@ -185,3 +191,24 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
             front.append(i)
             best = points[i][1]
     return front
+
+
+def reference_stats(feats: np.ndarray, subset: int, seed: int) -> dict[str, np.ndarray]:
+    """mu, sigma of the reference features and a random subset of them for KID (as train_evaluator)."""
+    rng = np.random.default_rng(seed)
+    mu, sigma = M.mean_cov(feats)
+    return {"mu": mu, "sigma": sigma, "subset": feats[rng.choice(len(feats), min(len(feats), subset), replace=False)]}
+
+
+def inception_space(weights: str | Path, train_images: torch.Tensor, subset: int, seed: int,
+                    device: torch.device) -> tuple[Callable[[torch.Tensor], np.ndarray], dict[str, np.ndarray]]:
+    """Standard FID: the user's Inception-v3 weight file, a feature function and the training
+    split's reference statistics in its 2048-d pool space, for feature_scores."""
+    from fewstep.nets.inception import inception_features, load_inception
+
+    net = load_inception(weights, device)
+
+    def feats(images: torch.Tensor) -> np.ndarray:
+        return inception_features(net, images)
+
+    return feats, reference_stats(feats(train_images), subset, seed)

@@ -4,6 +4,7 @@ The adapter hands diffusers exactly our schedule (trained_betas from our alpha t
 1..T shifted to diffusers' 0..T-1, reference diffusers_peers.md section 4), the matching
 prediction_type, and maps whatever timestep a scheduler asks for (integer or fractional) to our
 continuous time through the noise level, so the network sees the sigma the solver integrates with.
+Heun alone gets the table cut at VE sigma HEUN_SIGMA_MAX and Karras sigmas (see there).
 Only this module imports diffusers.
 """
 
@@ -18,6 +19,13 @@ import torch
 from fewstep.math.param import NetDenoiser
 
 PEERS = ("ddim", "pndm", "dpmpp_2m", "dpmpp_3m", "unipc", "deis", "heun")
+# Heun's trapezoid in sigma weights the derivative at the far end of a step by half the step. On the
+# cosine grid the first step of a zero-SNR start runs from VE sigma 2.2e4 to ~2: O(1) derivative
+# differences times ~1e4 (RMSE ~0.7). Even from sigma 80, uniform-in-t steps span sigma ratios of
+# ~30 at the top and Heun trails DDIM at equal NFE. So Heun gets EDM's recipe: the table cut where
+# the VE sigma passes HEUN_SIGMA_MAX (EDM's sigma_max; diffusers_peers.md 4.4, 7.1, 8.5-8.6) and
+# Karras sigmas (rho 7) between it and the trailing grid's smallest sigma.
+HEUN_SIGMA_MAX = 80.0
 _PRED = {"v": "v_prediction", "x": "sample", "eps": "epsilon"}
 
 
@@ -26,12 +34,23 @@ def _betas(alpha: np.ndarray) -> np.ndarray:
     return 1.0 - np.concatenate([abar[:1], abar[1:] / abar[:-1]])
 
 
+def truncated_T(den: NetDenoiser, sigma_max: float) -> int:
+    """The largest index whose VE sigma (sigma/alpha) is <= sigma_max (at least 1)."""
+    sch = den.schedule
+    with np.errstate(divide="ignore"):
+        ve = sch.sigma / sch.alpha
+    ok = np.nonzero(ve <= sigma_max)[0]
+    return max(1, int(ok.max()))
+
+
 def make_scheduler(name: str, den: NetDenoiser):
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import diffusers as d
 
     sch = den.schedule
-    base = dict(num_train_timesteps=sch.T, trained_betas=_betas(sch.alpha), prediction_type=_PRED[den.kind])
+    T = truncated_T(den, HEUN_SIGMA_MAX) if name == "heun" else sch.T
+    # a truncated table is a prefix of ours: index i keeps its noise level, _time_map is unchanged
+    base = dict(num_train_timesteps=T, trained_betas=_betas(sch.alpha)[:T], prediction_type=_PRED[den.kind])
     if name == "ddim":
         return d.DDIMScheduler(**base, clip_sample=False, set_alpha_to_one=True, timestep_spacing="trailing")
     if name == "pndm":
@@ -43,8 +62,8 @@ def make_scheduler(name: str, den: NetDenoiser):
         return d.UniPCMultistepScheduler(**base, solver_order=2, solver_type="bh2", timestep_spacing="trailing")
     if name == "deis":
         return d.DEISMultistepScheduler(**base, solver_order=2, timestep_spacing="trailing")
-    if name == "heun":
-        return d.HeunDiscreteScheduler(**base, timestep_spacing="trailing")
+    if name == "heun":  # starts at VE sigma HEUN_SIGMA_MAX; x_T is taken as the noise there (alpha ~ 1/80)
+        return d.HeunDiscreteScheduler(**base, timestep_spacing="trailing", use_karras_sigmas=True)
     raise ValueError(f"unknown peer {name!r}; expected one of {PEERS}")
 
 

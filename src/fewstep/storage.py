@@ -187,3 +187,29 @@ def sha256_arrays(*arrays: np.ndarray) -> str:
         h.update(f"{a.dtype.str}{a.shape}".encode())
         h.update(a.tobytes())
     return h.hexdigest()
+
+
+def load_state_dict_file(path: PathLike) -> dict[str, torch.Tensor]:
+    """A user-supplied state dict: safetensors (recognised by its JSON header), else a PyTorch
+    .pth/.pt read with ``torch.load(weights_only=True)``, the restricted unpickler that builds only
+    tensors and plain containers (never arbitrary objects). Clear errors for a missing, unreadable
+    or non-state-dict file."""
+    p = local_path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"weight file {path} does not exist")
+    with p.open("rb") as f:
+        head = f.read(9)
+    try:
+        if len(head) == 9 and head[8:9] == b"{":  # u64 header length, then the JSON header
+            sd = load_tensors(p)
+        else:
+            sd = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ValueError(f"{path} is not a readable weight file (safetensors, or a PyTorch state dict that loads "
+                         f"with weights_only=True): {type(e).__name__}: {msg}") from None
+    if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
+        sd = sd["state_dict"]
+    if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
+        raise ValueError(f"{path} does not hold a state dict (a mapping of names to tensors)")
+    return dict(sd)

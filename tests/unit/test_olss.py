@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from fewstep.math.ddim import sample_ddim
-from fewstep.math.olss import (OLSSScheduler, feasible_path, fill_path, fit_weights, lstsq, refit_closed_loop,
+from fewstep.math.olss import (GRAM_COND_MAX, OLSSScheduler, ProjectionCache, feasible_path, fill_path, fit_weights,
+                               lstsq, refit_closed_loop,
                                sample_olss, search_path, uniform_path)
 from fewstep.math.schedules import cosine_schedule, timesteps
 from fewstep.testing import GMMDenoiser
@@ -152,3 +153,59 @@ def test_olss_beats_ddim_on_a_tiny_trained_model(tmp_path, tiny_teacher):
         err_ddim = (sample_ddim(den, x_T, timesteps(den.schedule.T, n), clip=False) - ref).pow(2).mean().sqrt()
         assert err_olss < err_ddim, (n, float(err_olss), float(err_ddim))
 
+
+
+def _cache_problem(k_extra=0, M=3000, N=12, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(N + 1, M, generator=g)
+    E = torch.randn(N, M, generator=g)
+    return X, E
+
+
+def test_fast_gram_solver_matches_svd_on_random_bases():
+    X, E = _cache_problem()
+    N = E.shape[0]
+    cache = ProjectionCache(X, E)
+    g = torch.Generator().manual_seed(1)
+    for k in (1, 2, 5, 9):
+        for _ in range(3):
+            basis = torch.randperm(2 * N + 1, generator=g)[:k].tolist()
+            target = next(j for j in torch.randperm(N + 1, generator=g).tolist() if j not in basis)
+            fast = cache.solve(basis, target)
+            slow = lstsq([cache.vec(i) for i in basis], cache.vec(target))
+            assert fast.mse == pytest.approx(slow.mse, rel=1e-9)
+            torch.testing.assert_close(fast.w, slow.w, rtol=1e-8, atol=1e-10)
+            assert fast.cond == pytest.approx(slow.cond, rel=0.5)  # column-scaled vs raw: same order
+    assert cache.stats["gram"] == 12 and cache.stats["svd_ill_conditioned"] == 0
+
+
+def test_fast_gram_solver_on_nearly_and_exactly_rank_deficient_bases():
+    X, E = _cache_problem(seed=3)
+    N = E.shape[0]
+    # nearly collinear (cond ~1e4): still the Gram path, residual equal to the SVD's
+    E[1] = E[0] + 1e-4 * E[1]
+    E[2] = 2.0 * E[0] - 3.0 * X[0]  # exactly in span{E[0], X[0]}: rank deficient
+    cache = ProjectionCache(X, E)
+    basis = [0, N + 1, N + 2]
+    fast, slow = cache.solve(basis, 5), lstsq([X[0], E[0], E[1]], X[5])
+    assert 1e3 < fast.cond < GRAM_COND_MAX and cache.stats["gram"] == 1
+    assert fast.mse == pytest.approx(slow.mse, rel=1e-8)
+    # rank deficient: the Gram system cannot resolve it, so the SVD on the data answers (minimum norm)
+    basis = [0, N + 1, N + 3]
+    fast, slow = cache.solve(basis, 5), lstsq([X[0], E[0], E[2]], X[5])
+    assert cache.stats["svd_ill_conditioned"] == 1 and torch.isfinite(fast.w).all()
+    torch.testing.assert_close(fast.w, slow.w)
+    assert fast.mse == pytest.approx(slow.mse, rel=1e-12)
+    # a target inside the span: the residual is cancellation noise on Gram, measured on the data instead
+    fast, slow = cache.solve([0, N + 1], N + 3), lstsq([X[0], E[0]], E[2])
+    assert cache.stats["residual_on_data"] == 1 and slow.mse < 1e-12  # float32 rounding of E[2]
+    assert fast.mse == pytest.approx(slow.mse, rel=1e-6)
+
+
+def test_fast_path_search_equals_the_svd_search(toy):
+    den, t_path, X, E = toy
+    X2, E2 = X.reshape(X.shape[0], -1), E.reshape(E.shape[0], -1)
+    for n in (2, 5):
+        fast, slow = search_path(X2, E2, n), search_path(X2, E2, n, fast=False)
+        assert fast.path == slow.path and fast.D == pytest.approx(slow.D, rel=1e-6)
+        assert fast.stats["gram"] > 0 and fast.stats["cached"] > 0

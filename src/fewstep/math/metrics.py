@@ -33,8 +33,9 @@ def frechet_distance(mu1: np.ndarray, s1: np.ndarray, mu2: np.ndarray, s2: np.nd
     if mu1.shape != mu2.shape or s1.shape != s2.shape:
         raise ValueError(f"shape mismatch: {mu1.shape} vs {mu2.shape}, {s1.shape} vs {s2.shape}")
     r1 = _sqrtm_psd(s1)
-    cross = _sqrtm_psd(r1 @ s2 @ r1)  # Tr((S1 S2)^1/2) == Tr((S1^1/2 S2 S1^1/2)^1/2)
-    d = float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(cross))
+    c = r1 @ s2 @ r1  # Tr((S1 S2)^1/2) == Tr((S1^1/2 S2 S1^1/2)^1/2): eigenvalues only
+    tr_cross = float(np.sqrt(np.clip(np.linalg.eigvalsh((c + c.T) / 2), 0, None)).sum())
+    d = float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * tr_cross)
     return max(d, 0.0)
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -70,32 +71,144 @@ def lstsq(cols: Sequence[torch.Tensor], y: torch.Tensor, ridge: float = 0.0, wit
 
 
 # --------------------------------------------------------------------------------------------
+# the path search's least squares, through cached inner products
+
+
+GRAM_COND_MAX = 1e6  # basis condition number (of the column-scaled basis) above which the Gram solve defers to SVD
+CANCEL_REL = 1e-9  # a Gram residual below CANCEL_REL * ||y||^2 is cancellation noise: recompute it on the data
+CACHE_BYTES = 512 << 20  # float64 copies of the most recently used reference vectors
+
+
+class ProjectionCache:
+    """Every least-squares problem of the path search, solved on its small Gram system.
+
+    The search asks ~n * 30 * log2(N) times for the projection error of a reference latent X[j]
+    onto span{X[c], E[p_0..p_i]}. All of them need only inner products between rows of X and E,
+    so each pair's inner product is computed once (float64, from float64 copies of the vectors kept
+    in a bounded LRU) and kept; a solve is then a (k x k) problem: equilibrate the Gram matrix,
+    eigendecompose it (rank revealing), and read the residual off the normal equations,
+    ||y - A w||^2 = y.y - 2 b.w + w.G w.
+
+    Gram squares the condition number, so the fast path is taken only while the column-scaled
+    basis has cond <= GRAM_COND_MAX (Gram cond <= 1e12, well inside float64); a worse basis is
+    solved on the data by ``lstsq`` (SVD), exactly as before. A residual small enough to be lost to
+    cancellation (<= CANCEL_REL * ||y||^2) is measured on the data, ||y - A w||^2 in float64 with
+    the Gram weights (their error enters the residual only to second order). ``stats`` counts
+    each case and keeps the largest condition number seen."""
+
+    def __init__(self, X: torch.Tensor, E: torch.Tensor, cond_max: float = GRAM_COND_MAX,
+                 cache_bytes: int = CACHE_BYTES):
+        if X.shape[0] != E.shape[0] + 1 or X.shape[1:] != E.shape[1:]:
+            raise ValueError(f"need X (N+1, M) and E (N, M), got {tuple(X.shape)} and {tuple(E.shape)}")
+        self.X, self.E, self.N = X, E, E.shape[0]
+        self.M = int(X[0].numel())
+        self.cond_max = cond_max
+        self._dot: dict[tuple[int, int], float] = {}
+        self._mse: dict[tuple[tuple[int, ...], int], float] = {}
+        self._v64: OrderedDict[int, torch.Tensor] = OrderedDict()
+        self._v64_max = max(2, cache_bytes // (8 * self.M))
+        self.stats = {"solves": 0, "cached": 0, "gram": 0, "svd_ill_conditioned": 0, "residual_on_data": 0,
+                      "dots": 0, "max_cond": 0.0}
+
+    # vectors are numbered 0..N for X[0..N] and N+1+p for E[p]
+    def vec(self, i: int) -> torch.Tensor:
+        return self.X[i] if i <= self.N else self.E[i - self.N - 1]
+
+    def vec64(self, i: int) -> torch.Tensor:
+        """Vector i flattened in float64 (LRU cache of recent ones)."""
+        v = self._v64.get(i)
+        if v is None:
+            v = self.vec(i).reshape(-1).to("cpu", torch.float64)
+            self._v64[i] = v
+            if len(self._v64) > self._v64_max:
+                self._v64.popitem(last=False)
+        else:
+            self._v64.move_to_end(i)
+        return v
+
+    def gram(self, idx: Sequence[int]) -> np.ndarray:
+        """Inner products <v_a, v_b> for a, b in idx, computing only the missing ones."""
+        idx = list(idx)
+        for i, a in enumerate(idx):
+            for b in idx[i:]:
+                key = (min(a, b), max(a, b))
+                if key not in self._dot:
+                    self._dot[key] = float(torch.dot(self.vec64(a), self.vec64(b)))
+                    self.stats["dots"] += 1
+        return np.array([[self._dot[(min(a, b), max(a, b))] for b in idx] for a in idx])
+
+    def solve(self, basis: Sequence[int], target: int) -> Solve:
+        """lstsq(basis vectors, target vector) through the Gram system (SVD fallback)."""
+        self.stats["solves"] += 1
+        G = self.gram(list(basis) + [target])
+        A, b, yy = G[:-1, :-1], G[:-1, -1], G[-1, -1]
+        d = np.sqrt(np.diag(A))
+        cond = math.inf
+        if np.all(d > 0):
+            lam, Q = np.linalg.eigh(A / np.outer(d, d))
+            cond = math.sqrt(lam[-1] / lam[0]) if lam[0] > 0 else math.inf
+        self.stats["max_cond"] = max(self.stats["max_cond"], cond)
+        if cond > self.cond_max:
+            self.stats["svd_ill_conditioned"] += 1
+            return self._svd(basis, target, cond)
+        w = (Q @ ((Q.T @ (b / d)) / lam)) / d
+        rss = yy - 2.0 * b @ w + w @ A @ w
+        if rss <= CANCEL_REL * yy:  # too small to trust after cancellation: measure it on the data
+            self.stats["residual_on_data"] += 1
+            r = self.vec64(target).clone()
+            for a, wa in zip(basis, w.tolist()):
+                r.add_(self.vec64(a), alpha=-wa)
+            return Solve(torch.from_numpy(w), float(torch.dot(r, r)) / self.M, cond)
+        self.stats["gram"] += 1
+        return Solve(torch.from_numpy(w), float(rss) / self.M, cond)
+
+    def _svd(self, basis: Sequence[int], target: int, cond: float) -> Solve:
+        s = lstsq([self.vec(a) for a in basis], self.vec(target), with_cond=False)
+        return Solve(s.w, s.mse, cond)
+
+    def projection_mse(self, path: Sequence[int], j: int) -> float:
+        """Algorithm 1's error: X[j] projected onto span{X[path[-1]], E[p] for p in path}, cached
+        per (path, j)."""
+        key = (tuple(path), j)
+        if key in self._mse:
+            self.stats["cached"] += 1
+            return self._mse[key]
+        mse = self.solve([path[-1]] + [self.N + 1 + p for p in path], j).mse
+        self._mse[key] = mse
+        return mse
+
+
+# --------------------------------------------------------------------------------------------
 # Algorithms 1-3
 
 
-def next_index(X: torch.Tensor, E: torch.Tensor, path: list[int], D: float) -> int:
+def next_index(X: torch.Tensor, E: torch.Tensor, path: list[int], D: float,
+               cache: ProjectionCache | None = None) -> int:
     """Algorithm 1: furthest j in (c, N] whose projection onto span{X[c], E[p] for p in path}
     has mse <= D (binary search; assumes error grows with j). The one-index step c+1 is always
-    allowed: it is the finest step the reference offers."""
+    allowed: it is the finest step the reference offers. ``cache`` reuses inner products and
+    solves across calls (search_path passes one); without it every solve is an SVD on the data."""
     N = E.shape[0]
     c = path[-1]
     basis = [X[c]] + [E[p] for p in path]
     lo, hi = c + 1, N
     while hi > lo:
         mid = (lo + hi + 1) // 2
-        if lstsq(basis, X[mid], with_cond=False).mse > D:
+        err = cache.projection_mse(path, mid) if cache is not None else lstsq(basis, X[mid], with_cond=False).mse
+        if err > D:
             hi = mid - 1
         else:
             lo = mid
     return lo
 
 
-def feasible_path(X: torch.Tensor, E: torch.Tensor, n: int, D: float) -> list[int] | None:
+def feasible_path(X: torch.Tensor, E: torch.Tensor, n: int, D: float,
+                  cache: ProjectionCache | None = None) -> list[int] | None:
     """Algorithm 2: a path of at most n model evaluations whose every jump has error <= D."""
     N = E.shape[0]
     path = [0]
     for _ in range(n):
-        j = next_index(X, E, path, D)
+        j = next_index(X, E, path, D, cache)
         if j >= N:
             return path
         path.append(j)
@@ -128,15 +241,18 @@ class PathSearch:
     path: list[int]
     D: float | None
     note: str  # "searched", "searched+filled", "full" or "uniform-fallback"
+    stats: dict[str, Any] = field(default_factory=dict)  # the search's solver counts and largest condition number
 
 
-def search_path(X: torch.Tensor, E: torch.Tensor, n: int, iters: int = 30, D_hi: float | None = None) -> PathSearch:
+def search_path(X: torch.Tensor, E: torch.Tensor, n: int, iters: int = 30, D_hi: float | None = None,
+                fast: bool = True) -> PathSearch:
     """Algorithm 3: the smallest D (bisection) for which a path with <= n steps exists.
 
     Explicit cases the released code gets wrong: n >= N returns the full path (OLSS == DDIM);
     a path shorter than n is filled by splitting its largest jumps (more evaluations, never a
     crash); when no D up to the largest single-jump error works, the uniform path is used and
-    the note says so.
+    the note says so. ``fast`` solves the search's least squares through one ProjectionCache
+    (same answers, see its docstring); False solves each on the data by SVD.
     """
     N = E.shape[0]
     if n < 1:
@@ -144,20 +260,22 @@ def search_path(X: torch.Tensor, E: torch.Tensor, n: int, iters: int = 30, D_hi:
     if n >= N:
         return PathSearch(list(range(N)), 0.0, "full")
     hi = D_hi if D_hi is not None else max(1e-12, float(lstsq([X[0], E[0]], X[N], with_cond=False).mse) * 4.0 + 10.0)
-    if feasible_path(X, E, n, hi) is None:
+    cache = ProjectionCache(X, E) if fast else None
+    if feasible_path(X, E, n, hi, cache) is None:
         return PathSearch(uniform_path(N, n), None, "uniform-fallback")
     lo = 0.0
     for _ in range(iters):
         mid = 0.5 * (lo + hi)
-        if feasible_path(X, E, n, mid) is None:
+        if feasible_path(X, E, n, mid, cache) is None:
             lo = mid
         else:
             hi = mid
-    path = feasible_path(X, E, n, hi)
+    path = feasible_path(X, E, n, hi, cache)
     assert path is not None
+    stats = dict(cache.stats) if cache is not None else {}
     if len(path) < n:
-        return PathSearch(fill_path(path, n, N), hi, "searched+filled")
-    return PathSearch(path, hi, "searched")
+        return PathSearch(fill_path(path, n, N), hi, "searched+filled", stats)
+    return PathSearch(path, hi, "searched", stats)
 
 
 # --------------------------------------------------------------------------------------------
