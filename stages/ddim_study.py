@@ -52,6 +52,7 @@ def run(args) -> dict:
     sp = p.ddim_study
     progress = not args.no_progress
     den = models.load_denoiser(args.model, device)
+    den.autocast = False  # float32 on CUDA too: bf16 outputs would put a floor under the reconstruction error
     T, size = den.schedule.T, int(den.config["image_size"])
     shape = (3, size, size)
     images, split = load_split(Path(args.data), sp.n_images, sp.seed)

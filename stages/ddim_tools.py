@@ -144,6 +144,7 @@ def main(argv: list[str] | None = None) -> None:
         except RuntimeError as e:  # cuda asked for, none there
             raise ValueError(str(e)) from None
         den = models.load_denoiser(args.model, device)
+        den.autocast = False  # float32 on CUDA too: inversion needs the precision
         with torch.no_grad():
             args.fn(args, den, device)
     except (ValueError, FileNotFoundError) as e:

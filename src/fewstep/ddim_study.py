@@ -102,7 +102,8 @@ def consistency(den: Denoiser, seeds: Sequence[int], shape: tuple[int, int, int]
     rows = []
     for n in counts:
         a = imgs[n].numpy()
-        row: dict[str, Any] = {"steps": n, "rmse": M.rmse(a, ref), "psnr": M.psnr(a, ref)}
+        psnr = M.psnr(a, ref)
+        row: dict[str, Any] = {"steps": n, "rmse": M.rmse(a, ref), "psnr": psnr if np.isfinite(psnr) else None}
         if f_ref is not None:
             d = float(np.linalg.norm(features(imgs[n]) - f_ref, axis=1).mean())
             row["feat_dist"] = d
