@@ -316,6 +316,30 @@ class RedundancyParams(_Strict):
         return self
 
 
+class DDIMStudyParams(_Strict):
+    """DDIM inversion / consistency / interpolation study on the teacher (stage ddim_study)."""
+
+    n_images: int = Field(8, ge=1, description="test images encoded and decoded for the reconstruction error")
+    recon_steps: list[int] = Field(default_factory=lambda: [10, 20, 50, 100, 1024], min_length=1)
+    consistency_steps: list[int] = Field(default_factory=lambda: [10, 20, 50, 100, 1024], min_length=1,
+                                         description="the largest (capped at T) is the reference")
+    n_consistency: int = Field(8, ge=2, description="x_T seeds decoded at every consistency step count")
+    interp_steps: int = Field(50, ge=1)
+    interp_n: int = Field(8, ge=2, description="images per interpolation row")
+    interp_pairs: int = Field(2, ge=1, description="rows of noise pairs, and as many of encoded test-image pairs")
+    spacing: Literal["trailing", "linspace", "quadratic"] = "trailing"
+    clip: bool = Field(False, description="clip x_hat while encoding/decoding images (the paper does not)")
+    seed: int = Field(0, ge=0, description="x_T seeds start here; test images are picked with it")
+    batch_size: int = Field(64, ge=1)
+
+    @model_validator(mode="after")
+    def _steps(self) -> "DDIMStudyParams":
+        bad = [n for n in (*self.recon_steps, *self.consistency_steps) if n < 1]
+        if bad:
+            raise ValueError(f"ddim_study step counts must all be >= 1, got {bad}")
+        return self
+
+
 class PromoteParams(_Strict):
     margin: float = Field(0.02, ge=0.0, lt=1.0, description="relative FD improvement a candidate needs")
 
@@ -353,6 +377,7 @@ class Params(_Strict):
     split: SplitParams = SplitParams()
     objective: ObjectiveParams = ObjectiveParams()
     redundancy: RedundancyParams = RedundancyParams()
+    ddim_study: DDIMStudyParams = DDIMStudyParams()
 
     @model_validator(mode="after")
     def _study_nets(self) -> "Params":

@@ -44,3 +44,21 @@ def save_grid(images: np.ndarray | torch.Tensor, path: str | Path, nrow: int | N
     buf = io.BytesIO()
     Image.fromarray(grid(images, nrow, scale=scale)).save(buf, format="PNG")
     storage.atomic_write_bytes(path, buf.getvalue())
+
+
+def load_images(paths: list[str | Path], size: int) -> torch.Tensor:
+    """Image files (any PIL format, local or fsspec URL) -> (N, 3, size, size) in [-1, 1]; an image of
+    another size is resized (bicubic) to ``size`` x ``size``."""
+    out = []
+    for p in paths:
+        with storage.open_read(p) as f:
+            try:
+                im = Image.open(io.BytesIO(f.read())).convert("RGB")
+            except Exception as e:  # PIL raises several types for unreadable files
+                raise ValueError(f"{p}: not a readable image ({type(e).__name__}: {e})") from None
+        if im.size != (size, size):
+            im = im.resize((size, size), Image.BICUBIC)
+        out.append(np.asarray(im, dtype=np.uint8))
+    if not out:
+        raise ValueError("no image files given")
+    return from_uint8(np.stack(out))

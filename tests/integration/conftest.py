@@ -120,6 +120,9 @@ def micro(p: dict) -> None:
     if "evaluate" in p:
         p["evaluate"].update(n_samples=10, batch_size=10, reference_steps=4, ddim_steps=[2], eta_steps=[2],
                              etas=[1.0], sigma_hat=False, peers=[], peer_steps=[2], grid_n=4, kid_subsets=2)
+    if "ddim_study" in p:
+        p["ddim_study"].update(n_images=2, recon_steps=[2], consistency_steps=[2, 4], n_consistency=2,
+                               interp_steps=2, interp_n=2, interp_pairs=1, batch_size=2)
 
 
 MICRO_STAGES = ["prepare_data", "train_teacher", "distill@student-1", "collect_trajectories@teacher",

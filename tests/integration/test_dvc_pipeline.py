@@ -23,6 +23,8 @@ def _tiny_eval(p: dict) -> None:
     p["evaluate"] = {"n_samples": 40, "batch_size": 20, "seed": 0, "reference_steps": 16, "ddim_steps": [1, 16],
                      "eta_steps": [4], "etas": [1.0], "sigma_hat": True, "peers": ["ddim", "dpmpp_2m"],
                      "peer_steps": [2], "grid_n": 4, "kid_subsets": 3}
+    p["ddim_study"].update(n_images=4, recon_steps=[2, 64], consistency_steps=[2, 64], n_consistency=2,
+                           interp_steps=2, interp_n=3, interp_pairs=1, batch_size=4)
 
 
 @pytest.fixture
@@ -42,7 +44,10 @@ def test_dvc_repro_runs_the_stages_and_caches(repo):
     assert set(lock["stages"]) == {"prepare_data", "train_teacher", "distill@student-2", "distill@student-1",
                                    "collect_trajectories@teacher", "fit_olss@teacher-2", "fit_olss@teacher-3",
                                    "train_evaluator", "evaluate", "register", "promote", "redundancy",
-                                   "objective_report"}
+                                   "objective_report", "ddim_study"}
+    study = storage.read_json(repo / "metrics/ddim_study.json")
+    assert study["split"] == "test" and set(study["reconstruction"]) == {"2", "64"}
+    assert (repo / "samples/ddim_interpolation.png").exists() and (repo / "plots/ddim_consistency.csv").exists()
     decisions = storage.read_json(repo / "registry/promotions.json")["decisions"]
     promos = {d["name"]: d for d in decisions}
     assert promos["cifar10-teacher"]["decision"] == "promoted"  # first champion
