@@ -532,18 +532,6 @@ def _resolve_parent(cfg: Mapping[str, Any], t: Tracking) -> tuple[str, str]:
 # registration
 
 
-def _checked_model_dir(model_dir: Path) -> tuple[dict[str, Any], Path, str]:
-    """(config, weights path, sha256) of a model dir whose weights match its config's hash."""
-    from fewstep import models, storage
-
-    cfg = models.load_config(model_dir)
-    weights = model_dir / models.WEIGHTS
-    sha = storage.sha256_file(weights)
-    if sha != cfg["weights_sha256"]:
-        raise LineageError(f"{weights}: sha256 {sha[:12]} does not match config.json ({cfg['weights_sha256'][:12]})")
-    return cfg, weights, sha
-
-
 def register_model_dir(
     model_dir: str | Path,
     *,
@@ -557,11 +545,15 @@ def register_model_dir(
     version with the same weights_sha256 is returned). A student's parent must be registered.
     ``default_steps``: the predict default when the request has no "steps" (default: the config's
     sample_steps)."""
-    from fewstep import models
+    from fewstep import models, storage
 
     t = tracking or configure()
     model_dir = Path(model_dir)
-    cfg, weights, sha = _checked_model_dir(model_dir)
+    cfg = models.load_config(model_dir)
+    weights = model_dir / models.WEIGHTS
+    sha = storage.sha256_file(weights)
+    if sha != cfg["weights_sha256"]:
+        raise LineageError(f"{weights}: sha256 {sha[:12]} does not match config.json ({cfg['weights_sha256'][:12]})")
     name = model_registry_name(cfg)
     with _store_lock(t.uri):
         existing = find_version(name, {"weights_sha256": sha}, t)
@@ -598,11 +590,15 @@ def register_evaluator(
     """Register the evaluator (the feature network of FD/KID) as ``<dataset>-evaluator``: a pyfunc
     from uint8 images to features (fewstep/evaluator_pyfunc.py), with its reference statistics,
     tagged with the data it was trained on and its test accuracy. Idempotent by weights_sha256."""
-    from fewstep import models
+    from fewstep import models, storage
 
     t = tracking or configure()
     model_dir = Path(model_dir)
-    cfg, weights, sha = _checked_model_dir(model_dir)
+    cfg = models.load_config(model_dir)
+    weights = model_dir / models.WEIGHTS
+    sha = storage.sha256_file(weights)
+    if sha != cfg["weights_sha256"]:
+        raise LineageError(f"{weights}: sha256 {sha[:12]} does not match config.json ({cfg['weights_sha256'][:12]})")
     name = f"{dataset}-evaluator"
     with _store_lock(t.uri):
         existing = find_version(name, {"weights_sha256": sha}, t)
