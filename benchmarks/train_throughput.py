@@ -103,23 +103,9 @@ def large_config(patch_size: int) -> UNetConfig:
 
 def build_peer() -> nn.Module:
     """diffusers' UNet2DModel with the google/ddpm-cifar10-32 config (no download)."""
-    from diffusers import UNet2DModel
+    from fewstep.peers import ddpm_cifar10_unet
 
-    return UNet2DModel(
-        sample_size=IMAGE_SIZE,
-        in_channels=IN_CHANNELS,
-        out_channels=IN_CHANNELS,
-        block_out_channels=(128, 256, 256, 256),
-        layers_per_block=2,
-        down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=None,  # one head, as in DDPM
-        downsample_padding=0,
-        flip_sin_to_cos=False,
-        freq_shift=1,
-        norm_eps=1e-6,
-        dropout=DROPOUT,
-    )
+    return ddpm_cifar10_unet(DROPOUT)
 
 
 def time_steps(

@@ -130,17 +130,23 @@ def main() -> None:
 
         ref_row = Row("reference", "ddim", "teacher", len(ref_steps),
                       lambda x_T, noise: sample_ddim(teacher, x_T, ref_steps))
-        reference, _ = run_row(ref_row, seeds, shape, ep.batch_size, device)
+        reference, ref_ips = run_row(ref_row, seeds, shape, ep.batch_size, device)
+        ref_name = f"teacher ddim {len(ref_steps)}"  # the same sampler, steps, seeds: its images are the reference
         out = Path(args.reports)
         (out / "grids").mkdir(parents=True, exist_ok=True)
         results = {}
         for row in rows:
-            images, ips = run_row(row, seeds, shape, ep.batch_size, device)
+            if row.name == ref_name:
+                images, ips = reference, ref_ips
+            else:
+                images, ips = run_row(row, seeds, shape, ep.batch_size, device)
             if not parallel.is_main():  # under torchrun: the other ranks sample their share, rank 0 scores
                 continue
             feats = features(evaluator, images.to(device) if device.type == "cuda" else images)
             r = score(feats, images, reference, stats, ep.kid_subsets, ep.seed)
             r.update(family=row.family, model=row.model, nfe=row.nfe, gflops=row.gflops, images_per_s=ips)
+            if row.name == ref_name:
+                r["is_reference"] = True  # not sampled twice
             if row.gflops_by_net:  # a split model: the cost per network
                 r.update(nfe_by_net=row.nfe_by_net, gflops_by_net=row.gflops_by_net)
             if inception is not None:

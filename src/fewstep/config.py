@@ -414,9 +414,11 @@ class Params(_Strict):
 
 
 def deep_merge(a: dict, b: dict) -> dict:
+    """``b`` over ``a``: mappings merge key by key, anything else replaces. An empty mapping in ``b``
+    replaces too, so a profile can turn a section off (``split: {models: {}}``)."""
     out = dict(a)
     for k, v in b.items():
-        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and v and isinstance(out.get(k), dict) else v
     return out
 
 

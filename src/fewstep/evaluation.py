@@ -117,6 +117,8 @@ def build_rows(models_dir: Path, schedulers_dir: Path, ep, device: torch.device)
         except ImportError:  # diffusers is an optional extra
             peers = None
         if peers is not None:
+            if ep.peers:  # imports diffusers here, not inside the first peer row's timed sampling
+                peers.make_scheduler(ep.peers[0], teacher)
             for name in ep.peers:
                 for n in ep.peer_steps:
                     fn = (lambda nm, k: lambda x_T, noise: peers.sample_peer(nm, teacher, x_T, k)[0])(name, n)

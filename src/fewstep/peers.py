@@ -29,6 +29,30 @@ HEUN_SIGMA_MAX = 80.0
 _PRED = {"v": "v_prediction", "x": "sample", "eps": "epsilon"}
 
 
+def ddpm_cifar10_unet(dropout: float = 0.1) -> torch.nn.Module:
+    """diffusers' UNet2DModel in the google/ddpm-cifar10-32 configuration (35.7M parameters, built
+    here: nothing is downloaded). The peer that training throughput and the compute budget are
+    measured against."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from diffusers import UNet2DModel
+
+    return UNet2DModel(
+        sample_size=32,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(128, 256, 256, 256),
+        layers_per_block=2,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=None,  # one head, as in DDPM
+        downsample_padding=0,
+        flip_sin_to_cos=False,
+        freq_shift=1,
+        norm_eps=1e-6,
+        dropout=dropout,
+    )
+
+
 def _betas(alpha: np.ndarray) -> np.ndarray:
     abar = alpha[1:] ** 2  # diffusers index i <-> our index i + 1
     return 1.0 - np.concatenate([abar[:1], abar[1:] / abar[:-1]])

@@ -64,6 +64,9 @@ def test_dvc_repro_runs_the_stages_and_caches(repo):
     # a clearly better sampler ranks above a clearly worse one
     assert rows["teacher ddim 16"]["rmse"] < rows["teacher ddim 1"]["rmse"]
     assert rows["teacher ddim 16"]["fd"] < rows["teacher ddim 1"]["fd"]
+    # the reference_steps DDIM row is the reference itself: reused, not sampled twice
+    assert rows["teacher ddim 16"].get("is_reference") and rows["teacher ddim 16"]["rmse"] == 0.0
+    assert not rows["teacher ddim 1"].get("is_reference")
     assert (repo / "reports/evaluation.md").exists() and (repo / "reports/pareto.png").exists()
     assert (repo / "reports/grids/teacher-ddim-16.png").exists()
     from fewstep.math.olss import OLSSScheduler

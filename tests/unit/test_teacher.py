@@ -133,9 +133,20 @@ def test_params_are_validated_with_clear_messages(tmp_path):
         validate(p).teacher.net.unet_config(8)
 
 
+def test_a_profile_merges_over_params_and_can_turn_a_section_off(tmp_path):
+    from fewstep.config import deep_merge
+
+    base = {"split": {"models": {"teacher-split": {"boundary_snr": 0.25}}}, "teacher": {"steps": 5, "lr": 0.1}}
+    merged = deep_merge(base, {"split": {"models": {}}, "teacher": {"steps": 7}})
+    assert merged == {"split": {"models": {}}, "teacher": {"steps": 7, "lr": 0.1}}
+    assert base["teacher"]["steps"] == 5  # inputs untouched
+
+
 def test_repo_params_and_gpu_profile_validate(root):
     cpu = load_params(root / "params.yaml")
     cpu.teacher.net.unet_config(cpu.base.image_size)
     gpu = load_params(root / "params.yaml", profile="gpu")
     assert gpu.base.image_size == 32 and gpu.prepare.classes is None
     gpu.teacher.net.unet_config(gpu.base.image_size)
+    full = load_params(root / "params.yaml", profile="gpu-full")
+    assert full.base.image_size == 32 and full.study.patch_sizes == [1, 2, 4, 8]

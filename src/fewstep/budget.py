@@ -1,0 +1,182 @@
+"""The compute a params file asks for, stage by stage, and the wall time it projects to.
+
+Every stage's work is counted as network evaluations of one image: ``train`` images go through a
+forward and a backward pass (counted as 3 forwards, the usual rule), ``forward`` images through a
+forward pass only (sampling, a distillation teacher's targets, trajectories). Each count is
+multiplied by the net's model FLOPs per image (torch's FLOP counter, the same count as the
+evaluation table's GFLOPs) and divided by a sustained rate in GFLOP/s.
+
+The rate is calibrated on a measured peer, not a datasheet: ``rate_from_peer`` turns "this
+device trains diffusers' DDPM CIFAR-10 UNet at N images/s" into GFLOP/s. The issue's H100 figure
+(1,760 images/s, bf16 autocast, eager, batch 128) is ``H100_PEER_TRAIN_IMAGES_PER_S``. What the
+projection leaves out, so it is a lower bound on wall time: data loading, checkpoints, process
+start, MLflow, the evaluator's own features and the OLSS fit (seconds), and the lower utilisation
+of small nets and small batches (a P=4/P=8 net at 32x32 will not reach the peer's rate).
+
+    python benchmarks/gpu_budget.py                 # the GPU profile at the H100 calibration
+    python benchmarks/gpu_budget.py --profile ""    # the CPU default (params.yaml alone)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+import torch
+
+from fewstep.config import Params, TeacherParams
+
+H100_PEER_TRAIN_IMAGES_PER_S = 1760.0  # diffusers UNet2DModel (DDPM CIFAR-10), one H100, bf16, batch 128
+TRAIN_FORWARDS = 3  # forward + backward of one image, in forward passes
+
+
+@dataclass
+class Work:
+    stage: str
+    net: str  # what runs: a label for the table
+    gflops: float  # model GFLOPs of one forward pass of one image
+    train: int = 0  # images through forward + backward
+    forward: int = 0  # images through a forward pass only
+
+    @property
+    def gflop(self) -> float:
+        return self.gflops * (TRAIN_FORWARDS * self.train + self.forward)
+
+
+def _flops(net: torch.nn.Module, shape: tuple[int, ...], *extra: torch.Tensor) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as fc, torch.no_grad():
+        net(torch.zeros(1, *shape), *extra)
+    return fc.get_total_flops() / 1e9
+
+
+@lru_cache(maxsize=64)
+def _unet_gflops_cached(key: str, image_size: int) -> float:
+    import json
+
+    from fewstep.config import NetParams
+    from fewstep.nets.unet import UNet
+
+    cfg = NetParams.model_validate(json.loads(key)).unet_config(image_size)
+    return _flops(UNet(cfg).eval(), (cfg.in_channels, image_size, image_size), torch.ones(1))
+
+
+def unet_gflops(tp: TeacherParams, image_size: int) -> float:
+    """Model GFLOPs of one forward pass of the teacher-section net ``tp.net`` on one image."""
+    return _unet_gflops_cached(tp.net.model_dump_json(), image_size)
+
+
+def evaluator_gflops(p: Params, num_classes: int = 10) -> float:
+    from fewstep.nets.evaluator import Evaluator, EvaluatorConfig
+
+    cfg = EvaluatorConfig(num_classes=num_classes, widths=tuple(p.evaluator.widths),
+                          blocks_per_stage=p.evaluator.blocks_per_stage)
+    return _flops(Evaluator(cfg).eval(), (3, p.base.image_size, p.base.image_size))
+
+
+def peer_gflops() -> float:
+    """Model GFLOPs of one forward pass of diffusers' DDPM CIFAR-10 UNet at 32x32 (needs diffusers)."""
+    from fewstep.peers import ddpm_cifar10_unet
+
+    return _flops(ddpm_cifar10_unet().eval(), (3, 32, 32), torch.ones(1))
+
+
+def rate_from_peer(peer_train_images_per_s: float, gflops: float | None = None) -> float:
+    """Sustained GFLOP/s of a device that trains the peer at ``peer_train_images_per_s``."""
+    return peer_train_images_per_s * TRAIN_FORWARDS * (peer_gflops() if gflops is None else gflops)
+
+
+def _grid_steps(sample: Any, own_steps: int) -> int:
+    return sample.steps or own_steps
+
+
+def _heun_nfe(n: int) -> int:
+    return 2 * max(1, (n + 1) // 2) - 1
+
+
+def project(p: Params) -> list[Work]:
+    """Every stage's work for params ``p`` (what `dvc repro` runs from scratch)."""
+    size, T = p.base.image_size, p.schedule.T
+    out: list[Work] = []
+    tg = unet_gflops(p.teacher, size)
+    tp = p.teacher
+    out.append(Work("train_teacher", f"teacher P={tp.net.patch_size}", tg, train=tp.steps * tp.batch_size,
+                    forward=tp.sample.n * _grid_steps(tp.sample, 64)))
+    nets = {"teacher": tg}  # the net each model dir holds (students copy their parent's)
+    steps_of = {"teacher": T}
+    rounds = sorted(p.distill.rounds, key=lambda n: -p.distill.round(n).steps)  # pipeline order
+    for name in rounds:
+        r = p.distill.round(name)
+        g = nets["teacher" if r.parent == "teacher" else r.parent] if r.parent in nets else tg
+        nets[name], steps_of[name] = g, r.steps
+        out.append(Work(f"distill@{name}", f"{2 * r.steps}->{r.steps} steps", g,
+                        train=r.train_steps * r.batch_size,
+                        forward=2 * r.train_steps * r.batch_size + r.sample.n * _grid_steps(r.sample, r.steps)))
+    study: dict[str, tuple[float, int]] = {}  # model dir -> (GFLOPs per call, training steps)
+    for P in p.study.patch_sizes:
+        sp = p.study.teacher_for(p.teacher, P)
+        g = unet_gflops(sp, size)
+        study[f"teacher-p{P}"] = (g, sp.steps)
+        out.append(Work(f"study_teacher@{P}", f"P={P}", g, train=sp.steps * sp.batch_size,
+                        forward=sp.sample.n * _grid_steps(sp.sample, 64)))
+    for name, sm in p.split.models.items():
+        hi, lo = sm.side(p.teacher, "high"), sm.side(p.teacher, "low")
+        gh, gl = unet_gflops(hi, size), unet_gflops(lo, size)
+        out.append(Work(f"train_split@{name}", f"high P={hi.net.patch_size}", gh, train=hi.steps * hi.batch_size))
+        out.append(Work(f"train_split@{name}", f"low P={lo.net.patch_size}", gl, train=lo.steps * lo.batch_size,
+                        forward=lo.sample.n * _grid_steps(lo.sample, 64)))
+        study[name] = (max(gh, gl), hi.steps + lo.steps)  # cost per call: bounded by the dearer net
+    for v in p.objective.variants:
+        for P in p.objective.patch_sizes:
+            op = p.objective.teacher_for(p.teacher, v, P)
+            out.append(Work(f"objective@{v}-{P}", f"P={P}", unet_gflops(op, size), train=op.steps * op.batch_size,
+                            forward=p.objective.n_samples * p.objective.sample_steps + p.objective.n_test * 16))
+    ref = p.trajectories.reference_steps
+    for m in p.trajectories.models:
+        n = min(ref, steps_of.get(m, T))
+        out.append(Work(f"collect_trajectories@{m}", f"{n} steps", nets.get(m, tg), forward=p.trajectories.n_fit * n))
+    op_ = p.olss
+    variants = 3 + (1 if op_.ridge_variant > 0 else 0)  # closed loop, open loop, OLSS-P, ridge
+    for m in op_.models:
+        refn = min(ref, steps_of.get(m, T))
+        for n in op_.steps:
+            closed = p.trajectories.n_fit * n if op_.closed_loop else 0
+            out.append(Work(f"fit_olss@{m}-{n}", f"{n} steps", nets.get(m, tg),
+                            forward=closed + op_.n_holdout * (refn + n + variants * n)))
+    ev = p.evaluate
+    nfe = [n for n in ev.ddim_steps if n <= T and n != min(ev.reference_steps, T)]  # the reference row is reused
+    nfe_teacher = min(ev.reference_steps, T) + sum(nfe)
+    nfe_teacher += (len(ev.etas) + int(ev.sigma_hat)) * sum(ev.eta_steps)
+    nfe_teacher += sum(_heun_nfe(n) if peer == "heun" else n for peer in ev.peers for n in ev.peer_steps)
+    for m in op_.models:
+        if m == "teacher":
+            nfe_teacher += variants * sum(op_.steps)
+    out.append(Work("evaluate", "teacher rows", tg, forward=ev.n_samples * nfe_teacher))
+    for name in rounds:
+        k = steps_of[name] + (variants * sum(op_.steps) if name in op_.models else 0)
+        out.append(Work("evaluate", f"{name} rows", nets[name], forward=ev.n_samples * k))
+    for name, (g, _) in study.items():
+        out.append(Work("evaluate", f"{name} rows", g, forward=ev.n_samples * sum(n for n in ev.study_steps if n <= T)))
+    n_rows = (len(nfe) + 1 + (len(ev.etas) + int(ev.sigma_hat)) * len(ev.eta_steps) + len(ev.peers) * len(ev.peer_steps)
+              + len(p.distill.rounds) + variants * len(op_.steps) * len(op_.models) + len(ev.study_steps) * len(study))
+    eg = evaluator_gflops(p)
+    out.append(Work("train_evaluator", "evaluator CNN", eg, train=p.evaluator.steps * p.evaluator.batch_size))
+    out.append(Work("evaluate", "evaluator features", eg, forward=ev.n_samples * n_rows + p.evaluator.ref_subset))
+    rp = p.redundancy
+    out.append(Work("redundancy", f"{1 + len(study)} models", sum([tg] + [g for g, _ in study.values()]),
+                    forward=rp.n_images * rp.bins))
+    dp = p.ddim_study
+    k = (2 * dp.n_images * sum(min(n, T) for n in dp.recon_steps) + dp.n_consistency * sum(min(n, T) for n in dp.consistency_steps)
+         + dp.interp_pairs * (2 * dp.interp_n * dp.interp_steps + 2 * dp.interp_steps))
+    out.append(Work("ddim_study", "teacher", tg, forward=k))
+    return out
+
+
+def by_stage(work: list[Work]) -> dict[str, float]:
+    """GFLOP per stage (a stage with several nets summed), in pipeline order."""
+    out: dict[str, float] = {}
+    for w in work:
+        out[w.stage] = out.get(w.stage, 0.0) + w.gflop
+    return out

@@ -1,0 +1,83 @@
+"""The compute projection (fewstep.budget): counts follow the params, FLOPs match the evaluation's
+count, and the GPU profile fits its 60-minute H100 goal at the peer calibration."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from fewstep import budget
+from fewstep.config import deep_merge, load_params, validate
+from fewstep.evaluation import gflops_per_call
+from fewstep.math.param import NetDenoiser
+from fewstep.math.schedules import make_schedule
+from fewstep.nets.unet import UNet
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _params(split_off: bool = False, **over):
+    import yaml
+
+    raw = deep_merge(yaml.safe_load((ROOT / "params.yaml").read_text()), over)
+    if split_off:
+        raw["split"]["models"] = {}
+    return validate(raw)
+
+
+def _stage(work, stage):
+    return [w for w in work if w.stage == stage]
+
+
+def test_unet_gflops_is_the_evaluation_tables_count():
+    p = _params()
+    net = UNet(p.teacher.net.unet_config(p.base.image_size))
+    size = p.base.image_size
+    direct = gflops_per_call(NetDenoiser(net, make_schedule("cosine", 1024), "v"), (3, size, size))
+    assert budget.unet_gflops(p.teacher, size) == pytest.approx(direct, rel=1e-9)
+    # patch size 2 halves the grid: fewer FLOPs than the same widths at P=1
+    p1 = _params(teacher={"net": {"patch_size": 1}})
+    assert budget.unet_gflops(p1.teacher, size) > 2 * budget.unet_gflops(p.teacher, size)
+
+
+def test_counts_follow_the_params():
+    p = _params()
+    w = _stage(budget.project(p), "train_teacher")[0]
+    assert w.train == p.teacher.steps * p.teacher.batch_size
+    assert w.gflop == pytest.approx(w.gflops * (3 * w.train + w.forward))
+    q = _params(teacher={"steps": 2 * p.teacher.steps})
+    a, b = budget.by_stage(budget.project(p)), budget.by_stage(budget.project(q))
+    assert b["train_teacher"] > 1.9 * a["train_teacher"]
+    assert all(a[s] == pytest.approx(b[s]) for s in a if s != "train_teacher")
+    # a distillation round: student forward+backward plus two teacher forwards per image
+    r = p.distill.round("student-4")
+    d = _stage(budget.project(p), "distill@student-4")[0]
+    assert d.train == r.train_steps * r.batch_size and d.forward >= 2 * d.train
+    # turning the study off removes its stages and its evaluation rows
+    off = budget.project(_params(split_off=True, study={"patch_sizes": []}))
+    assert not [w for w in off if w.stage.startswith(("study_teacher", "train_split"))]
+    assert budget.by_stage(off)["evaluate"] < budget.by_stage(budget.project(p))["evaluate"]
+
+
+def test_the_reference_row_is_counted_once():
+    p = _params()
+    ref = p.evaluate.reference_steps
+    with_ref = _params(evaluate={"ddim_steps": [4, ref]})
+    without = _params(evaluate={"ddim_steps": [4]})
+    ev = lambda q: sum(w.forward for w in budget.project(q) if w.net == "teacher rows")  # noqa: E731
+    assert ev(with_ref) == ev(without)
+    assert ev(_params(evaluate={"ddim_steps": [4, 8]})) == ev(without) + 8 * p.evaluate.n_samples
+
+
+def test_gpu_profile_fits_an_hour_of_h100_at_the_peer_rate():
+    pytest.importorskip("diffusers")
+    g = budget.peer_gflops()
+    assert 5 < g < 20  # DDPM's CIFAR-10 UNet: about 6 GMACs per image
+    rate = budget.rate_from_peer(budget.H100_PEER_TRAIN_IMAGES_PER_S, g)
+    gpu = load_params(ROOT / "params.yaml", "gpu")
+    minutes = sum(budget.by_stage(budget.project(gpu)).values()) / rate / 60
+    # the projection is a lower bound (no data loading, checkpoints, small-net inefficiency): keep a margin
+    assert minutes < 45, f"profiles/gpu.yaml projects to {minutes:.0f} min of H100 time"
+    full = load_params(ROOT / "params.yaml", "gpu-full")
+    assert sum(budget.by_stage(budget.project(full)).values()) / rate / 60 > minutes
