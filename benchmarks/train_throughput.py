@@ -27,6 +27,7 @@ Run from the repository root:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import json
 import os
@@ -99,6 +100,15 @@ def large_config(patch_size: int) -> UNetConfig:
         attn_resolutions=tuple(r for r in BASE_ATTN_RESOLUTIONS if r in sizes),
         dropout=DROPOUT,
     )
+
+
+def matched_config(patch_size: int, min_params: int) -> UNetConfig:
+    """``large_config(patch_size)`` widened (base channels in steps of 32) until it has at least
+    ``min_params`` parameters: the goal compares throughput at no fewer parameters than the peer."""
+    cfg = large_config(patch_size)
+    while count_params(UNet(cfg)) < min_params:
+        cfg = dataclasses.replace(cfg, channels=cfg.channels + 32)
+    return cfg
 
 
 def build_peer() -> nn.Module:
@@ -227,6 +237,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     p.add_argument("--sizes", default="1,2,4", help="comma-separated fewstep patch sizes")
     p.add_argument("--no-peer", action="store_true", help="skip the diffusers peer")
+    p.add_argument("--no-matched", action="store_true",
+                   help="skip the P > 1 nets widened to at least the peer's parameter count")
     p.add_argument("--channels-last", action="store_true", help="channels_last models and inputs")
     p.add_argument("--compile", action="store_true", help="torch.compile the models")
     p.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write the results here")
@@ -267,6 +279,11 @@ def main(argv: list[str] | None = None) -> None:
             flush=True,
         )
         results.append(bench("fewstep UNet", P, lambda cfg=cfg: UNet(cfg), fewstep_forward, args, device))
+        if P > 1 and not args.no_matched:
+            wide = matched_config(P, peer.params if peer is not None and peer.params else PEER_PARAMS_EXPECTED)
+            print(f"  fewstep P={P} widened to {wide.channels} base channels (>= the peer's parameters)", flush=True)
+            results.append(bench(f"fewstep UNet, {wide.channels} ch (params >= peer)", P, lambda c=wide: UNet(c),
+                                 fewstep_forward, args, device))
 
     peer_ips = peer.images_per_s if peer is not None else None
     for r in results:

@@ -33,6 +33,20 @@ def test_schedule_errors():
         cosine_schedule(10, 5, -5)
 
 
+def test_schedule_lookup_is_exact_and_stays_on_the_index_device():
+    sch = cosine_schedule(1024)
+    t = torch.tensor([0, 1, 7, 512, 1024])
+    for dtype in (torch.float32, torch.float64):
+        a, s = sch.at(t, dtype)
+        assert a.dtype == s.dtype == dtype
+        assert torch.equal(a, torch.from_numpy(sch.alpha[t.numpy()]).to(dtype))
+        assert torch.equal(s, torch.from_numpy(sch.sigma[t.numpy()]).to(dtype))
+    # a meta tensor has no values: the lookup can only work if it never copies t to the host,
+    # which on a GPU would be a synchronisation in every training and sampling step
+    a, s = sch.at(t.to("meta"))
+    assert a.device.type == s.device.type == "meta" and a.shape == (5,)
+
+
 @pytest.mark.parametrize("spacing", ["trailing", "linspace", "quadratic"])
 def test_timesteps_descending_and_bounded(spacing):
     for steps in (1, 2, 7, 64, 1024):

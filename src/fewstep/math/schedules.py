@@ -9,7 +9,7 @@ and index ``T`` is the noisiest point. Variance preserving: ``x_t = alpha_t x_0 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
@@ -26,6 +26,8 @@ class Schedule:
     T: int
     alpha: np.ndarray  # (T+1,)
     sigma: np.ndarray  # (T+1,)
+    # float64 copies of the tables per device, so ``at`` gathers where ``t`` lives (no host sync)
+    _on_device: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def logsnr(self) -> np.ndarray:
@@ -34,11 +36,16 @@ class Schedule:
             return 2.0 * (np.log(self.alpha) - np.log(self.sigma))
 
     def at(self, t: torch.Tensor, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
-        """alpha_t, sigma_t for an integer index tensor, computed in float64 then cast."""
-        idx = t.detach().to("cpu", torch.long).numpy()
-        a = torch.from_numpy(self.alpha[idx]).to(t.device, dtype)
-        s = torch.from_numpy(self.sigma[idx]).to(t.device, dtype)
-        return a, s
+        """alpha_t, sigma_t for an integer index tensor, looked up in float64 then cast.
+
+        The lookup runs on ``t``'s device against float64 copies of the tables kept there, so a
+        training or sampling step on a GPU never waits for the host."""
+        tables = self._on_device.get(t.device)
+        if tables is None:
+            tables = (torch.from_numpy(self.alpha).to(t.device), torch.from_numpy(self.sigma).to(t.device))
+            self._on_device[t.device] = tables
+        idx = t.detach().long()
+        return tables[0][idx].to(dtype), tables[1][idx].to(dtype)
 
     def index_of_logsnr(self, logsnr: float) -> int:
         """Largest index whose log-SNR is still >= ``logsnr`` (0 if none is)."""
