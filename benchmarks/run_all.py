@@ -2,7 +2,9 @@
 table: teacher training images/s against diffusers' UNet2DModel (train_throughput.py), per-net cost
 and sampling images/s for P = 1, 2, 4, 8 and the split nets (patch_study.py), the OLSS fit time
 (olss_fit.py), the sampler table (samplers.py, needs a finished pipeline) and the per-stage wall time
-of the last pipeline run (stage_times.py, from the MLflow stage runs).
+of the last pipeline run (stage_times.py, from the MLflow stage runs), where a training and a sampling
+step spend their time with the MFU (profile_step.py) and the GPU profile's projected time per stage
+(gpu_budget.py).
 
     python benchmarks/run_all.py              # CPU: small settings (minutes)
     python benchmarks/run_all.py --gpu        # the GPU sizes (batch 128 training, batch 1000 sampling)
@@ -37,6 +39,8 @@ def main() -> None:
             "olss_fit": [py, "benchmarks/olss_fit.py", "--steps", "4", "5", "8", "10"],
             "samplers": [py, "benchmarks/samplers.py", "--profile", "gpu"],
             "stage_times": [py, "benchmarks/stage_times.py"],
+            "profile_step": [py, "benchmarks/profile_step.py", "--profile", "gpu", "--peak-tflops", "989"],
+            "gpu_budget": [py, "benchmarks/gpu_budget.py"],
         }
     else:
         runs = {
@@ -45,6 +49,8 @@ def main() -> None:
             "olss_fit": [py, "benchmarks/olss_fit.py", "--steps", "4", "10", "--images", "64", "--size", "16"],
             "samplers": [py, "benchmarks/samplers.py", "--nfe", "4", "8"],
             "stage_times": [py, "benchmarks/stage_times.py"],
+            "profile_step": [py, "benchmarks/profile_step.py", "--steps", "5"],
+            "gpu_budget": [py, "benchmarks/gpu_budget.py"],
         }
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
     print(f"# fewstep benchmarks, {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC, commit {commit.strip()}, "
