@@ -89,6 +89,26 @@ def test_changed_params_discard_the_old_checkpoint(tmp_path):
     assert r.returncode == 0 and "starting fresh" in r.stdout + r.stderr
 
 
+def test_a_checkpoint_of_other_training_code_is_not_resumed(tmp_path, monkeypatch):
+    """DVC re-runs a training stage when its code changes; resuming the old code's finished
+    checkpoint would return the old weights. (The code change is simulated by the fingerprint.)"""
+    from fewstep.train import loop
+
+    net = torch.nn.Linear(4, 1)
+    x = torch.randn(16, 4)
+    cfg = LoopConfig(steps=10, lr=1e-2, checkpoint_every=5, log_every=5)
+    lines = []
+    train(net, lambda m, g: m(x).pow(2).mean(), cfg, tmp_path, "run", torch.device("cpu"), progress=False)
+    r = train(net, lambda m, g: m(x).pow(2).mean(), cfg, tmp_path, "run", torch.device("cpu"), progress=False,
+              log=lines.append)
+    assert r.resumed_from == 10 and r.steps_run == 0  # same code: the finished run is resumed
+    monkeypatch.setattr(loop, "code_fingerprint", lambda: "0" * 64)
+    r = train(net, lambda m, g: m(x).pow(2).mean(), cfg, tmp_path, "run", torch.device("cpu"), progress=False,
+              log=lines.append)
+    assert r.resumed_from == 0 and r.steps_run == 10
+    assert "training code changed" in lines[-1]
+
+
 def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(tmp_path):
     net = torch.nn.Linear(4, 1)
     x = torch.randn(32, 4)

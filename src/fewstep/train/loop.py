@@ -68,6 +68,25 @@ def step_seed(seed: int, step: int, stream: int = 0) -> int:
     return (z ^ (z >> 31)) & (2**63 - 1)
 
 
+CODE_DIRS = ("math", "nets", "train")  # what a training step computes with (DVC's code deps of the stages)
+
+
+def code_fingerprint() -> str:
+    """sha256 of the training code: every .py under fewstep/{math,nets,train} and parallel.py.
+
+    Part of what a checkpoint must match to be resumed: DVC re-runs a training stage when this code
+    changes, and a resumed (possibly finished) checkpoint of the old code would hand back the old
+    weights under the new commit."""
+    import hashlib
+
+    pkg = Path(__file__).resolve().parents[1]
+    files = sorted(f for d in CODE_DIRS for f in (pkg / d).rglob("*.py")) + [pkg / "parallel.py"]
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.relative_to(pkg).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
 def lr_at(cfg: LoopConfig, step: int) -> float:
     """Learning rate for update ``step`` (0-based): linear warmup, then constant/cosine/linear decay."""
     if cfg.warmup and step < cfg.warmup:
@@ -133,6 +152,7 @@ def train(
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
     history: list[list[float]] = []
     start = 0
+    run_hash = f"{run_hash}+code:{code_fingerprint()[:16]}"  # same params and data, same code
     found = checkpoint.latest(ckpt_root)
     stale = False
     if found is not None:
@@ -142,7 +162,7 @@ def train(
             start, history = int(meta["step"]), meta.get("history", [])
             log(f"{desc}: resuming from {ck_dir} (step {start}/{cfg.steps}, world size {parallel.world_size()})")
         else:
-            log(f"{desc}: checkpoint in {ckpt_root} belongs to another run (params or data changed); starting fresh")
+            log(f"{desc}: checkpoint in {ckpt_root} belongs to another run (params, data or training code changed); starting fresh")
             stale = True
     if parallel.broadcast_int(start) != start:
         raise parallel.DistError(f"{desc}: rank {parallel.rank()} resumes from step {start} but rank 0 does not; "
