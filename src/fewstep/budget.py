@@ -109,7 +109,7 @@ def project(p: Params) -> list[Work]:
     rounds = sorted(p.distill.rounds, key=lambda n: -p.distill.round(n).steps)  # pipeline order
     for name in rounds:
         r = p.distill.round(name)
-        g = nets["teacher" if r.parent == "teacher" else r.parent] if r.parent in nets else tg
+        g = nets.get(r.parent, tg)
         nets[name], steps_of[name] = g, r.steps
         out.append(Work(f"distill@{name}", f"{2 * r.steps}->{r.steps} steps", g,
                         train=r.train_steps * r.batch_size,
