@@ -26,6 +26,7 @@ sys.path.insert(0, str(ROOT / "src"))
 from fewstep.budget import TRAIN_FORWARDS, unet_gflops  # noqa: E402
 from fewstep.config import load_params  # noqa: E402
 from fewstep.math.ddim import sample_ddim  # noqa: E402
+from fewstep.math.losses import DEFAULT_WEIGHTING  # noqa: E402
 from fewstep.math.param import NetDenoiser  # noqa: E402
 from fewstep.math.schedules import timesteps  # noqa: E402
 from fewstep.nets.unet import UNet  # noqa: E402
@@ -64,7 +65,8 @@ def main() -> None:
         net = net.to(memory_format=torch.channels_last)
     sch = schedule_of(p)
     data = torch.randint(0, 256, (4096, 3, size, size), dtype=torch.uint8, device=dev)
-    loss_fn = diffusion_loss(data, sch, tp.parameterization, tp.weighting or "snr+1", tp.batch_size, tp.hflip)
+    weighting = tp.weighting or DEFAULT_WEIGHTING[tp.parameterization]  # as train_teacher resolves it
+    loss_fn = diffusion_loss(data, sch, tp.parameterization, weighting, tp.batch_size, tp.hflip)
     opt = torch.optim.AdamW(net.parameters(), lr=tp.lr)
 
     def train_step(k: int) -> None:

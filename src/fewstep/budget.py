@@ -44,7 +44,8 @@ class Work:
         return self.gflops * (TRAIN_FORWARDS * self.train + self.forward)
 
 
-def _flops(net: torch.nn.Module, shape: tuple[int, ...], *extra: torch.Tensor) -> float:
+def model_gflops(net: torch.nn.Module, shape: tuple[int, ...], *extra: torch.Tensor) -> float:
+    """Model GFLOPs of ``net(zeros(1, *shape), *extra)`` (torch's FLOP counter): one image, one call."""
     from torch.utils.flop_counter import FlopCounterMode
 
     with FlopCounterMode(display=False) as fc, torch.no_grad():
@@ -60,7 +61,7 @@ def _unet_gflops_cached(key: str, image_size: int) -> float:
     from fewstep.nets.unet import UNet
 
     cfg = NetParams.model_validate(json.loads(key)).unet_config(image_size)
-    return _flops(UNet(cfg).eval(), (cfg.in_channels, image_size, image_size), torch.ones(1))
+    return model_gflops(UNet(cfg).eval(), (cfg.in_channels, image_size, image_size), torch.ones(1))
 
 
 def unet_gflops(tp: TeacherParams, image_size: int) -> float:
@@ -73,14 +74,14 @@ def evaluator_gflops(p: Params, num_classes: int = 10) -> float:
 
     cfg = EvaluatorConfig(num_classes=num_classes, widths=tuple(p.evaluator.widths),
                           blocks_per_stage=p.evaluator.blocks_per_stage)
-    return _flops(Evaluator(cfg).eval(), (3, p.base.image_size, p.base.image_size))
+    return model_gflops(Evaluator(cfg).eval(), (3, p.base.image_size, p.base.image_size))
 
 
 def peer_gflops() -> float:
     """Model GFLOPs of one forward pass of diffusers' DDPM CIFAR-10 UNet at 32x32 (needs diffusers)."""
     from fewstep.peers import ddpm_cifar10_unet
 
-    return _flops(ddpm_cifar10_unet().eval(), (3, 32, 32), torch.ones(1))
+    return model_gflops(ddpm_cifar10_unet().eval(), (3, 32, 32), torch.ones(1))
 
 
 def rate_from_peer(peer_train_images_per_s: float, gflops: float | None = None) -> float:

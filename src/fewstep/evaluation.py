@@ -42,14 +42,10 @@ class Row:
 
 def gflops_per_call(den: NetDenoiser, shape: tuple[int, int, int]) -> float:
     """Model FLOPs of one network evaluation for one image (torch's FLOP counter)."""
-    from torch.utils.flop_counter import FlopCounterMode
+    from fewstep.budget import model_gflops
 
-    x = torch.zeros(1, *shape)
-    t = torch.ones(1, dtype=torch.long)
-    net = den.net.to("cpu")
-    with FlopCounterMode(display=False) as fc, torch.no_grad():
-        NetDenoiser(net, den.schedule, den.kind, autocast=False)(x, t)
-    return fc.get_total_flops() / 1e9
+    wrapped = NetDenoiser(den.net.to("cpu"), den.schedule, den.kind, autocast=False)
+    return model_gflops(wrapped, shape, torch.ones(1, dtype=torch.long))
 
 
 def gflops_per_net(den: NetDenoiser | SplitDenoiser, shape: tuple[int, int, int]) -> dict[str, float]:
