@@ -68,11 +68,24 @@ def step_seed(seed: int, step: int, stream: int = 0) -> int:
     return (z ^ (z >> 31)) & (2**63 - 1)
 
 
-CODE_DIRS = ("math", "nets", "train")  # what a training step computes with (DVC's code deps of the stages)
+def code_files() -> list[Path]:
+    """The code a training run executes: every .py of the fewstep package, the entry module
+    (``python -m stages.NAME``) and any other loaded ``stages.*`` module (the shared runner). The
+    same set DVC lists as the stages' code deps (``src/fewstep``, ``stages/_common.py``, the stage)."""
+    import sys
+
+    pkg = Path(__file__).resolve().parents[1]
+    files = set(pkg.rglob("*.py"))
+    main = getattr(sys.modules.get("__main__"), "__file__", None)
+    mods = [m for name, m in list(sys.modules.items()) if name == "stages" or name.startswith("stages.")]
+    for f in [main, *(getattr(m, "__file__", None) for m in mods)]:
+        if f and f.endswith(".py") and Path(f).is_file():
+            files.add(Path(f).resolve())
+    return sorted(files)
 
 
 def code_fingerprint() -> str:
-    """sha256 of the training code: every .py under fewstep/{math,nets,train} and parallel.py.
+    """sha256 of :func:`code_files` (named relative to the package, or to the working dir).
 
     Part of what a checkpoint must match to be resumed: DVC re-runs a training stage when this code
     changes, and a resumed (possibly finished) checkpoint of the old code would hand back the old
@@ -80,10 +93,15 @@ def code_fingerprint() -> str:
     import hashlib
 
     pkg = Path(__file__).resolve().parents[1]
-    files = sorted(f for d in CODE_DIRS for f in (pkg / d).rglob("*.py")) + [pkg / "parallel.py"]
     h = hashlib.sha256()
-    for f in files:
-        h.update(f.relative_to(pkg).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
+    for f in code_files():
+        if f.is_relative_to(pkg):
+            name = "fewstep/" + f.relative_to(pkg).as_posix()
+        elif f.is_relative_to(Path.cwd().resolve()):
+            name = f.relative_to(Path.cwd().resolve()).as_posix()
+        else:
+            name = f.name
+        h.update(name.encode() + b"\0" + f.read_bytes() + b"\0")
     return h.hexdigest()
 
 
