@@ -7,6 +7,8 @@ fail with one message that names every bad field.
 
 from __future__ import annotations
 
+from fewstep.errors import UserError
+
 import os
 import re
 from pathlib import Path
@@ -18,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from fewstep.nets.unet import UNetConfig
 
 
-class ParamsError(ValueError):
+class ParamsError(UserError, ValueError):
     """params.yaml is malformed or has invalid values."""
 
 

@@ -10,6 +10,8 @@ are links, absolute, or climb out of the archive root are refused (UnsafeArchive
 
 from __future__ import annotations
 
+from fewstep.errors import UserError
+
 import io
 import posixpath
 import tarfile
@@ -29,7 +31,7 @@ IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".ppm", ".tif", 
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """The data source is unusable (too many corrupt files, no images, unknown classes...)."""
 
 

@@ -19,6 +19,8 @@ $FEWSTEP_NNODES, ``distributed.nnodes``.
 
 from __future__ import annotations
 
+from fewstep.errors import UserError
+
 import argparse
 import os
 import runpy
@@ -29,7 +31,7 @@ from typing import Sequence
 DEFAULT_RDZV_PORT = 29400
 
 
-class LaunchError(ValueError):
+class LaunchError(UserError, ValueError):
     """The launch request is inconsistent (bad world size, missing rendezvous endpoint)."""
 
 

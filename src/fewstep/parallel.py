@@ -12,6 +12,8 @@ the largest block (``gather_cat`` relies on that to tell empty ranks the shape).
 
 from __future__ import annotations
 
+from fewstep.errors import UserError
+
 import contextlib
 import os
 from dataclasses import dataclass
@@ -27,7 +29,7 @@ _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.in
            torch.bool)
 
 
-class DistError(RuntimeError):
+class DistError(UserError, RuntimeError):
     """The distributed environment is inconsistent (bad env vars, ranks disagreeing)."""
 
 

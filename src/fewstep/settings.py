@@ -24,6 +24,8 @@ takes plain arguments, so a notebook or a test calls it without touching the env
 
 from __future__ import annotations
 
+from fewstep.errors import UserError
+
 import os
 from dataclasses import dataclass, fields
 from typing import Mapping
@@ -31,7 +33,7 @@ from typing import Mapping
 TRACKING_MODES = ("auto", "required", "off")
 
 
-class SettingsError(ValueError):
+class SettingsError(UserError, ValueError):
     """An environment variable holds a value that cannot be used."""
 
 

@@ -8,6 +8,8 @@ any S3-compatible endpoint.
 
 from __future__ import annotations
 
+from fewstep.errors import UserError
+
 import contextlib
 import hashlib
 import io
@@ -25,7 +27,7 @@ from safetensors.torch import load_file, save as st_save
 PathLike = str | os.PathLike
 
 
-class StorageError(RuntimeError):
+class StorageError(UserError, RuntimeError):
     """An object store or file could not be read or written; the message names the URL."""
 
 

@@ -23,6 +23,8 @@ margin (:func:`promote`).
 
 from __future__ import annotations
 
+from fewstep.errors import UserError
+
 import contextlib
 import fcntl
 import importlib.metadata
@@ -62,7 +64,7 @@ SAMPLER_ARTIFACT = "sampler"
 MAX_PARAMS_PER_BATCH, MAX_METRICS_PER_BATCH, MAX_PARAM_LEN = 100, 1000, 6000
 
 
-class LineageError(RuntimeError):
+class LineageError(UserError, RuntimeError):
     """A model or scheduler cannot be registered with complete lineage (unregistered parent,
     weights that do not match their config, a scheduler fitted on another model version)."""
 

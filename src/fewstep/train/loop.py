@@ -17,6 +17,8 @@ and they hold the unwrapped net, so a run resumes with the same or a different w
 
 from __future__ import annotations
 
+from fewstep.errors import UserError
+
 import copy
 import inspect
 import math
@@ -32,7 +34,7 @@ from fewstep import parallel
 from fewstep.train import checkpoint
 
 
-class TrainingDivergedError(FloatingPointError):
+class TrainingDivergedError(UserError, FloatingPointError):
     """The loss became NaN or inf; the last good checkpoint is kept."""
 
 
