@@ -7,14 +7,18 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 PROFILE ?=
+TORCH := 2.13.0
 export DO_NOT_TRACK=1 DVC_NO_ANALYTICS=1 MLFLOW_DISABLE_TELEMETRY=true HF_HUB_OFFLINE=1
 
 .PHONY: setup run test test-unit test-integration bench clean
 
+# torch: a venv whose torch already imports (a GPU box with its own build) keeps it; otherwise the
+# pinned CPU build, or a clear failure (never an unpinned torch: that pulls a multi-GB CUDA build).
 $(BIN)/.installed: requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q torch==2.13.0 || $(BIN)/pip install -q torch   # CPU wheel on this disk; GPU boxes keep their own
+	$(BIN)/python -c 'import torch' 2>/dev/null || $(BIN)/pip install -q torch==$(TORCH) || \
+	  { echo 'make: cannot install torch==$(TORCH) (the CPU build). Install a torch build into $(VENV) yourself (e.g. the CUDA one for your GPU), then rerun make.' >&2; exit 1; }
 	$(BIN)/pip install -q -r requirements.txt
 	$(BIN)/pip install -q --no-deps -e .
 	touch $@
@@ -29,6 +33,12 @@ run: setup
 
 test: setup
 	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=15 tests
+
+test-unit: setup
+	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=15 tests/unit
+
+test-integration: setup
+	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=15 tests/integration
 
 bench: setup
 	$(BIN)/python benchmarks/train_throughput.py
