@@ -28,7 +28,6 @@ import json
 import os
 import platform
 import socket
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -36,17 +35,12 @@ from pathlib import Path
 import torch
 import torch.multiprocessing as mp
 
-try:
-    import fewstep  # noqa: F401
-except ImportError:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-
-from fewstep import parallel  # noqa: E402
-from fewstep.config import load_params  # noqa: E402
-from fewstep.math.losses import DEFAULT_WEIGHTING  # noqa: E402
-from fewstep.nets.unet import UNet, count_params  # noqa: E402
-from fewstep.train.loop import LoopConfig, train  # noqa: E402
-from fewstep.train.teacher import diffusion_loss, schedule_of  # noqa: E402
+from fewstep import parallel
+from fewstep.config import load_params
+from fewstep.math.losses import DEFAULT_WEIGHTING
+from fewstep.nets.unet import UNet, count_params
+from fewstep.train.loop import LoopConfig, train
+from fewstep.train.teacher import diffusion_loss, schedule_of
 
 ROOT = Path(__file__).resolve().parents[1]
 

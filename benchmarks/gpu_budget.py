@@ -15,14 +15,12 @@ nets and small batches will not), so real wall time is higher.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
+from fewstep import budget
+from fewstep.config import load_params
 
-from fewstep import budget  # noqa: E402
-from fewstep.config import load_params  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def main() -> None:

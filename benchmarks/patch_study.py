@@ -14,20 +14,18 @@ unreliable; ratios taken in one process, interleaved, are much less so.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
+from fewstep.config import load_params
+from fewstep.evaluation import gflops_per_call
+from fewstep.math.param import NetDenoiser
+from fewstep.math.schedules import make_schedule
+from fewstep.nets.unet import UNet, count_params
 
-from fewstep.config import load_params  # noqa: E402
-from fewstep.evaluation import gflops_per_call  # noqa: E402
-from fewstep.math.param import NetDenoiser  # noqa: E402
-from fewstep.math.schedules import make_schedule  # noqa: E402
-from fewstep.nets.unet import UNet, count_params  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def nets(p) -> list[tuple[str, object, int]]:

@@ -14,24 +14,22 @@ utilisation of the training step when ``--peak-tflops`` is given.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
+from fewstep.budget import TRAIN_FORWARDS, unet_gflops
+from fewstep.config import load_params
+from fewstep.math.ddim import sample_ddim
+from fewstep.math.losses import DEFAULT_WEIGHTING
+from fewstep.math.param import NetDenoiser
+from fewstep.math.schedules import timesteps
+from fewstep.nets.unet import UNet
+from fewstep.train.loop import step_seed
+from fewstep.train.teacher import diffusion_loss, schedule_of
 
-from fewstep.budget import TRAIN_FORWARDS, unet_gflops  # noqa: E402
-from fewstep.config import load_params  # noqa: E402
-from fewstep.math.ddim import sample_ddim  # noqa: E402
-from fewstep.math.losses import DEFAULT_WEIGHTING  # noqa: E402
-from fewstep.math.param import NetDenoiser  # noqa: E402
-from fewstep.math.schedules import timesteps  # noqa: E402
-from fewstep.nets.unet import UNet  # noqa: E402
-from fewstep.train.loop import step_seed  # noqa: E402
-from fewstep.train.teacher import diffusion_loss, schedule_of  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def table(prof, cuda: bool, top: int) -> str:

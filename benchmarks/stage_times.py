@@ -14,12 +14,9 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
-
 ORDER = ["prepare_data", "train_teacher", "distill", "collect_trajectories", "fit_olss", "train_evaluator",
          "evaluate", "register", "promote"]
 

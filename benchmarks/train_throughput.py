@@ -32,7 +32,6 @@ import datetime as dt
 import json
 import os
 import platform
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -40,16 +39,11 @@ from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # before diffusers is imported: never reach the Hub
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch import nn  # noqa: E402
+import torch
+import torch.nn.functional as F
+from torch import nn
 
-try:
-    import fewstep  # noqa: F401
-except ImportError:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-
-from fewstep.nets.unet import UNet, UNetConfig, count_params  # noqa: E402
+from fewstep.nets.unet import UNet, UNetConfig, count_params
 
 IMAGE_SIZE = 32
 IN_CHANNELS = 3

@@ -1,20 +1,109 @@
-import os
-import sys
-from pathlib import Path
+"""Session-wide setup and the fixtures shared by unit and integration tests.
 
+Hermetic by check, not by hope: ``_hermetic`` snapshots the repository's own stores (``mlflow.db``,
+``models/``, ``mlartifacts/``, ...) before the session and fails it if any of them changed, and fails
+it if a process the session started is still alive at the end (every process started from this
+session inherits ``FEWSTEP_TEST_SESSION``; the check finds them even when re-parented).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+import uuid
+from pathlib import Path
+from typing import Iterator
+
+import psutil
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # stages/ as a package
+from tests.helpers import ROOT
+from tests.mlflow_helpers import one_thread, store_env, use_env
+
+SESSION_MARK = "FEWSTEP_TEST_SESSION"
+GUARDED = ("mlflow.db", "mlflow.db.fewstep.lock", "mlruns", "mlartifacts", "models", "checkpoints", "registry")
+
+os.environ[SESSION_MARK] = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def snapshot(root: Path, names: tuple[str, ...] = GUARDED) -> dict[str, tuple[int, int]]:
+    """(size, mtime_ns) of every file under ``root/name`` for each name (a missing path is absent)."""
+    out: dict[str, tuple[int, int]] = {}
+    for name in names:
+        top = root / name
+        files = [top] if top.is_file() else sorted(p for p in top.rglob("*") if p.is_file()) if top.is_dir() else []
+        for f in files:
+            st = f.stat()
+            out[str(f.relative_to(root))] = (st.st_size, st.st_mtime_ns)
+    return out
+
+
+def snapshot_diff(before: dict[str, tuple[int, int]], after: dict[str, tuple[int, int]]) -> list[str]:
+    """Paths created, deleted or modified between two snapshots."""
+    return sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+
+
+def session_processes(mark: str) -> list[psutil.Process]:
+    """Live processes (other than this one) whose environment carries ``SESSION_MARK=mark``."""
+    found = []
+    for proc in psutil.process_iter(["pid"]):
+        if proc.pid == os.getpid():
+            continue
+        try:
+            if proc.status() != psutil.STATUS_ZOMBIE and proc.environ().get(SESSION_MARK) == mark:
+                found.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return found
+
+
+def _describe(proc: psutil.Process) -> str:
+    try:
+        return f"pid {proc.pid}: {' '.join(proc.cmdline())[:200]}"
+    except psutil.Error:
+        return f"pid {proc.pid}"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _hermetic() -> Iterator[None]:
+    before = snapshot(ROOT)
+    yield
+    changed = snapshot_diff(before, snapshot(ROOT))
+    mark = os.environ[SESSION_MARK]
+    deadline = time.monotonic() + 10  # a process in its own teardown gets a moment to exit
+    while (left := session_processes(mark)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    names = [_describe(p) for p in left]
+    for proc in left:  # never leave them behind, even when failing
+        try:
+            proc.kill()
+        except psutil.Error:
+            pass
+    problems = []
+    if changed:
+        problems.append(f"the suite wrote into the repository's stores: {changed[:10]}")
+    if names:
+        problems.append(f"the suite left {len(names)} process(es) running: {names}")
+    if problems:
+        pytest.fail("; ".join(problems), pytrace=False)
 
 
 @pytest.fixture
 def root() -> Path:
     return ROOT
+
+
+@pytest.fixture
+def torch_one_thread() -> Iterator[None]:
+    """Tiny nets: on a busy 2-core box a second torch thread only contends."""
+    with one_thread():
+        yield
 
 
 @pytest.fixture(scope="session")
@@ -30,3 +119,23 @@ def tiny_teacher(tmp_path_factory):
     p = validate(tiny_params(steps=300, lr=3e-3, checkpoint_every=300, log_every=50))
     train_teacher(p, d / "data", d / "teacher", d / "ck", torch.device("cpu"), progress=False)
     return d
+
+
+@pytest.fixture(scope="session")
+def migrated_db(tmp_path_factory) -> Path:
+    """An MLflow SQLite DB with the migrations run, made once: copying it costs milliseconds,
+    migrating a fresh one seconds (mlops.md 4a)."""
+    from mlflow.tracking import MlflowClient
+
+    d = tmp_path_factory.mktemp("mlflow_template")
+    MlflowClient(tracking_uri=f"sqlite:///{d / 'mlflow.db'}").search_experiments()  # runs the migrations
+    return d / "mlflow.db"
+
+
+@pytest.fixture
+def store(tmp_path, migrated_db, monkeypatch):
+    """A fresh MLflow store in tmp_path (copied from ``migrated_db``), configured in the env."""
+    tracking = pytest.importorskip("fewstep.tracking")
+    shutil.copy(migrated_db, tmp_path / "mlflow.db")
+    use_env(monkeypatch, store_env(tmp_path))
+    return tracking.configure()

@@ -1,8 +1,11 @@
-"""Tiny profile and fixtures shared by the tests."""
+"""Plain helpers shared by the tests: the tiny profile, toy data, and subprocess environments.
+
+Fixtures live in the conftest.py files; nothing here is a fixture."""
 
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 
 import numpy as np
@@ -53,3 +56,15 @@ def tiny_params(**teacher) -> dict:
 def write_params(path: Path, p: dict) -> Path:
     path.write_text(yaml.safe_dump(p, sort_keys=False))
     return path
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """os.environ with the repository root on PYTHONPATH, so `python -m stages.X` runs from any cwd.
+
+    Run stage subprocesses with ``cwd=tmp_path`` and this env: whatever a stage writes to its
+    working directory by default (``mlflow.db``, ``mlartifacts/``) then lands in the test's temp dir,
+    never in the repository."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
+    env.update(extra)
+    return env

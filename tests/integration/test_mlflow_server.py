@@ -22,7 +22,7 @@ from fewstep.math.ddim import generate
 from fewstep.math.schedules import timesteps
 from fewstep.nets.unet import UNet, UNetConfig
 from infra.local import services
-from tests.unit.test_tracking import _LOAD, _build_tree, _one_thread, race
+from tests.mlflow_helpers import LOAD_SAMPLER, build_tree, one_thread, race
 
 tracking = pytest.importorskip("fewstep.tracking")
 
@@ -41,9 +41,9 @@ def _random_teacher(out: Path) -> None:
 @pytest.fixture(scope="module")
 def tree(tmp_path_factory) -> Path:
     src, d = tmp_path_factory.mktemp("teacher"), tmp_path_factory.mktemp("tree")
-    with _one_thread():
+    with one_thread():
         _random_teacher(src)
-        _build_tree(src, d)
+        build_tree(src, d)
     return d
 
 
@@ -60,7 +60,7 @@ def test_registry_on_a_tracking_server_with_s3_artifacts(mlflow_server, moto_ser
     monkeypatch.delenv("FEWSTEP_ARTIFACT_ROOT", raising=False)
     t = tracking.configure()
     assert t.artifact_location.startswith("mlflow-artifacts:")  # the server's proxied store
-    with _one_thread():
+    with one_thread():
         regs = {r.name: r for r in tracking.register_all(tree / "models", tree / "schedulers", repo=tree)}
         again = tracking.register_all(tree / "models", tree / "schedulers", repo=tree)
     assert len(regs) == 5 and not any(r.created for r in again)
@@ -70,11 +70,11 @@ def test_registry_on_a_tracking_server_with_s3_artifacts(mlflow_server, moto_ser
     name = "cifar10-student-4step"
     v1 = regs[name].version
     assert tracking.promote(name, v1, 10.0, "e1", margin=0.01).promoted
-    r = subprocess.run([sys.executable, "-c", _LOAD, json.dumps({"ddim": f"models:/{name}@champion"}),
+    r = subprocess.run([sys.executable, "-c", LOAD_SAMPLER, json.dumps({"ddim": f"models:/{name}@champion"}),
                         str(tmp_path / "out.npz")], cwd=tmp_path, env=dict(os.environ), capture_output=True,
                        text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    with _one_thread():
+    with one_thread():
         student = models.load_denoiser(tree / "models" / "student-4")
         ref = to_uint8(generate(student, range(5, 8), (3, 8, 8), timesteps(64, 4)))
     np.testing.assert_array_equal(np.load(tmp_path / "out.npz")["ddim"], ref)
@@ -96,7 +96,7 @@ def test_embedded_store_with_artifacts_straight_to_s3(moto_server, service_env, 
         monkeypatch.setenv(k, v)
     t = tracking.configure()
     assert t.artifact_location == "s3://fewstep-direct/mlflow"
-    with _one_thread():
+    with one_thread():
         reg = tracking.register_model_dir(tree / "models" / "teacher", default_steps=4, repo=tree)
         with tracking.stage_run("train_teacher", repo=tree) as run:
             run.log_metrics({"loss": [(0, 1.0), (1, 0.5)]})

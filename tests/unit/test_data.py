@@ -10,6 +10,7 @@ from PIL import Image
 
 from fewstep import storage
 from fewstep.data import DataError, UnsafeArchiveError, load_images, parse_cifar10_binary
+from tests.helpers import subprocess_env
 
 
 def _png(color, size=8):
@@ -123,7 +124,8 @@ def test_prepare_stage_writes_arrays_and_manifest(tmp_path, root):
                              max_corrupt_fraction=0.05)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     r = subprocess.run([sys.executable, "-m", "stages.prepare_data", "--params", str(tmp_path / "params.yaml"),
-                        "--out", str(tmp_path / "out"), "--no-progress"], cwd=root, capture_output=True, text=True)
+                        "--out", str(tmp_path / "out"), "--no-progress"], cwd=tmp_path, env=subprocess_env(),
+                       capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     m = storage.read_json(tmp_path / "out" / "manifest.json")
     assert m["splits"]["train"]["count"] == 80 and m["splits"]["train"]["corrupt"] == 1
@@ -136,5 +138,6 @@ def test_prepare_stage_writes_arrays_and_manifest(tmp_path, root):
     params["prepare"]["train_source"] = str(tmp_path / "nope")
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     r = subprocess.run([sys.executable, "-m", "stages.prepare_data", "--params", str(tmp_path / "params.yaml"),
-                        "--out", str(tmp_path / "out2"), "--no-progress"], cwd=root, capture_output=True, text=True)
+                        "--out", str(tmp_path / "out2"), "--no-progress"], cwd=tmp_path, env=subprocess_env(),
+                       capture_output=True, text=True)
     assert r.returncode == 2 and "not found" in r.stderr and not (tmp_path / "out2").exists()

@@ -13,7 +13,7 @@ import yaml
 from fewstep import budget
 from fewstep.config import deep_merge, load_params, validate
 from stages.profile import smoke
-from tests.helpers import ROOT
+from tests.helpers import ROOT, subprocess_env
 
 
 def _structure(p):
@@ -49,7 +49,8 @@ def test_profile_cli_writes_validated_params(tmp_path):
     shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
     shutil.copy(ROOT / "profiles" / "gpu.yaml", tmp_path / "profiles" / "gpu.yaml")
     run = lambda *a: subprocess.run([sys.executable, "-m", "stages.profile", *a, "--params",  # noqa: E731
-                                     str(tmp_path / "params.yaml")], cwd=ROOT, capture_output=True, text=True)
+                                     str(tmp_path / "params.yaml")], cwd=tmp_path, env=subprocess_env(),
+                                    capture_output=True, text=True)
     r = run("gpu", "--smoke")
     assert r.returncode == 0, r.stderr
     p = load_params(tmp_path / "params.yaml")

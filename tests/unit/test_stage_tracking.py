@@ -5,7 +5,6 @@ not installed. Real MLflow on SQLite in a temp dir; the unreachable server is a 
 from __future__ import annotations
 
 import argparse
-import os
 import subprocess
 import sys
 import time
@@ -15,10 +14,11 @@ import pytest
 from fewstep.data import DataError
 from infra.local.services import free_port
 from stages import _common
-from tests.helpers import ROOT, tiny_params, write_params
-from tests.unit.test_tracking import _isolated, _store_env, _use, migrated_db, store  # noqa: F401 (fixtures)
+from tests.helpers import subprocess_env, tiny_params, write_params
+from tests.mlflow_helpers import store_env
 
 tracking = pytest.importorskip("fewstep.tracking")
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 @pytest.fixture
@@ -114,7 +114,7 @@ def test_without_mlflow_installed_stages_still_run(tmp_path, mode, rc):
             "with _common.clear_errors('train_teacher') as rec:\n"
             "    rec.log_metrics({'x': 1.0})\n"
             "assert 'mlflow' not in [m for m in sys.modules if sys.modules[m] is not None]\n")
-    env = {**os.environ, **_store_env(tmp_path), "FEWSTEP_TRACKING": mode, "PYTHONPATH": str(ROOT)}
+    env = subprocess_env(**store_env(tmp_path), FEWSTEP_TRACKING=mode)
     r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == rc, r.stderr[-2000:]
     if rc == 0:

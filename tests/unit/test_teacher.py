@@ -1,92 +1,14 @@
-import math
-import os
-import signal
-import subprocess
-import sys
-import time
+"""Teacher training as a library: resume by code fingerprint, NaN handling, params validation.
+The stage run in a process (SIGKILL and resume) is in tests/integration/test_teacher_stage.py."""
 
 import pytest
 import torch
 
-from fewstep import models, storage
+from fewstep import storage
 from fewstep.config import ParamsError, load_params, validate
 from fewstep.train import checkpoint
 from fewstep.train.loop import LoopConfig, TrainingDivergedError, train
-from tests.helpers import ROOT, tiny_params, write_params, write_prepared
-
-
-def _stage(tmp_path, *extra):
-    cmd = [sys.executable, "-m", "stages.train_teacher", "--params", str(tmp_path / "params.yaml"),
-           "--data", str(tmp_path / "data"), "--model", str(tmp_path / "model"),
-           "--checkpoints", str(tmp_path / "ckpt"), "--metrics", str(tmp_path / "metrics.json"),
-           "--loss-csv", str(tmp_path / "loss.csv"), "--grid", str(tmp_path / "grid.png"), "--no-progress", *extra]
-    return cmd
-
-
-def _setup(tmp_path, **teacher):
-    write_prepared(tmp_path / "data")
-    write_params(tmp_path / "params.yaml", tiny_params(**teacher))
-
-
-def test_teacher_stage_writes_model_metrics_plot_and_grid(tmp_path):
-    _setup(tmp_path)
-    r = subprocess.run(_stage(tmp_path), cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
-    cfg = models.load_config(tmp_path / "model")
-    assert cfg["parameterization"] == "v" and cfg["data_hash"] and cfg["weights_sha256"]
-    assert cfg["weights_sha256"] == storage.sha256_file(tmp_path / "model" / "model.safetensors")
-    lines = (tmp_path / "loss.csv").read_text().splitlines()
-    assert lines[0] == "step,loss" and len(lines) == 1 + 6
-    losses = [float(l.split(",")[1]) for l in lines[1:]]
-    assert losses[-1] < losses[0]  # it learns
-    assert (tmp_path / "grid.png").stat().st_size > 0
-    assert storage.read_json(tmp_path / "metrics.json")["steps"] == 60
-
-
-def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
-    """SIGKILL a real training process after a checkpoint, resume, compare with a clean run."""
-    steps = 400
-    for d in ("a", "b"):
-        (tmp_path / d).mkdir()
-        _setup(tmp_path / d, steps=steps, checkpoint_every=20, log_every=20)
-    r = subprocess.run(_stage(tmp_path / "a"), cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-2000:]
-
-    proc = subprocess.Popen(_stage(tmp_path / "b"), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    ptr = tmp_path / "b" / "ckpt" / "latest.json"
-    deadline = time.monotonic() + 300
-    killed_at = None
-    while time.monotonic() < deadline and proc.poll() is None:
-        if ptr.exists():
-            step = storage.read_json(ptr)["step"]
-            if 20 <= step < steps - 60:
-                proc.send_signal(signal.SIGKILL)
-                killed_at = step
-                break
-        time.sleep(0.01)
-    proc.wait(30)
-    assert killed_at is not None, "training finished before it could be killed; raise steps"
-    assert proc.returncode == -signal.SIGKILL
-    assert not (tmp_path / "b" / "model").exists()
-
-    r = subprocess.run(_stage(tmp_path / "b"), cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert "resuming from" in r.stdout + r.stderr
-    wa = storage.load_tensors(tmp_path / "a" / "model" / "model.safetensors")
-    wb = storage.load_tensors(tmp_path / "b" / "model" / "model.safetensors")
-    assert wa.keys() == wb.keys()
-    for k in wa:
-        torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-6, msg=k)
-    la = (tmp_path / "a" / "loss.csv").read_text()
-    assert la == (tmp_path / "b" / "loss.csv").read_text()
-
-
-def test_changed_params_discard_the_old_checkpoint(tmp_path):
-    _setup(tmp_path, steps=20, checkpoint_every=10)
-    assert subprocess.run(_stage(tmp_path), cwd=ROOT, capture_output=True, timeout=300).returncode == 0
-    write_params(tmp_path / "params.yaml", tiny_params(steps=20, checkpoint_every=10, lr=1e-3))
-    r = subprocess.run(_stage(tmp_path), cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0 and "starting fresh" in r.stdout + r.stderr
+from tests.helpers import tiny_params
 
 
 def test_a_checkpoint_of_other_training_code_is_not_resumed(tmp_path, monkeypatch):
@@ -170,3 +92,29 @@ def test_repo_params_and_gpu_profile_validate(root):
     gpu.teacher.net.unet_config(gpu.base.image_size)
     full = load_params(root / "params.yaml", profile="gpu-full")
     assert full.base.image_size == 32 and full.study.patch_sizes == [1, 2, 4, 8]
+
+
+def test_code_fingerprint_covers_the_whole_package_and_the_stage_runner(tmp_path, monkeypatch):
+    """The checkpoint fingerprint hashes what DVC lists as every stage's code deps (src/fewstep,
+    stages/_common.py, the stage module): a change to a package file outside math/nets/train
+    (models.py, config.py, ...) must stop a resume. Measured on a temp copy of the package."""
+    import shutil
+    from pathlib import Path
+
+    import stages._common  # noqa: F401  (loaded, as in every stage process)
+    from fewstep.train import loop
+
+    copy = tmp_path / "fewstep"
+    shutil.copytree(Path(loop.__file__).resolve().parents[1], copy, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(loop, "__file__", str(copy / "train" / "loop.py"))
+    files = set(loop.code_files())
+    assert set(copy.rglob("*.py")) <= files
+    assert Path(stages._common.__file__).resolve() in files
+    before = loop.code_fingerprint()
+    for rel in ("models.py", "config.py", "storage.py", "images.py", "math/ddim.py"):
+        f = copy / rel
+        original = f.read_bytes()
+        f.write_bytes(original.replace(b"import ", b"import  ", 1))  # one code byte
+        assert loop.code_fingerprint() != before, rel
+        f.write_bytes(original)
+    assert loop.code_fingerprint() == before

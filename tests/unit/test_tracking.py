@@ -1,14 +1,13 @@
 """MLflow tracking, registry lineage, the pyfunc sampler and champion promotion, on a real MLflow
 (SQLite store in a temp dir, file artifacts; no mocks). A migrated SQLite DB is made once per module
-and copied per test (migrations cost seconds, a copy milliseconds: mlops.md 4a)."""
+and copied per test (tests/conftest.py).
+The promotion race between real processes is in tests/integration/test_tracking_race.py."""
 
 import json
 import os
 import shutil
 import subprocess
 import sys
-import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -19,75 +18,18 @@ import yaml
 from fewstep import models, storage
 from fewstep.images import save_grid, to_uint8
 from fewstep.math.ddim import PerImageNoise, generate
-from fewstep.math.olss import OLSSScheduler, fit_weights, sample_olss, uniform_path
+from fewstep.math.olss import OLSSScheduler, sample_olss
 from fewstep.math.schedules import timesteps
-from fewstep.trajectories import load_subsample, write_shards
-from tests.helpers import ROOT, tiny_params, write_params
+from tests.helpers import ROOT, subprocess_env, tiny_params, write_params
+from tests.mlflow_helpers import LOAD_SAMPLER, build_tree, model_versions, one_thread, store_env, use_env
 
 tracking = pytest.importorskip("fewstep.tracking")
 
-QUIET = {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "1", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
-         "OMP_NUM_THREADS": "1"}  # tiny nets: a second thread only contends
-
-
-def _store_env(d: Path) -> dict[str, str]:
-    return {**QUIET, "MLFLOW_TRACKING_URI": f"sqlite:///{d / 'mlflow.db'}",
-            "FEWSTEP_ARTIFACT_ROOT": (d / "artifacts").as_uri(), "FEWSTEP_EXPERIMENT": "fewstep-test"}
-
-
-def _use(monkeypatch, env: dict[str, str]) -> None:
-    for k in ("FEWSTEP_PARENT_RUN_ID", "FEWSTEP_GIT_COMMIT"):
-        monkeypatch.delenv(k, raising=False)
-    for k, v in env.items():
-        monkeypatch.setenv(k, v)
-
-
-@contextmanager
-def _one_thread():
-    """The nets here are tiny: on a busy 2-core box a second torch thread makes sampling ~100x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
 
 @pytest.fixture(autouse=True)
-def _isolated(tmp_path, monkeypatch):
-    """Never the repository's mlflow.db: a test that forgets its store gets an empty one here."""
-    _use(monkeypatch, _store_env(tmp_path / "unconfigured"))
-    with _one_thread():
-        yield
-
-
-@pytest.fixture(scope="module")
-def migrated_db(tmp_path_factory) -> Path:
-    from mlflow.tracking import MlflowClient
-
-    d = tmp_path_factory.mktemp("mlflow_template")
-    MlflowClient(tracking_uri=f"sqlite:///{d / 'mlflow.db'}").search_experiments()  # runs the migrations
-    return d / "mlflow.db"
-
-
-@pytest.fixture
-def store(tmp_path, migrated_db, monkeypatch) -> "tracking.Tracking":
-    shutil.copy(migrated_db, tmp_path / "mlflow.db")
-    _use(monkeypatch, _store_env(tmp_path))
-    return tracking.configure()
-
-
-def _perturbed_student(teacher_dir: Path, out: Path, steps: int) -> None:
-    net, cfg = models.load_net(teacher_dir)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.add_(1e-3 * torch.randn(p.shape, generator=g))
-    meta = {k: v for k, v in cfg.items() if k not in ("net", "format_version", "weights_sha256")}
-    meta.update(role="student", sample_steps=steps, params_hash=storage.sha256_json({"student": steps}),
-                parent={"path": str(teacher_dir), "weights_sha256": cfg["weights_sha256"], "sample_steps": 2 * steps,
-                        "role": "teacher"})
-    models.save_model(out, net, meta)
+def _isolated(tmp_path, monkeypatch, torch_one_thread):
+    """A test that forgets its store gets an empty one of its own here."""
+    use_env(monkeypatch, store_env(tmp_path / "unconfigured"))
 
 
 @pytest.fixture(scope="module")
@@ -96,49 +38,9 @@ def tree(tiny_teacher, tmp_path_factory) -> Path:
     student's stage and the student's trajectories (the student is the teacher, slightly perturbed:
     lineage and sampling are what is tested here, not distillation)."""
     d = tmp_path_factory.mktemp("tree")
-    with _one_thread():
-        _build_tree(tiny_teacher, d)
+    with one_thread():
+        build_tree(tiny_teacher, d)
     return d
-
-
-def _build_tree(tiny_teacher: Path, d: Path) -> None:
-    shutil.copytree(tiny_teacher / "teacher", d / "models" / "teacher")
-    _perturbed_student(d / "models" / "teacher", d / "models" / "student-4", 4)
-    for name, n_ref in (("teacher", 8), ("student-4", 4)):
-        den = models.load_denoiser(d / "models" / name)
-        t_path = timesteps(den.schedule.T, n_ref)
-        tdir = d / "trajectories" / name
-        write_shards(tdir, den, range(100, 108), (3, 8, 8), t_path, 8, 8, torch.device("cpu"),
-                     {"model": name, "model_weights_sha256": den.config["weights_sha256"]}, progress=False)
-        X, E = load_subsample(tdir, 10**6)
-        sched = fit_weights(X, E, uniform_path(n_ref, 2), t_path)
-        sched.meta = {"model": name, "model_weights_sha256": den.config["weights_sha256"], "variant": "open-loop",
-                      "trajectories": f"trajectories/{name}", "reference_steps": n_ref}
-        storage.atomic_write_bytes(d / "schedulers" / name / "olss-2.json", sched.to_json().encode())
-    _tiny_evaluator(d / "models" / "evaluator", models.load_config(d / "models" / "teacher")["data_hash"])
-    lock = {"schema": "2.0", "stages": {
-        "distill@student-4": {"cmd": "python -m stages.distill --round student-4",
-                              "outs": [{"path": "models/student-4", "md5": "aaaa.dir"}]},
-        "collect_trajectories@student-4": {"cmd": "python -m stages.collect_trajectories --model student-4",
-                                           "outs": [{"path": "trajectories/student-4", "md5": "bbbb.dir"}]}}}
-    (d / "dvc.lock").write_text(yaml.safe_dump(lock))
-
-
-def _tiny_evaluator(out: Path, data_hash: str) -> None:
-    """What stages.train_evaluator writes, with untrained weights (the registry is tested, not accuracy)."""
-    from fewstep.nets.evaluator import Evaluator, EvaluatorConfig
-
-    torch.manual_seed(0)
-    cfg = EvaluatorConfig(num_classes=2, widths=(8, 16), blocks_per_stage=1)
-    net = Evaluator(cfg)
-    out.mkdir(parents=True)
-    storage.save_tensors(out / "model.safetensors", net.state_dict())
-    storage.save_tensors(out / "ref_stats.safetensors", {"mu": torch.zeros(16, dtype=torch.float64),
-                                                         "sigma": torch.eye(16, dtype=torch.float64)})
-    storage.write_json(out / "config.json", {
-        "format_version": 1, "role": "evaluator", "net": cfg.to_dict(), "data_hash": data_hash,
-        "class_names": ["red", "blue"], "feature_dim": 16, "test_accuracy": 0.5,
-        "weights_sha256": storage.sha256_file(out / "model.safetensors")})
 
 
 @pytest.fixture(scope="module")
@@ -146,10 +48,10 @@ def registry(tree, migrated_db, tmp_path_factory):
     """One registry with everything in ``tree`` registered (shared by the tests that only read it)."""
     d = tmp_path_factory.mktemp("registry")
     shutil.copy(migrated_db, d / "mlflow.db")
-    env = {**_store_env(d), "FEWSTEP_GIT_COMMIT": "c0ffee" * 6 + "c0ff"}
+    env = {**store_env(d), "FEWSTEP_GIT_COMMIT": "c0ffee" * 6 + "c0ff"}
     with pytest.MonkeyPatch.context() as mp:
-        _use(mp, env)
-        with _one_thread():
+        use_env(mp, env)
+        with one_thread():
             regs = tracking.register_all(tree / "models", tree / "schedulers", repo=tree)
     return env, {r.name: r for r in regs}
 
@@ -192,7 +94,7 @@ def test_stage_run_records_params_metric_history_artifacts_and_lineage_tags(stor
 
 def test_registry_lineage_teacher_student_olss(registry, tree, monkeypatch):
     env, regs = registry
-    _use(monkeypatch, env)
+    use_env(monkeypatch, env)
     teacher, student = regs["cifar10-teacher"], regs["cifar10-student-4step"]
     olss_s, olss_t = regs["cifar10-olss-student-4-2step"], regs["cifar10-olss-teacher-2step"]
     tcfg, scfg = models.load_config(tree / "models" / "teacher"), models.load_config(tree / "models" / "student-4")
@@ -218,32 +120,20 @@ def test_registry_lineage_teacher_student_olss(registry, tree, monkeypatch):
 
 def test_register_cli_is_idempotent(registry, tree, tmp_path, monkeypatch):
     env, regs = registry
-    _use(monkeypatch, env)
+    use_env(monkeypatch, env)
     t = tracking.configure()
-    before = {n: len(t.client.search_model_versions(f"name = '{n}'")) for n in regs}
+    before = {n: len(t.client.search_modelmodel_versions(f"name = '{n}'")) for n in regs}
     assert set(before.values()) == {1}
     params = write_params(tmp_path / "params.yaml", tiny_params())
     out = tmp_path / "versions.json"
     r = subprocess.run([sys.executable, "-m", "stages.register", "--params", str(params), "--no-progress",
                         "--models", str(tree / "models"), "--schedulers", str(tree / "schedulers"),
                         "--repo", str(tree), "--out", str(out)],
-                       cwd=ROOT, env={**os.environ, **env}, capture_output=True, text=True, timeout=300)
+                       cwd=tmp_path, env=subprocess_env(**env), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     rows = json.loads(out.read_text())["versions"]
     assert {(x["name"], x["version"], x["created"]) for x in rows} == {(n, g.version, False) for n, g in regs.items()}
-    assert {n: len(t.client.search_model_versions(f"name = '{n}'")) for n in regs} == before
-
-
-_LOAD = """
-import json, sys, mlflow, numpy as np
-out = {}
-for key, uri in json.loads(sys.argv[1]).items():
-    m = mlflow.pyfunc.load_model(uri)
-    out[key] = m.predict({"n": 3, "seed": 5})
-    out[key + "_one"] = m.predict({"n": 1, "seed": 6})
-np.savez(sys.argv[2], **out)
-print(sys.modules["fewstep"].__file__)
-"""
+    assert {n: len(t.client.search_modelmodel_versions(f"name = '{n}'")) for n in regs} == before
 
 
 def test_evaluator_is_registered_and_loads_as_a_feature_pyfunc(registry, tree, monkeypatch):
@@ -252,7 +142,7 @@ def test_evaluator_is_registered_and_loads_as_a_feature_pyfunc(registry, tree, m
     from fewstep.train.evaluator import features, load_evaluator
 
     env, regs = registry
-    _use(monkeypatch, env)
+    use_env(monkeypatch, env)
     ev = regs["cifar10-evaluator"]
     cfg = models.load_config(tree / "models" / "evaluator")
     assert ev.created and ev.tags["role"] == "evaluator" and ev.tags["weights_sha256"] == cfg["weights_sha256"]
@@ -272,11 +162,11 @@ def test_evaluator_is_registered_and_loads_as_a_feature_pyfunc(registry, tree, m
 
 def test_pyfunc_by_alias_in_a_fresh_process_matches_direct_sampling(registry, tree, tmp_path, monkeypatch):
     env, regs = registry
-    _use(monkeypatch, env)
+    use_env(monkeypatch, env)
     for name in ("cifar10-student-4step", "cifar10-olss-student-4-2step"):
         tracking.promote(name, regs[name].version, 1.0, "first", margin=0.1)  # no champion yet: becomes champion
     uris = {"ddim": "models:/cifar10-student-4step@champion", "olss": "models:/cifar10-olss-student-4-2step@champion"}
-    r = subprocess.run([sys.executable, "-c", _LOAD, json.dumps(uris), str(tmp_path / "out.npz")], cwd=tmp_path,
+    r = subprocess.run([sys.executable, "-c", LOAD_SAMPLER, json.dumps(uris), str(tmp_path / "out.npz")], cwd=tmp_path,
                        env={**os.environ, **env}, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "artifacts/code/fewstep" in r.stdout  # the package came with the model (code_paths)
@@ -292,18 +182,9 @@ def test_pyfunc_by_alias_in_a_fresh_process_matches_direct_sampling(registry, tr
     assert not np.array_equal(got["ddim"], got["olss"])
 
 
-def _versions(t, name: str, n: int) -> list[str]:
-    t.client.create_registered_model(name)
-    out = []
-    for _ in range(n):
-        lm = t.client.create_logged_model(t.experiment_id, name="toy")
-        out.append(str(t.client.create_model_version(name, f"models:/{lm.model_id}", model_id=lm.model_id).version))
-    return out
-
-
 def test_promotion_moves_only_on_a_complete_better_evaluation(store):
     t, name = store, "toy-student-4step"
-    v1, v2, v3, v4 = _versions(t, name, 4)
+    v1, v2, v3, v4 = model_versions(t, name, 4)
     alias = lambda: str(t.client.get_registered_model(name).aliases.get("champion"))  # noqa: E731
     tags = lambda v: t.client.get_model_version(name, v).tags  # noqa: E731
 
@@ -330,53 +211,3 @@ def test_promotion_moves_only_on_a_complete_better_evaluation(store):
     rm = t.client.get_registered_model(name).tags
     assert (rm["champion.version"], rm["champion.fd"], rm["champion.evaluation_id"]) == (v3, "5.0", "e2")
     assert str(tracking.champion(name).version) == v3
-
-
-_RACE = """
-import json, os, sys, time
-from pathlib import Path
-from fewstep import tracking
-name, version, fd, flag = sys.argv[1], sys.argv[2], float(sys.argv[3]), Path(sys.argv[4])
-tracking.configure()
-Path(str(flag) + "." + version).touch()
-while not flag.exists():
-    time.sleep(0.01)
-p = tracking.promote(name, version, fd, "e1", margin=0.01)
-print(json.dumps({"decision": p.decision, "champion": p.champion_version}))
-"""
-
-
-def race(name: str, candidates: list[tuple[str, float]], tmp_path: Path) -> list[dict]:
-    """Start one real process per (version, fd) promotion, release them together once all are
-    imported and configured, and return each process's last JSON line."""
-    go = tmp_path / "go"
-    procs = [subprocess.Popen([sys.executable, "-c", _RACE, name, v, str(fd), str(go)], cwd=tmp_path,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for v, fd in candidates]
-    deadline = time.monotonic() + 120
-    while not all(Path(f"{go}.{v}").exists() for v, _ in candidates) and time.monotonic() < deadline:
-        assert all(p.poll() is None for p in procs), [p.communicate()[1][-2000:] for p in procs]
-        time.sleep(0.02)
-    go.touch()
-    res = []
-    for p in procs:
-        out, err = p.communicate(timeout=120)
-        assert p.returncode == 0, err[-3000:]
-        res.append(json.loads(out.strip().splitlines()[-1]))
-    return res
-
-
-def test_racing_promotions_end_with_one_consistent_champion(store, tmp_path):
-    t, name = store, "race-student-4step"
-    v1, v2, v3 = _versions(t, name, 3)
-    tracking.promote(name, v1, 10.0, "e1", margin=0.01)
-    res = race(name, [(v2, 8.0), (v3, 6.0)], tmp_path)
-    rm = t.client.get_registered_model(name)
-    assert str(rm.aliases["champion"]) == v3  # the best candidate wins whatever the order
-    assert (rm.tags["champion.version"], rm.tags["champion.fd"]) == (v3, "6.0")
-    tv2, tv3 = (t.client.get_model_version(name, v).tags for v in (v2, v3))
-    assert tv3["promotion.decision"] == "promoted" and tv3["fd"] == "6.0"
-    # v2 either went first (beat v1, then lost to v3) or second (compared with v3 and kept it)
-    assert (tv2["promotion.decision"], tv2["promotion.champion_version"]) in {("promoted", v1), ("kept", v3)}
-    assert tv3["promotion.champion_version"] == (v2 if tv2["promotion.decision"] == "promoted" else v1)
-
