@@ -20,54 +20,14 @@ import pytest
 import torch
 
 from tests.helpers import ROOT
+from tests.hermetic import SESSION_MARK, describe, session_processes, snapshot, snapshot_diff
 from tests.mlflow_helpers import one_thread, store_env, use_env
-
-SESSION_MARK = "FEWSTEP_TEST_SESSION"
-GUARDED = ("mlflow.db", "mlflow.db.fewstep.lock", "mlruns", "mlartifacts", "models", "checkpoints", "registry")
 
 os.environ[SESSION_MARK] = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
-
-
-def snapshot(root: Path, names: tuple[str, ...] = GUARDED) -> dict[str, tuple[int, int]]:
-    """(size, mtime_ns) of every file under ``root/name`` for each name (a missing path is absent)."""
-    out: dict[str, tuple[int, int]] = {}
-    for name in names:
-        top = root / name
-        files = [top] if top.is_file() else sorted(p for p in top.rglob("*") if p.is_file()) if top.is_dir() else []
-        for f in files:
-            st = f.stat()
-            out[str(f.relative_to(root))] = (st.st_size, st.st_mtime_ns)
-    return out
-
-
-def snapshot_diff(before: dict[str, tuple[int, int]], after: dict[str, tuple[int, int]]) -> list[str]:
-    """Paths created, deleted or modified between two snapshots."""
-    return sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
-
-
-def session_processes(mark: str) -> list[psutil.Process]:
-    """Live processes (other than this one) whose environment carries ``SESSION_MARK=mark``."""
-    found = []
-    for proc in psutil.process_iter(["pid"]):
-        if proc.pid == os.getpid():
-            continue
-        try:
-            if proc.status() != psutil.STATUS_ZOMBIE and proc.environ().get(SESSION_MARK) == mark:
-                found.append(proc)
-        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-            continue
-    return found
-
-
-def _describe(proc: psutil.Process) -> str:
-    try:
-        return f"pid {proc.pid}: {' '.join(proc.cmdline())[:200]}"
-    except psutil.Error:
-        return f"pid {proc.pid}"
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -79,7 +39,7 @@ def _hermetic() -> Iterator[None]:
     deadline = time.monotonic() + 10  # a process in its own teardown gets a moment to exit
     while (left := session_processes(mark)) and time.monotonic() < deadline:
         time.sleep(0.2)
-    names = [_describe(p) for p in left]
+    names = [describe(p) for p in left]
     for proc in left:  # never leave them behind, even when failing
         try:
             proc.kill()

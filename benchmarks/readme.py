@@ -1,0 +1,228 @@
+"""Regenerate the README's results sections from the committed metrics (never typed by hand).
+
+Every block of README.md between ``<!-- generated:NAME -->`` and ``<!-- /generated:NAME -->`` is
+rewritten from ``metrics/*.json`` and ``reports/`` by the function ``NAME`` below; the text around
+the blocks is left alone. After `dvc repro` (new metrics) run
+
+    python benchmarks/readme.py            # rewrite README.md in place
+    python benchmarks/readme.py --check    # exit 1 if README.md differs from what the metrics give
+
+``tests/unit/test_readme.py`` runs the check on the committed metrics, and checks that every file and
+image the README references exists. Which rows a table shows is chosen here; every number comes
+from the metrics files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import sys
+from pathlib import Path
+from typing import Callable
+
+ROOT = Path(__file__).resolve().parents[1]
+BLOCK = re.compile(r"(<!-- generated:(?P<name>[a-z0-9-]+) -->\n)(?P<body>.*?)(<!-- /generated:(?P=name) -->)", re.S)
+
+# (evaluation row, label) of the headline table, in order
+HEADLINE = [
+    ("teacher ddim 64", "teacher DDIM (reference)"),
+    ("teacher ddim 16", "teacher DDIM"),
+    ("teacher ddim 8", "teacher DDIM"),
+    ("student-8 ddim 8", "**student-8** (distilled)"),
+    ("teacher olss-8", "**OLSS on teacher** (closed loop)"),
+    ("diffusers unipc 8", "diffusers UniPC"),
+    ("diffusers dpmpp_2m 8", "diffusers DPM-Solver++(2M)"),
+    ("teacher ddim 4", "teacher DDIM"),
+    ("student-4 ddim 4", "**student-4** (distilled)"),
+    ("teacher olss-4", "**OLSS on teacher** (closed loop)"),
+    ("teacher olss-open-4", "OLSS open loop (paper)"),
+    ("teacher olss-p-4", "OLSS-P"),
+    ("teacher olss-ridge-4", "OLSS, ridge 1e-4"),
+    ("diffusers unipc 4", "diffusers UniPC"),
+    ("diffusers dpmpp_2m 4", "diffusers DPM-Solver++(2M)"),
+    ("teacher ddim 2", "teacher DDIM"),
+    ("student-2 ddim 2", "**student-2** (distilled)"),
+]
+# (grid file under reports/grids, caption) of the headline picture row
+GRIDS = [("teacher-ddim-64", "teacher DDIM 64"), ("teacher-ddim-4", "DDIM 4"), ("teacher-olss-4", "OLSS 4"),
+         ("student-4-ddim-4", "student 4"), ("diffusers-unipc-4", "UniPC 4")]
+STUDY_MODELS = [("teacher", "teacher (P=2)"), ("teacher-p1", "teacher-p1"), ("teacher-p4", "teacher-p4"),
+                ("teacher-split", "teacher-split")]
+OBJECTIVES = [("eps-snr", "eps, snr (eps-MSE)"), ("x-sqrt_snr", "x, sqrt_snr (PDM)"), ("x-snr_trunc", "x, snr_trunc (PD)"),
+              ("x-snr+1", "x, snr+1 (PD)"), ("v-snr+1", "v, snr+1 (PD)"), ("v-snr_trunc", "v, snr_trunc (PD)")]
+
+
+def _read(root: Path, rel: str) -> dict:
+    return json.loads((root / rel).read_text())
+
+
+def _g(x: float, digits: int = 3) -> str:
+    """``digits`` significant digits, no exponent for ordinary magnitudes; inf as 'inf'."""
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    if math.isinf(x):
+        return "inf"
+    if x == 0:
+        return "0"
+    if abs(x) < 1e-3:
+        return f"{x:.1e}"
+    decimals = max(0, digits - 1 - int(math.floor(math.log10(abs(x)))))
+    return f"{x:.{decimals}f}"
+
+
+def _cost(gflops: float | dict | None) -> str:
+    """GFLOPs per call, per network for a split model."""
+    if isinstance(gflops, dict):
+        return " / ".join(f"{k} {_g(v)}" for k, v in gflops.items())
+    return "-" if gflops is None else _g(gflops)
+
+
+def _table(header: list[str], align: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---:" if a == "r" else "---" for a in align) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _rows(root: Path) -> dict[str, dict]:
+    return _read(root, "metrics/evaluate.json")["rows"]
+
+
+def evaluation(root: Path) -> str:
+    ev = _read(root, "metrics/evaluate.json")
+    acc = _read(root, "metrics/evaluator.json")["test_accuracy"]
+    rows = ev["rows"]
+    body = [[label, str(r["nfe"]), _g(r["fd"]), f"{1e3 * r['kid']:.0f}", _g(r["rmse"]), _g(r["psnr"])]
+            for name, label in HEADLINE if (r := rows.get(name))]
+    return (f"{ev['n_samples']} samples per row, {len(rows)} rows in `reports/evaluation.md`; FD/KID in the pipeline's "
+            f"own evaluator features (test accuracy {acc:.4f}), RMSE against the teacher's full-step DDIM sample "
+            "from the same noise.\n\n"
+            + _table(["sampler", "NFE", "FD", "KID x1e3", "RMSE", "PSNR"], list("lrrrrr"), body))
+
+
+def grids(root: Path) -> str:
+    cells = [f"![{cap}](reports/grids/{name}.png)" for name, cap in GRIDS]
+    return _table([cap for _, cap in GRIDS], list("lllll"), [cells]) + "\n*Same seeds in every grid (`evaluate`).*\n"
+
+
+def pareto(root: Path) -> str:
+    rows = _rows(root)
+    pts = sorted((r["gflops"], r["fd"], name) for name, r in rows.items() if math.isfinite(r["fd"]))
+    front, best = [], math.inf
+    for gflops, fd, name in pts:
+        if fd < best:
+            front.append((gflops, fd, name))
+            best = fd
+    return "Front (GFLOPs per image, FD): " + ", ".join(f"{n} ({_g(g)}, {_g(f)})" for g, f, n in front) + ".\n"
+
+
+def teacher(root: Path) -> str:
+    t = _read(root, "metrics/teacher.json")
+    return (f"Teacher training (`metrics/teacher.json`): {t['steps']:,} steps, {t['params']:,} parameters, "
+            f"{t['images_per_s']:.0f} images/s on the `{t['device']}` (final loss {_g(t['final_loss'])}).\n")
+
+
+def distill(root: Path) -> str:
+    out = []
+    for f in sorted((root / "metrics").glob("student-*.json"), key=lambda p: -int(p.stem.split("-")[1])):
+        m = json.loads(f.read_text())
+        out.append([f.stem, f"{m['parent_steps']} -> {m['student_steps']}", _g(m["rmse_student_vs_parent"]),
+                    _g(m["rmse_parent_half_steps_vs_parent"]), f"{m['seconds']:.0f}"])
+    return _table(["round", "steps", "RMSE student vs parent", "RMSE parent at half steps vs parent", "s"],
+                  list("lrrrr"), out)
+
+
+def study_rows(root: Path) -> str:
+    rows = _rows(root)
+    body = []
+    for model, label in STUDY_MODELS:
+        for nfe in (4, 16):
+            r = rows.get(f"{model} ddim {nfe}")
+            if r:
+                body.append([label, str(nfe), _g(r["fd"]), _g(r["rmse"]), _g(r["gflops"]), f"{r['images_per_s']:.0f}"])
+    train = []
+    for f in sorted((root / "metrics/study").glob("*.json")):
+        m = json.loads(f.read_text())
+        secs = m.get("train_seconds")
+        train.append([f.stem, str(m.get("patch_size", "-")), str(m.get("steps", "-")),
+                      _cost(m.get("gflops_per_call")),
+                      f"{secs:.0f}" if secs is not None else "-"])
+    return (_table(["model", "NFE", "FD", "RMSE", "GFLOPs/img", "img/s"], list("lrrrrr"), body) + "\n"
+            + _table(["study model", "P", "steps", "GFLOPs/call", "train s"], list("lrrrr"), train))
+
+
+def redundancy(root: Path) -> str:
+    d = _read(root, "metrics/redundancy.json")
+    models = list(d["models"])
+    bins = d["models"][models[0]]["bins"]
+    body = [[f"{b['logsnr']:.1f}"] + [_g(d["models"][m]["bins"][i]["mse"]) for m in models] for i, b in enumerate(bins)]
+    return (f"{d['n_images']} test images, x-MSE per dimension by log-SNR bin:\n\n"
+            + _table(["log-SNR"] + [d["models"][m]["label"] for m in models], ["l"] + ["r"] * len(models), body))
+
+
+def objective(root: Path) -> str:
+    d = root / "metrics/objective"
+    body = []
+    for variant, label in OBJECTIVES:
+        cells = [label]
+        for p in (1, 4):
+            f = d / f"{variant}-p{p}.json"
+            m = json.loads(f.read_text()) if f.exists() else None
+            cells += [_g(m["x_mse"]), _g(m["x_mse_high_noise"]), _g(m["fd"])] if m else ["-"] * 3
+        body.append(cells)
+    return _table(["variant (param-weighting)", "P=1 x-MSE", "high noise", "FD", "P=4 x-MSE", "high noise", "FD"],
+                  list("lrrrrrr"), body)
+
+
+def ddim_study(root: Path) -> str:
+    d = _read(root, "metrics/ddim_study.json")
+    rec = sorted(d["reconstruction"].values(), key=lambda r: r["steps"])
+    cons = sorted((r for r in d["consistency"]["rows"].values() if r["steps"] != d["consistency"]["reference_steps"]),
+                  key=lambda r: r["steps"])
+    t1 = _table(["steps (each way)"] + [str(r["steps"]) for r in rec], ["l"] + ["r"] * len(rec),
+                [["MSE, images in [-1, 1]"] + [f"{_g(r['mse'], 2)} ± {_g(r['mse_se'], 2)}" for r in rec],
+                 ["MSE on the [0, 1] scale"] + [_g(r["mse_01"], 2) for r in rec]])
+    t2 = _table(["steps"] + [str(r["steps"]) for r in cons], ["l"] + ["r"] * len(cons),
+                [[f"pixel RMSE to the {d['consistency']['reference_steps']}-step image"] + [_g(r["rmse"], 2) for r in cons],
+                 ["evaluator-feature distance (relative)"]
+                 + [f"{_g(r['feat_dist'], 2)} ({_g(r['feat_dist_rel'], 2)})" for r in cons]])
+    return f"{d['n_images']} test images, {d['spacing']} spacing:\n\n" + t1 + "\n" + t2
+
+
+SECTIONS: dict[str, Callable[[Path], str]] = {
+    "evaluation": evaluation, "grids": grids, "pareto": pareto, "teacher": teacher, "distill": distill,
+    "study-rows": study_rows, "redundancy": redundancy, "objective": objective, "ddim-study": ddim_study,
+}
+
+
+def render(text: str, root: Path = ROOT) -> str:
+    """``text`` with every generated block rewritten from the metrics under ``root``."""
+    def sub(m: re.Match) -> str:
+        name = m.group("name")
+        if name not in SECTIONS:
+            raise SystemExit(f"README.md: unknown generated section {name!r} (known: {', '.join(SECTIONS)})")
+        return m.group(1) + SECTIONS[name](root) + m.group(4)
+
+    return BLOCK.sub(sub, text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--readme", type=Path, default=ROOT / "README.md")
+    ap.add_argument("--check", action="store_true", help="exit 1 if the README differs from the metrics")
+    a = ap.parse_args(argv)
+    text = a.readme.read_text()
+    new = render(text, a.readme.resolve().parent)
+    if a.check:
+        if new != text:
+            print(f"{a.readme}: generated sections are stale; run `python benchmarks/readme.py`", file=sys.stderr)
+            return 1
+        return 0
+    if new != text:
+        a.readme.write_text(new)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
