@@ -21,7 +21,7 @@ import torch
 
 from tests.helpers import ROOT
 from tests.hermetic import SESSION_MARK, describe, session_processes, snapshot, snapshot_diff
-from tests.mlflow_helpers import one_thread, store_env, use_env
+from tests.mlflow_helpers import build_tree, one_thread, store_env, use_env
 
 os.environ[SESSION_MARK] = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
 os.environ.setdefault("DO_NOT_TRACK", "1")
@@ -99,3 +99,27 @@ def store(tmp_path, migrated_db, monkeypatch):
     shutil.copy(migrated_db, tmp_path / "mlflow.db")
     use_env(monkeypatch, store_env(tmp_path))
     return tracking.configure()
+
+
+@pytest.fixture(scope="session")
+def tree(tiny_teacher, tmp_path_factory) -> Path:
+    """models/{teacher, student-4}, trajectories/*, schedulers/*/olss-2.json and a dvc.lock naming the
+    student's stage and the student's trajectories (the student is the teacher, slightly perturbed:
+    lineage and sampling are what is tested here, not distillation)."""
+    d = tmp_path_factory.mktemp("tree")
+    with one_thread():
+        build_tree(tiny_teacher, d)
+    return d
+
+
+@pytest.fixture(scope="session")
+def registry(tree, migrated_db, tmp_path_factory):
+    """One registry with everything in ``tree`` registered (shared by the tests that only read it)."""
+    d = tmp_path_factory.mktemp("registry")
+    shutil.copy(migrated_db, d / "mlflow.db")
+    env = {**store_env(d), "FEWSTEP_GIT_COMMIT": "c0ffee" * 6 + "c0ff"}
+    with pytest.MonkeyPatch.context() as mp:
+        use_env(mp, env)
+        with one_thread():
+            regs = pytest.importorskip("fewstep.tracking").register_all(tree / "models", tree / "schedulers", repo=tree)
+    return env, {r.name: r for r in regs}

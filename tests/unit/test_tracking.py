@@ -1,14 +1,10 @@
 """MLflow tracking, registry lineage, the pyfunc sampler and champion promotion, on a real MLflow
 (SQLite store in a temp dir, file artifacts; no mocks). A migrated SQLite DB is made once per module
 and copied per test (tests/conftest.py).
-The promotion race between real processes is in tests/integration/test_tracking_race.py."""
+The tests that start processes (the register CLI, loading by alias in a fresh process, the
+promotion race) are in tests/integration/test_registry_processes.py."""
 
-import json
 import os
-import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,12 +12,9 @@ import torch
 import yaml
 
 from fewstep import models, storage
-from fewstep.images import save_grid, to_uint8
-from fewstep.math.ddim import PerImageNoise, generate
-from fewstep.math.olss import OLSSScheduler, sample_olss
-from fewstep.math.schedules import timesteps
-from tests.helpers import ROOT, subprocess_env, tiny_params, write_params
-from tests.mlflow_helpers import LOAD_SAMPLER, build_tree, model_versions, one_thread, store_env, use_env
+from fewstep.images import save_grid
+from tests.helpers import ROOT
+from tests.mlflow_helpers import model_versions, store_env, use_env
 
 tracking = pytest.importorskip("fewstep.tracking")
 
@@ -30,30 +23,6 @@ tracking = pytest.importorskip("fewstep.tracking")
 def _isolated(tmp_path, monkeypatch, torch_one_thread):
     """A test that forgets its store gets an empty one of its own here."""
     use_env(monkeypatch, store_env(tmp_path / "unconfigured"))
-
-
-@pytest.fixture(scope="module")
-def tree(tiny_teacher, tmp_path_factory) -> Path:
-    """models/{teacher, student-4}, trajectories/*, schedulers/*/olss-2.json and a dvc.lock naming the
-    student's stage and the student's trajectories (the student is the teacher, slightly perturbed:
-    lineage and sampling are what is tested here, not distillation)."""
-    d = tmp_path_factory.mktemp("tree")
-    with one_thread():
-        build_tree(tiny_teacher, d)
-    return d
-
-
-@pytest.fixture(scope="module")
-def registry(tree, migrated_db, tmp_path_factory):
-    """One registry with everything in ``tree`` registered (shared by the tests that only read it)."""
-    d = tmp_path_factory.mktemp("registry")
-    shutil.copy(migrated_db, d / "mlflow.db")
-    env = {**store_env(d), "FEWSTEP_GIT_COMMIT": "c0ffee" * 6 + "c0ff"}
-    with pytest.MonkeyPatch.context() as mp:
-        use_env(mp, env)
-        with one_thread():
-            regs = tracking.register_all(tree / "models", tree / "schedulers", repo=tree)
-    return env, {r.name: r for r in regs}
 
 
 def test_stage_run_records_params_metric_history_artifacts_and_lineage_tags(store, tmp_path, monkeypatch):
@@ -118,24 +87,6 @@ def test_registry_lineage_teacher_student_olss(registry, tree, monkeypatch):
                                              (teacher.name, teacher.version)]
 
 
-def test_register_cli_is_idempotent(registry, tree, tmp_path, monkeypatch):
-    env, regs = registry
-    use_env(monkeypatch, env)
-    t = tracking.configure()
-    before = {n: len(t.client.search_modelmodel_versions(f"name = '{n}'")) for n in regs}
-    assert set(before.values()) == {1}
-    params = write_params(tmp_path / "params.yaml", tiny_params())
-    out = tmp_path / "versions.json"
-    r = subprocess.run([sys.executable, "-m", "stages.register", "--params", str(params), "--no-progress",
-                        "--models", str(tree / "models"), "--schedulers", str(tree / "schedulers"),
-                        "--repo", str(tree), "--out", str(out)],
-                       cwd=tmp_path, env=subprocess_env(**env), capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    rows = json.loads(out.read_text())["versions"]
-    assert {(x["name"], x["version"], x["created"]) for x in rows} == {(n, g.version, False) for n, g in regs.items()}
-    assert {n: len(t.client.search_modelmodel_versions(f"name = '{n}'")) for n in regs} == before
-
-
 def test_evaluator_is_registered_and_loads_as_a_feature_pyfunc(registry, tree, monkeypatch):
     import mlflow
 
@@ -158,28 +109,6 @@ def test_evaluator_is_registered_and_loads_as_a_feature_pyfunc(registry, tree, m
     assert probs.shape == (5, 2) and np.allclose(probs.sum(1), 1, atol=1e-5)
     with pytest.raises(Exception, match="uint8 images"):
         m.predict(imgs.astype(np.float32))
-
-
-def test_pyfunc_by_alias_in_a_fresh_process_matches_direct_sampling(registry, tree, tmp_path, monkeypatch):
-    env, regs = registry
-    use_env(monkeypatch, env)
-    for name in ("cifar10-student-4step", "cifar10-olss-student-4-2step"):
-        tracking.promote(name, regs[name].version, 1.0, "first", margin=0.1)  # no champion yet: becomes champion
-    uris = {"ddim": "models:/cifar10-student-4step@champion", "olss": "models:/cifar10-olss-student-4-2step@champion"}
-    r = subprocess.run([sys.executable, "-c", LOAD_SAMPLER, json.dumps(uris), str(tmp_path / "out.npz")], cwd=tmp_path,
-                       env={**os.environ, **env}, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "artifacts/code/fewstep" in r.stdout  # the package came with the model (code_paths)
-    got = np.load(tmp_path / "out.npz")
-    student = models.load_denoiser(tree / "models" / "student-4")
-    ddim = to_uint8(generate(student, range(5, 8), (3, 8, 8), timesteps(64, 4)))
-    sched = OLSSScheduler.from_json((tree / "schedulers" / "student-4" / "olss-2.json").read_text())
-    olss = to_uint8(sample_olss(student, PerImageNoise(range(5, 8)).randn(3, 8, 8), sched))
-    for key, ref in (("ddim", ddim), ("olss", olss)):
-        assert got[key].dtype == np.uint8 and got[key].shape == (3, 8, 8, 3)
-        np.testing.assert_array_equal(got[key], ref)
-        np.testing.assert_array_equal(got[key + "_one"], ref[1:2])  # per-seed: independent of n
-    assert not np.array_equal(got["ddim"], got["olss"])
 
 
 def test_promotion_moves_only_on_a_complete_better_evaluation(store):
