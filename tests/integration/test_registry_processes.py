@@ -25,7 +25,7 @@ def test_register_cli_is_idempotent(registry, tree, tmp_path, monkeypatch):
     env, regs = registry
     use_env(monkeypatch, env)
     t = tracking.configure()
-    before = {n: len(t.client.search_modelmodel_versions(f"name = '{n}'")) for n in regs}
+    before = {n: len(t.client.search_model_versions(f"name = '{n}'")) for n in regs}
     assert set(before.values()) == {1}
     params = write_params(tmp_path / "params.yaml", tiny_params())
     out = tmp_path / "versions.json"
@@ -36,7 +36,7 @@ def test_register_cli_is_idempotent(registry, tree, tmp_path, monkeypatch):
     assert r.returncode == 0, r.stderr[-3000:]
     rows = json.loads(out.read_text())["versions"]
     assert {(x["name"], x["version"], x["created"]) for x in rows} == {(n, g.version, False) for n, g in regs.items()}
-    assert {n: len(t.client.search_modelmodel_versions(f"name = '{n}'")) for n in regs} == before
+    assert {n: len(t.client.search_model_versions(f"name = '{n}'")) for n in regs} == before
 
 
 def test_pyfunc_by_alias_in_a_fresh_process_matches_direct_sampling(registry, tree, tmp_path, monkeypatch):
