@@ -5,6 +5,7 @@ use them live in tests/conftest.py."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import time
