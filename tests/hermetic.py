@@ -30,14 +30,22 @@ def snapshot_diff(before: dict[str, tuple[int, int]], after: dict[str, tuple[int
     return sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
 
 
+def _exits_with_us(proc: psutil.Process) -> bool:
+    """This process's own multiprocessing resource tracker (started by ``mp.spawn``): it reads a pipe
+    from this process and exits when this process does, so it is not left behind."""
+    return proc.ppid() == os.getpid() and "multiprocessing.resource_tracker" in " ".join(proc.cmdline())
+
+
 def session_processes(mark: str) -> list[psutil.Process]:
-    """Live processes (other than this one) whose environment carries ``SESSION_MARK=mark``."""
+    """Live processes (other than this one and its resource tracker) whose environment carries
+    ``SESSION_MARK=mark``."""
     found = []
     for proc in psutil.process_iter(["pid"]):
         if proc.pid == os.getpid():
             continue
         try:
-            if proc.status() != psutil.STATUS_ZOMBIE and proc.environ().get(SESSION_MARK) == mark:
+            if (proc.status() != psutil.STATUS_ZOMBIE and proc.environ().get(SESSION_MARK) == mark
+                    and not _exits_with_us(proc)):
                 found.append(proc)
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             continue
