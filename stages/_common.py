@@ -30,7 +30,7 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 
-from fewstep import parallel
+from fewstep import parallel, settings
 from fewstep.config import Params, ParamsError, load_params
 from fewstep.models import resolve_device
 
@@ -84,7 +84,7 @@ def parser(doc: str | None) -> argparse.ArgumentParser:
 def setup(args: argparse.Namespace) -> tuple[Params, torch.device]:
     """Validate params before any work; pick the device and thread count. Under torchrun
     (WORLD_SIZE > 1) join the process group: this rank's device (cuda:LOCAL_RANK or the CPU)."""
-    p = load_params(args.params, args.profile)
+    p = load_params(args.params, args.profile or settings.current().profile)
     if p.base.threads:
         torch.set_num_threads(p.base.threads)
     if _CURRENT is not None:
@@ -124,9 +124,12 @@ def _record(rec: StageRecord, status: str, start_ms: int, error: str | None) -> 
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
     try:
+        env = settings.current()
         run_id = tracking.record_stage(rec.stage, status=status, start_ms=start_ms, end_ms=int(time.time() * 1000),
                                        params=rec.params, metrics=rec.metrics, histories=rec.histories,
-                                       artifacts=rec.artifacts, tags=rec.tags, error=error)
+                                       artifacts=rec.artifacts, tags=rec.tags, error=error,
+                                       experiment=env.experiment, artifact_root=env.artifact_root,
+                                       parent_run_id=env.parent_run_id, git_commit=env.git_commit)
     except Exception as e:  # noqa: BLE001 - any store failure: report it, the mode decides
         msg = f"could not record the MLflow run at {tracking.default_tracking_uri()}: {type(e).__name__}: {e}"
         if mode == "required":

@@ -13,7 +13,7 @@ import math
 import sys
 from pathlib import Path
 
-from fewstep import storage
+from fewstep import settings, storage
 from stages import _common
 
 
@@ -40,6 +40,9 @@ def main() -> None:
         p, _ = _common.setup(args)
         from fewstep import tracking
 
+        env = settings.current()
+        t = tracking.configure(experiment=env.experiment, artifact_root=env.artifact_root)
+
         ev = storage.read_json(args.evaluation)
         rows = ev.get("rows", {})
         partial = ev.get("n_samples") != p.evaluate.n_samples or not rows
@@ -60,7 +63,8 @@ def main() -> None:
             # every version of a name (e.g. the OLSS variants) is a candidate, oldest first
             for cand in sorted(vs, key=lambda v: int(v["version"])):
                 res = tracking.promote(name, cand["version"], fds.get(cand["version"]), eval_id,
-                                       margin=p.promote.margin, remeasured=remeasured, partial=partial)
+                                       margin=p.promote.margin, remeasured=remeasured, partial=partial,
+                                       tracking=t)
                 decisions.append({"name": name, "candidate": cand["version"], "decision": res.decision,
                                   "reason": res.reason, "champion": res.champion_version,
                                   "candidate_fd": fds.get(cand["version"])})

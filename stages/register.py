@@ -5,7 +5,7 @@ Names: <dataset>-teacher, <dataset>-student-<k>step, <dataset>-olss-<model>-<n>s
 model whose weights_sha256 (a scheduler whose sha256) is already registered is not registered
 again. Parents are registered before their students. The tracking store comes from
 MLFLOW_TRACKING_URI (default sqlite:///<cwd>/mlflow.db), the experiment from FEWSTEP_EXPERIMENT,
-artifacts from FEWSTEP_ARTIFACT_ROOT (see src/fewstep/tracking.py). Writes --out: one line per
+artifacts from FEWSTEP_ARTIFACT_ROOT (see src/fewstep/settings.py). Writes --out: one line per
 version (name, version, created, role, nfe, parent).
 """
 
@@ -15,7 +15,7 @@ import os
 import sys
 from pathlib import Path
 
-from fewstep import storage
+from fewstep import settings, storage
 from stages import _common
 
 
@@ -32,15 +32,18 @@ def main() -> None:
         p, _ = _common.setup(args)
         from fewstep import tracking  # imports mlflow (~1 s): only once params are valid
 
+        env = settings.current()
+        t = tracking.configure(experiment=env.experiment, artifact_root=env.artifact_root)
         try:
-            with tracking.stage_run("register", repo=args.repo,
+            with tracking.stage_run("register", repo=args.repo, parent_run_id=env.parent_run_id,
+                                    git_commit=env.git_commit, tracking=t,
                                     params={"models": args.models, "schedulers": args.schedulers}) as run:
                 # study teachers and split models (teacher-*) sample by default at evaluate's largest study row
                 steps = {d.name: max(p.evaluate.study_steps) for d in Path(args.models).glob("teacher-*")
                          if p.evaluate.study_steps}
                 regs = tracking.register_all(args.models, args.schedulers, run_id=run.run_id, repo=args.repo,
                                              default_steps={**steps, "teacher": p.teacher.sample.steps},
-                                             dataset=p.base.dataset)
+                                             dataset=p.base.dataset, git_commit=env.git_commit, tracking=t)
                 run.log_metrics({"versions": len(regs), "created": sum(r.created for r in regs)})
         except tracking.LineageError as e:
             print(f"register: error: {e}", file=sys.stderr)
@@ -51,7 +54,7 @@ def main() -> None:
                  "parent": f"{r.tags['parent_model']}/{r.tags['parent_version']}" if "parent_version" in r.tags
                  else None}
                 for r in regs]
-        storage.write_json(Path(args.out), {"tracking_uri": tracking.configure().uri, "run_id": run.run_id,
+        storage.write_json(Path(args.out), {"tracking_uri": t.uri, "run_id": run.run_id,
                                             "versions": rows})
         for r in rows:
             print(f"register: {r['name']} v{r['version']} ({'new' if r['created'] else 'unchanged'})"
