@@ -386,6 +386,8 @@ class ModelCard:
         version = d.get("format_version")
         if version not in READABLE_VERSIONS:
             raise ModelCardError(f"unsupported model format_version {version!r}; this fewstep reads {READABLE_VERSIONS}")
+        if "role" in d and d["role"] not in ROLES:  # e.g. the evaluator's config: no denoiser, no card
+            raise ModelCardError(f"unknown model role {d['role']!r}; expected one of {ROLES}")
         family = _family_of(d)
         if family not in FAMILIES:
             raise ModelCardError(f"unknown architecture family {family!r}; known: {sorted(FAMILIES)}")
@@ -481,7 +483,15 @@ def load_card(directory: str | Path) -> ModelCard:
 
 
 def load_config(directory: str | Path) -> dict[str, Any]:
-    """Transition: the card as a plain dict (the on-disk keys; a format-1 file comes back upgraded)."""
+    """Transition: the card as a plain dict (the on-disk keys; a format-1 file comes back upgraded).
+    A model dir that holds no denoiser (the evaluator: role "evaluator") has no card; its config
+    comes back as written."""
+    path = Path(directory) / CONFIG
+    if not path.exists():
+        raise FileNotFoundError(f"no model config at {path}")
+    raw = storage.read_json(path)
+    if isinstance(raw, dict) and raw.get("role") not in ROLES and raw.get("format_version") == 1:
+        return raw
     return load_card(directory).to_dict()
 
 

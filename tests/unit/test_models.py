@@ -114,6 +114,12 @@ def test_a_family_is_registered_by_name_and_bad_cards_fail_clearly(tmp_path):
         models.ModelCard.from_dict({**d, "parameterization": "z"})
     with pytest.raises(models.ModelCardError, match="4 channels"):
         models.ModelCard.from_dict({**d, "channels": 4})
+    evaluator = {"format_version": 1, "role": "evaluator", "net": {"widths": [8]}, "weights_sha256": "e"}
+    (tmp_path / "ev").mkdir()
+    storage.write_json(tmp_path / "ev" / models.CONFIG, evaluator)
+    assert models.load_config(tmp_path / "ev") == evaluator  # no denoiser, no card: as written
+    with pytest.raises(models.ModelCardError, match="unknown model role 'evaluator'"):
+        models.load_card(tmp_path / "ev")
     with pytest.raises(ValueError, match="not the network being saved"):
         models.save_model(tmp_path / "x", _net(2), _card(net))
     assert not (tmp_path / "x").exists()
