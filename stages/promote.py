@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from functools import partial as partial_fn
 from pathlib import Path
 from typing import Sequence
 
@@ -29,12 +30,14 @@ def body(ctx: StageContext) -> None:
     a, p = ctx.args, ctx.params
     from fewstep import tracking  # imports mlflow (~1 s): only once params are valid
 
+    t = tracking.configure(experiment=ctx.settings.experiment, artifact_root=ctx.settings.artifact_root)
     ev = storage.read_json(a.evaluation)
     rows = ev.get("rows", {})
     partial = ev.get("n_samples") != p.evaluate.n_samples or not rows
     eval_id = evaluation_id(p.evaluate.model_dump(), rows, Path("models/evaluator/config.json"))
     decisions = promote_versions(storage.read_json(a.versions)["versions"], rows, eval_id, p.promote.margin, partial,
-                                 tracking.promote, log=lambda line: print(f"promote: {line}", file=sys.stderr))
+                                 partial_fn(tracking.promote, tracking=t),
+                                 log=lambda line: print(f"promote: {line}", file=sys.stderr))
     storage.write_json(a.out, {"evaluation_id": eval_id, "decisions": decisions})
     ctx.record.set_tags(evaluation_id=eval_id, partial_evaluation=partial)
     ctx.record.log_metrics({"candidates": len(decisions),

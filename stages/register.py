@@ -5,7 +5,7 @@ Names: <dataset>-teacher, <dataset>-student-<k>step, <dataset>-olss-<model>-<n>s
 model whose weights_sha256 (a scheduler whose sha256) is already registered is not registered
 again. Parents are registered before their students. The tracking store comes from
 MLFLOW_TRACKING_URI (default sqlite:///<cwd>/mlflow.db), the experiment from FEWSTEP_EXPERIMENT,
-artifacts from FEWSTEP_ARTIFACT_ROOT (see src/fewstep/tracking.py). Writes --out: one line per
+artifacts from FEWSTEP_ARTIFACT_ROOT (see src/fewstep/settings.py). Writes --out: one line per
 version (name, version, created, role, nfe, parent).
 """
 
@@ -40,17 +40,19 @@ def body(ctx: StageContext) -> None:
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     from fewstep import tracking  # imports mlflow (~1 s): only once params are valid
 
-    with tracking.stage_run("register", repo=a.repo, params={"models": a.models, "schedulers": a.schedulers}) as run:
+    env = ctx.settings
+    t = tracking.configure(experiment=env.experiment, artifact_root=env.artifact_root)
+    with tracking.stage_run("register", repo=a.repo, parent_run_id=env.parent_run_id, git_commit=env.git_commit,
+                            tracking=t, params={"models": a.models, "schedulers": a.schedulers}) as run:
         # study teachers and split models (teacher-*) sample by default at evaluate's largest study row
         steps = {d.name: max(p.evaluate.study_steps) for d in Path(a.models).glob("teacher-*")
                  if p.evaluate.study_steps}
         regs = tracking.register_all(a.models, a.schedulers, run_id=run.run_id, repo=a.repo,
                                      default_steps={**steps, "teacher": p.teacher.sample.steps},
-                                     dataset=p.base.dataset)
+                                     dataset=p.base.dataset, git_commit=env.git_commit, tracking=t)
         run.log_metrics({"versions": len(regs), "created": sum(r.created for r in regs)})
     rows = [_row(r) for r in regs]
-    storage.write_json(Path(a.out), {"tracking_uri": tracking.configure().uri, "run_id": run.run_id,
-                                     "versions": rows})
+    storage.write_json(Path(a.out), {"tracking_uri": t.uri, "run_id": run.run_id, "versions": rows})
     for r in rows:
         print(f"register: {r['name']} v{r['version']} ({'new' if r['created'] else 'unchanged'})"
               + (f" <- {r['parent']}" if r["parent"] else ""))

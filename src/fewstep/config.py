@@ -438,7 +438,8 @@ def _format(e: ValidationError, source: str) -> str:
 
 
 def load_params(path: str | os.PathLike = "params.yaml", profile: str | None = None) -> Params:
-    """Read, merge the profile (explicit or $FEWSTEP_PROFILE) and validate."""
+    """Read, merge ``profiles/<profile>.yaml`` (beside ``path``; None or "default": none) and validate.
+    Entry points pass the profile ($FEWSTEP_PROFILE is read by fewstep.settings, not here)."""
     path = Path(path)
     if not path.exists():
         raise ParamsError(f"params file not found: {path}")
@@ -448,7 +449,6 @@ def load_params(path: str | os.PathLike = "params.yaml", profile: str | None = N
         raise ParamsError(f"{path}: not valid YAML: {e}") from e
     if not isinstance(raw, dict):
         raise ParamsError(f"{path}: top level must be a mapping of sections, got {type(raw).__name__}")
-    profile = profile or os.environ.get("FEWSTEP_PROFILE") or None
     source = str(path)
     if profile and profile != "default":
         ppath = path.parent / "profiles" / f"{profile}.yaml"

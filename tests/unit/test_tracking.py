@@ -1,7 +1,12 @@
 """MLflow tracking, registry lineage, the pyfunc sampler and champion promotion, on a real MLflow
 (SQLite store in a temp dir, file artifacts; no mocks). A migrated SQLite DB is made once per module
-and copied per test (migrations cost seconds, a copy milliseconds: mlops.md 4a)."""
+and copied per test (migrations cost seconds, a copy milliseconds: mlops.md 4a).
 
+The library reads no FEWSTEP_* variable: in-process calls pass the store, experiment, artifact root,
+parent run and commit explicitly; the FEWSTEP_* variables in ``_store_env`` are for the stage
+processes (entry points, which read them through fewstep.settings)."""
+
+import functools
 import json
 import os
 import shutil
@@ -35,6 +40,11 @@ def _store_env(d: Path) -> dict[str, str]:
             "FEWSTEP_ARTIFACT_ROOT": (d / "artifacts").as_uri(), "FEWSTEP_EXPERIMENT": "fewstep-test"}
 
 
+def _configure(env: dict[str, str]) -> "tracking.Tracking":
+    """The store, experiment and artifact root of ``env`` (what a stage would read), passed explicitly."""
+    return tracking.configure(env["MLFLOW_TRACKING_URI"], env["FEWSTEP_EXPERIMENT"], env["FEWSTEP_ARTIFACT_ROOT"])
+
+
 def _use(monkeypatch, env: dict[str, str]) -> None:
     for k in ("FEWSTEP_PARENT_RUN_ID", "FEWSTEP_GIT_COMMIT"):
         monkeypatch.delenv(k, raising=False)
@@ -55,8 +65,10 @@ def _one_thread():
 
 @pytest.fixture(autouse=True)
 def _isolated(tmp_path, monkeypatch):
-    """Never the repository's mlflow.db: a test that forgets its store gets an empty one here."""
+    """Never the repository's mlflow.db or mlartifacts/: a test that forgets its store gets an empty
+    one here, and the default artifact root (<cwd>/mlartifacts) is under tmp_path."""
     _use(monkeypatch, _store_env(tmp_path / "unconfigured"))
+    monkeypatch.chdir(tmp_path)
     with _one_thread():
         yield
 
@@ -74,7 +86,7 @@ def migrated_db(tmp_path_factory) -> Path:
 def store(tmp_path, migrated_db, monkeypatch) -> "tracking.Tracking":
     shutil.copy(migrated_db, tmp_path / "mlflow.db")
     _use(monkeypatch, _store_env(tmp_path))
-    return tracking.configure()
+    return _configure(_store_env(tmp_path))
 
 
 def _perturbed_student(teacher_dir: Path, out: Path, steps: int) -> None:
@@ -147,26 +159,25 @@ def registry(tree, migrated_db, tmp_path_factory):
     d = tmp_path_factory.mktemp("registry")
     shutil.copy(migrated_db, d / "mlflow.db")
     env = {**_store_env(d), "FEWSTEP_GIT_COMMIT": "c0ffee" * 6 + "c0ff"}
-    with pytest.MonkeyPatch.context() as mp:
-        _use(mp, env)
-        with _one_thread():
-            regs = tracking.register_all(tree / "models", tree / "schedulers", repo=tree)
+    with _one_thread():
+        regs = tracking.register_all(tree / "models", tree / "schedulers", repo=tree,
+                                     git_commit=env["FEWSTEP_GIT_COMMIT"], tracking=_configure(env))
     return env, {r.name: r for r in regs}
 
 
 def test_stage_run_records_params_metric_history_artifacts_and_lineage_tags(store, tmp_path, monkeypatch):
     entry = {"cmd": "python -m stages.train_teacher", "outs": [{"path": "models/teacher", "md5": "abc.dir"}]}
     (tmp_path / "dvc.lock").write_text(yaml.safe_dump({"schema": "2.0", "stages": {"train_teacher": entry}}))
-    monkeypatch.setenv("FEWSTEP_GIT_COMMIT", "1234abcd" * 5)
+    commit = "1234abcd" * 5
     grid = tmp_path / "grid.png"
     save_grid(np.zeros((4, 8, 8, 3), np.uint8), grid)
-    with tracking.pipeline_run("pipeline", repo=tmp_path) as parent:
-        assert os.environ["FEWSTEP_PARENT_RUN_ID"] == parent.run_id
-        with tracking.stage_run("train_teacher", repo=tmp_path,
+    with tracking.pipeline_run("pipeline", repo=tmp_path, git_commit=commit, tracking=store) as parent:
+        assert "FEWSTEP_PARENT_RUN_ID" not in os.environ  # passing it to stage processes is the flow's job
+        with tracking.stage_run("train_teacher", repo=tmp_path, parent_run_id=parent.run_id, git_commit=commit,
+                                tracking=store,
                                 params={"teacher": {"lr": 1e-3, "net": {"channel_mult": [1, 2]}}}) as run:
             run.log_metrics({"loss": [(0, 1.0), (25, 0.5), (50, 0.25)], "params": 7})
             run.log_artifact(grid, "samples")
-    assert "FEWSTEP_PARENT_RUN_ID" not in os.environ
     c = store.client
     r = c.get_run(run.run_id)
     assert r.info.status == "FINISHED" and r.info.experiment_id == store.experiment_id
@@ -176,14 +187,13 @@ def test_stage_run_records_params_metric_history_artifacts_and_lineage_tags(stor
     assert (tmp_path / "artifacts").is_dir()  # the experiment's explicit artifact_location
     tags = r.data.tags
     assert tags["mlflow.parentRunId"] == parent.run_id
-    assert tags["git_commit"] == "1234abcd" * 5
+    assert tags["git_commit"] == commit
     assert tags["dvc_lock_sha256"] == storage.sha256_bytes(yaml.safe_dump(entry, sort_keys=True).encode())
     with pytest.raises(RuntimeError, match="boom"):
-        with tracking.stage_run("distill@student-4", repo=tmp_path) as failed:
+        with tracking.stage_run("distill@student-4", repo=tmp_path, tracking=store) as failed:
             raise RuntimeError("boom")
     r2 = c.get_run(failed.run_id)
     assert r2.info.status == "FAILED" and "dvc_lock_sha256" not in r2.data.tags  # no lock entry for it
-    monkeypatch.delenv("FEWSTEP_GIT_COMMIT")
     monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))
     assert tracking.git_commit(tmp_path) is None  # not a repository
     if (ROOT / ".git").exists():
@@ -211,7 +221,7 @@ def test_registry_lineage_teacher_student_olss(registry, tree, monkeypatch):
     assert olss_s.tags["trajectories_hash"] == "dvc-md5:bbbb.dir"  # from dvc.lock
     assert olss_t.tags["trajectories_hash"].startswith("sha256:")  # not in dvc.lock: hashed from the files
     assert olss_s.tags["scheduler_sha256"] == storage.sha256_file(tree / "schedulers" / "student-4" / "olss-2.json")
-    chain = tracking.lineage(olss_s.name, olss_s.version)
+    chain = tracking.lineage(olss_s.name, olss_s.version, tracking=_configure(env))
     assert [(n, v) for n, v, _ in chain] == [(olss_s.name, olss_s.version), (student.name, student.version),
                                              (teacher.name, teacher.version)]
 
@@ -219,7 +229,7 @@ def test_registry_lineage_teacher_student_olss(registry, tree, monkeypatch):
 def test_register_cli_is_idempotent(registry, tree, tmp_path, monkeypatch):
     env, regs = registry
     _use(monkeypatch, env)
-    t = tracking.configure()
+    t = _configure(env)
     before = {n: len(t.client.search_model_versions(f"name = '{n}'")) for n in regs}
     assert set(before.values()) == {1}
     params = write_params(tmp_path / "params.yaml", tiny_params())
@@ -258,7 +268,7 @@ def test_evaluator_is_registered_and_loads_as_a_feature_pyfunc(registry, tree, m
     assert ev.created and ev.tags["role"] == "evaluator" and ev.tags["weights_sha256"] == cfg["weights_sha256"]
     assert ev.tags["data_hash"] == models.load_config(tree / "models" / "teacher")["data_hash"]
     assert ev.tags["test_accuracy"] == "0.5" and ev.tags["git_commit"] == "c0ffee" * 6 + "c0ff"
-    tracking.configure()
+    _configure(env)  # points mlflow's registry URI at the store
     m = mlflow.pyfunc.load_model(f"models:/cifar10-evaluator/{ev.version}")
     imgs = np.random.default_rng(0).integers(0, 256, (5, 8, 8, 3), dtype=np.uint8)
     net, stats = load_evaluator(tree / "models" / "evaluator")
@@ -274,7 +284,8 @@ def test_pyfunc_by_alias_in_a_fresh_process_matches_direct_sampling(registry, tr
     env, regs = registry
     _use(monkeypatch, env)
     for name in ("cifar10-student-4step", "cifar10-olss-student-4-2step"):
-        tracking.promote(name, regs[name].version, 1.0, "first", margin=0.1)  # no champion yet: becomes champion
+        # no champion yet: becomes champion
+        tracking.promote(name, regs[name].version, 1.0, "first", margin=0.1, tracking=_configure(env))
     uris = {"ddim": "models:/cifar10-student-4step@champion", "olss": "models:/cifar10-olss-student-4-2step@champion"}
     r = subprocess.run([sys.executable, "-c", _LOAD, json.dumps(uris), str(tmp_path / "out.npz")], cwd=tmp_path,
                        env={**os.environ, **env}, capture_output=True, text=True, timeout=300)
@@ -304,44 +315,46 @@ def _versions(t, name: str, n: int) -> list[str]:
 def test_promotion_moves_only_on_a_complete_better_evaluation(store):
     t, name = store, "toy-student-4step"
     v1, v2, v3, v4 = _versions(t, name, 4)
+    promote = functools.partial(tracking.promote, tracking=t)
     alias = lambda: str(t.client.get_registered_model(name).aliases.get("champion"))  # noqa: E731
     tags = lambda v: t.client.get_model_version(name, v).tags  # noqa: E731
 
-    assert tracking.promote(name, v1, 10.0, "e1", margin=0.05).decision == "promoted" and alias() == v1
-    p = tracking.promote(name, v2, 9.7, "e1", margin=0.05)  # better, but not by 5 %
+    assert promote(name, v1, 10.0, "e1", margin=0.05).decision == "promoted" and alias() == v1
+    p = promote(name, v2, 9.7, "e1", margin=0.05)  # better, but not by 5 %
     assert (p.decision, p.champion_fd, alias()) == ("kept", 10.0, v1)
     assert tags(v2)["promotion.decision"] == "kept" and tags(v2)["promotion.champion_version"] == v1
     for fd, partial in ((1.0, True), (float("nan"), False), (None, False), (float("inf"), False)):
-        p = tracking.promote(name, v3, fd, "e1", margin=0.05, partial=partial)
+        p = promote(name, v3, fd, "e1", margin=0.05, partial=partial)
         assert p.decision == "rejected" and alias() == v1
     assert "fd" not in tags(v3)  # a failed evaluation leaves no FD on record
-    p = tracking.promote(name, v3, 5.0, "e2", margin=0.05)  # champion was measured on e1, not e2
+    p = promote(name, v3, 5.0, "e2", margin=0.05)  # champion was measured on e1, not e2
     assert p.decision == "held" and "remeasured" in p.reason and alias() == v1
-    p = tracking.promote(name, v3, 5.0, "e2", margin=0.05, remeasured={v1: float("nan")})
+    p = promote(name, v3, 5.0, "e2", margin=0.05, remeasured={v1: float("nan")})
     assert p.decision == "rejected" and alias() == v1  # the champion's re-measurement failed
-    p = tracking.promote(name, v3, 5.0, "e2", margin=0.05, remeasured={v1: 11.0})
+    p = promote(name, v3, 5.0, "e2", margin=0.05, remeasured={v1: 11.0})
     assert (p.decision, p.champion_fd, p.previous_champion, alias()) == ("promoted", 11.0, v1, v3)
     t3 = tags(v3)
     assert (t3["fd"], t3["evaluation_id"], t3["promotion.candidate_fd"], t3["promotion.champion_fd"]) == \
         ("5.0", "e2", "5.0", "11.0")
     assert (tags(v1)["fd"], tags(v1)["evaluation_id"]) == ("11.0", "e2")  # its latest valid measurement
-    assert tracking.promote(name, v4, 6.0, "e2", margin=0.0).decision == "kept" and alias() == v3
-    assert tracking.promote(name, v3, 5.0, "e2", margin=0.0).decision == "unchanged"
+    assert promote(name, v4, 6.0, "e2", margin=0.0).decision == "kept" and alias() == v3
+    assert promote(name, v3, 5.0, "e2", margin=0.0).decision == "unchanged"
     rm = t.client.get_registered_model(name).tags
     assert (rm["champion.version"], rm["champion.fd"], rm["champion.evaluation_id"]) == (v3, "5.0", "e2")
-    assert str(tracking.champion(name).version) == v3
+    assert str(tracking.champion(name, tracking=t).version) == v3
 
 
 _RACE = """
 import json, os, sys, time
 from pathlib import Path
-from fewstep import tracking
+from fewstep import settings, tracking
 name, version, fd, flag = sys.argv[1], sys.argv[2], float(sys.argv[3]), Path(sys.argv[4])
-tracking.configure()
+env = settings.current()  # this script is an entry point, as a stage is
+t = tracking.configure(experiment=env.experiment, artifact_root=env.artifact_root)
 Path(str(flag) + "." + version).touch()
 while not flag.exists():
     time.sleep(0.01)
-p = tracking.promote(name, version, fd, "e1", margin=0.01)
+p = tracking.promote(name, version, fd, "e1", margin=0.01, tracking=t)
 print(json.dumps({"decision": p.decision, "champion": p.champion_version}))
 """
 
@@ -369,7 +382,7 @@ def race(name: str, candidates: list[tuple[str, float]], tmp_path: Path) -> list
 def test_racing_promotions_end_with_one_consistent_champion(store, tmp_path):
     t, name = store, "race-student-4step"
     v1, v2, v3 = _versions(t, name, 3)
-    tracking.promote(name, v1, 10.0, "e1", margin=0.01)
+    tracking.promote(name, v1, 10.0, "e1", margin=0.01, tracking=t)
     res = race(name, [(v2, 8.0), (v3, 6.0)], tmp_path)
     rm = t.client.get_registered_model(name)
     assert str(rm.aliases["champion"]) == v3  # the best candidate wins whatever the order
@@ -380,3 +393,28 @@ def test_racing_promotions_end_with_one_consistent_champion(store, tmp_path):
     assert (tv2["promotion.decision"], tv2["promotion.champion_version"]) in {("promoted", v1), ("kept", v3)}
     assert tv3["promotion.champion_version"] == (v2 if tv2["promotion.decision"] == "promoted" else v1)
 
+
+
+def test_the_library_reads_no_fewstep_variable(store, tmp_path, monkeypatch):
+    """FEWSTEP_* values in the environment change nothing in-process: the arguments decide (the
+    entry points read the environment through fewstep.settings and pass the values)."""
+    import re
+
+    from fewstep.config import load_params
+
+    for k, v in {"FEWSTEP_EXPERIMENT": "elsewhere", "FEWSTEP_ARTIFACT_ROOT": (tmp_path / "elsewhere").as_uri(),
+                 "FEWSTEP_PARENT_RUN_ID": "0" * 32, "FEWSTEP_GIT_COMMIT": "bad" * 10,
+                 "FEWSTEP_PROFILE": "no-such-profile"}.items():
+        monkeypatch.setenv(k, v)
+    t = tracking.configure(store.uri)
+    assert (t.experiment, t.artifact_location) == ("fewstep", (tmp_path / "mlartifacts").as_uri())  # cwd: tmp_path
+    run_id = tracking.record_stage("train_teacher", tracking_uri=store.uri, experiment="explicit",
+                                   git_commit="c" * 40, repo=tmp_path)
+    r = store.client.get_run(run_id)
+    assert r.info.experiment_id == tracking.configure(store.uri, "explicit").experiment_id
+    assert r.data.tags["git_commit"] == "c" * 40 and "mlflow.parentRunId" not in r.data.tags
+    assert load_params(write_params(tmp_path / "params.yaml", tiny_params())).base  # no profile merged
+    reads = re.compile(r"""(environ\.get|environ\[|getenv)\(?\s*["']FEWSTEP_""")
+    offenders = [str(p.relative_to(ROOT)) for p in (ROOT / "src" / "fewstep").rglob("*.py")
+                 if p.name not in ("settings.py", "launch.py") and reads.search(p.read_text())]
+    assert offenders == []  # settings.py reads them; launch.py is an entry point that uses it
