@@ -174,7 +174,7 @@ class OLSSParams(_Strict):
     max_elements: int = Field(262_144, ge=1000, description="subsample of trajectory elements used by the fit")
     bisection_iters: int = Field(30, ge=1)
     ridge: float = Field(0.0, ge=0.0)
-    ridge_variant: float = Field(1e-4, ge=0.0, description="also fit an olss-ridge-N variant with this ridge; 0 = off")
+    ridge_variant: float = Field(1e-4, ge=0.0, description="the ridge of the olss-ridge-N variant (always fitted); 0 = plain least squares")
     closed_loop: bool = True
     n_holdout: int = Field(64, ge=1, description="held-out seeds for the RMSE check in metrics")
 

@@ -220,3 +220,71 @@ def inception_space(weights: str | Path, train_images: torch.Tensor, subset: int
         return inception_features(net, images)
 
     return feats, reference_stats(feats(train_images), subset, seed)
+
+
+def inception_reference(weights: str | Path, train_images_npy: Path, subset: int, seed: int, device: torch.device
+                        ) -> tuple[Callable[[torch.Tensor], np.ndarray], dict[str, np.ndarray]]:
+    """:func:`inception_space` on the prepared training split; a weight file that is not an FID
+    Inception state dict is a ParamsError naming evaluate.inception_weights."""
+    from fewstep import storage
+    from fewstep.config import ParamsError
+    from fewstep.images import from_uint8
+
+    train = from_uint8(storage.load_array(train_images_npy))
+    try:
+        return inception_space(weights, train, subset, seed, device)
+    except ValueError as e:  # one clear line
+        raise ParamsError(f"evaluate.inception_weights: {e}") from None
+
+
+def run_evaluation(models_dir: Path, schedulers_dir: Path, ep, evaluator_dir: Path, shape: tuple[int, int, int],
+                   device: torch.device, grid_dir: Path | None = None,
+                   inception: Callable[[], tuple[Callable[[torch.Tensor], np.ndarray], dict]] | None = None,
+                   log: Callable[[str], None] | None = None) -> tuple[dict[str, dict], int] | None:
+    """Every row of :func:`build_rows` sampled on seeds ep.seed.. and scored (:func:`score`, plus
+    standard FID with ``inception``) against the teacher's ``ep.reference_steps``-step DDIM images
+    from the same noise; one sample grid per row under ``grid_dir``. Returns (row name -> scores,
+    the reference's step count) on rank 0; None on the other ranks of a torchrun (they sample their
+    share, rank 0 scores). ``inception`` is called once the rows are built (e.g. a partial of
+    :func:`inception_reference`) and gives the feature function and reference statistics."""
+    from fewstep.images import save_grid
+    from fewstep.reports import slug
+    from fewstep.train.evaluator import features, load_evaluator
+
+    evaluator, stats = load_evaluator(evaluator_dir, device)
+    rows, dens = build_rows(models_dir, schedulers_dir, ep, device)
+    inc = inception() if inception is not None else None
+    teacher = dens["teacher"]
+    seeds = list(range(ep.seed, ep.seed + ep.n_samples))
+    ref_steps = timesteps(teacher.schedule.T, min(ep.reference_steps, teacher.schedule.T))
+    ref_row = Row("reference", "ddim", "teacher", len(ref_steps),
+                  lambda x_T, noise: sample_ddim(teacher, x_T, ref_steps))
+    reference, ref_ips = run_row(ref_row, seeds, shape, ep.batch_size, device)
+    ref_name = f"teacher ddim {len(ref_steps)}"  # the same sampler, steps, seeds: its images are the reference
+    if grid_dir is not None:
+        grid_dir.mkdir(parents=True, exist_ok=True)
+    results = {}
+    for row in rows:
+        if row.name == ref_name:
+            images, ips = reference, ref_ips
+        else:
+            images, ips = run_row(row, seeds, shape, ep.batch_size, device)
+        if not parallel.is_main():
+            continue
+        feats = features(evaluator, images.to(device) if device.type == "cuda" else images)
+        r = score(feats, images, reference, stats, ep.kid_subsets, ep.seed)
+        r.update(family=row.family, model=row.model, nfe=row.nfe, gflops=row.gflops, images_per_s=ips)
+        if row.name == ref_name:
+            r["is_reference"] = True  # not sampled twice
+        if row.gflops_by_net:  # a split model: the cost per network
+            r.update(nfe_by_net=row.nfe_by_net, gflops_by_net=row.gflops_by_net)
+        if inc is not None:
+            r["inception"] = feature_scores(inc[0](images), inc[1], ep.kid_subsets, ep.seed)
+        results[row.name] = r
+        if grid_dir is not None:
+            save_grid(images[: ep.grid_n], grid_dir / f"{slug(row.name)}.png", scale=max(1, 32 // shape[-1]))
+        if log is not None:
+            log(f"{row.name:32s} NFE {row.nfe:4d} FD {r['fd']:8.3f} RMSE {r['rmse']:.4f}")
+    if not parallel.is_main():
+        return None
+    return results, len(ref_steps)
