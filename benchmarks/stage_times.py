@@ -37,7 +37,10 @@ def main() -> None:
 
     from fewstep import tracking
 
-    t = tracking.configure(a.tracking_uri, a.experiment)
+    from fewstep import settings
+
+    env = settings.current()
+    t = tracking.configure(a.tracking_uri, a.experiment or env.experiment, env.artifact_root)
     flt = ["attributes.status = 'FINISHED'"]
     if a.pipeline_run:
         flt.append(f"tags.`mlflow.parentRunId` = '{a.pipeline_run}'")

@@ -25,81 +25,59 @@ Run it locally (ephemeral Prefect API, no server):
 from __future__ import annotations
 
 import argparse
-import collections
 import contextlib
 import logging
 import os
 import re
-import selectors
-import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Literal
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.exceptions import MissingContextError
 
+from fewstep import processes, settings
+from fewstep.settings import Settings
+
 DEFAULT_TIMEOUT_S = 6 * 3600.0  # per stage; the GPU teacher is the long one
 DEFAULT_RETRIES = 2
 DEFAULT_RETRY_DELAY_S = 30.0
-TAIL_LINES = 40
-_KILL_GRACE_S = 10.0
 
 
-class StageError(RuntimeError):
-    """A pipeline command failed or timed out; the message carries its stderr tail."""
+class StageError(processes.CommandError):
+    """A pipeline command failed or timed out (the message carries its stderr tail), or the repo
+    cannot run the pipeline."""
 
 
 # ----------------------------------------------------------------------------------------------
-# Subprocesses: streamed logs, a deadline, and the whole process tree stopped on any exit
+# What the stage processes get: the worker's environment plus the pipeline's settings
 
 
-def stage_env(profile: str | None, world_size: int | None) -> dict[str, str]:
-    """The worker's environment plus what the stages read. ``python`` in dvc.yaml resolves to
-    this interpreter (its bin dir goes first on PATH); ``profile=None`` keeps $FEWSTEP_PROFILE;
-    ``world_size=None`` keeps $FEWSTEP_WORLD_SIZE (unset: params' distributed.world_size)."""
-    env = dict(os.environ)
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    env["PYTHONUNBUFFERED"] = "1"
-    env.setdefault("DVC_NO_ANALYTICS", "1")
-    if profile is not None:
-        env["FEWSTEP_PROFILE"] = profile
-    if world_size is not None:
-        env["FEWSTEP_WORLD_SIZE"] = str(world_size)  # read by python -m fewstep.launch
-    return env
+@dataclass(frozen=True)
+class StageEnv:
+    """``profile=None`` keeps the worker's $FEWSTEP_PROFILE; ``world_size=None`` keeps
+    $FEWSTEP_WORLD_SIZE (unset: params' distributed.world_size); ``parent_run_id``: the pipeline's
+    MLflow run, under which every stage run nests ($FEWSTEP_PARENT_RUN_ID)."""
 
+    profile: str | None = None
+    world_size: int | None = None
+    parent_run_id: str | None = None
 
-def _kill_tree(pid: int) -> None:
-    """SIGTERM the process and all its descendants (dvc runs the stage as its child), then
-    SIGKILL what is left. Killing only the dvc PID would leave the stage running as an orphan."""
-    import psutil  # a dependency of dvc
-
-    try:
-        root = psutil.Process(pid)
-        procs = [*root.children(recursive=True), root]
-    except psutil.NoSuchProcess:
-        return
-    for p in procs:
-        try:
-            p.send_signal(signal.SIGTERM)
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(procs, timeout=_KILL_GRACE_S)
-    for p in alive:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(alive, timeout=5)
-
-
-def _lines(buf: bytes) -> tuple[list[str], bytes]:
-    """Complete lines of ``buf`` and the rest; of a progress bar's \\r updates keep the last."""
-    *done, rest = buf.split(b"\n")
-    return [d.rsplit(b"\r", 1)[-1].decode(errors="replace").rstrip() for d in done], rest
+    def environ(self) -> dict[str, str]:
+        """``python`` in dvc.yaml resolves to this interpreter (its bin dir goes first on PATH)."""
+        env = dict(os.environ)
+        env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+        env["PYTHONUNBUFFERED"] = "1"
+        env.setdefault("DVC_NO_ANALYTICS", "1")
+        for name in ("profile", "world_size", "parent_run_id"):  # read by the stages and fewstep.launch
+            value = getattr(self, name)
+            if value is not None:
+                env[Settings.env_name(name)] = str(value)
+        return env
 
 
 def _logger() -> logging.Logger | logging.LoggerAdapter:
@@ -112,65 +90,17 @@ def _logger() -> logging.Logger | logging.LoggerAdapter:
 
 def run_logged(cmd: list[str], cwd: str, env: dict[str, str], timeout_s: float, what: str,
                echo: bool = True) -> str:
-    """Run ``cmd``, log its stdout/stderr line by line as it runs, return stdout.
-
-    Raises StageError with the exit code and stderr tail on failure, or when ``timeout_s`` passes
-    (the process tree is stopped first). Any exception here (Prefect's own timeout, a cancel)
-    also stops the tree, so no stage outlives its task.
-    """
+    """Run ``cmd`` (fewstep.processes.run_streamed), each output line logged as it comes; returns
+    stdout. StageError on failure or after ``timeout_s`` (the process tree is stopped first)."""
     log = _logger()
     t0 = time.monotonic()
-    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE)
-    out: list[str] = []
-    err_tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
-    sel = selectors.DefaultSelector()
-    bufs = {"out": b"", "err": b""}
-    sel.register(proc.stdout, selectors.EVENT_READ, "out")
-    sel.register(proc.stderr, selectors.EVENT_READ, "err")
-    timed_out = False
-    drain_until = None  # a background grandchild may hold the pipes open after the command exits
+    on_line = (lambda line: log.info("%s | %s", what, line)) if echo else None
     try:
-        while sel.get_map():
-            now = time.monotonic()
-            if now - t0 > timeout_s:
-                timed_out = True
-                break
-            if drain_until is None and proc.poll() is not None:
-                drain_until = now + 5
-            elif drain_until is not None and now > drain_until:
-                break
-            for key, _ in sel.select(timeout=0.5):  # short waits: Prefect can interrupt between them
-                chunk = os.read(key.fd, 65536)
-                if not chunk:
-                    sel.unregister(key.fileobj)
-                    chunk = b"\n" if bufs[key.data] else b""
-                lines, bufs[key.data] = _lines(bufs[key.data] + chunk)
-                for line in filter(None, lines):
-                    (out if key.data == "out" else err_tail).append(line)
-                    if echo:
-                        log.info("%s | %s", what, line)
-        while not timed_out and proc.poll() is None:
-            if time.monotonic() - t0 > timeout_s:
-                timed_out = True
-            else:
-                time.sleep(0.2)
-    finally:
-        sel.close()
-        if proc.poll() is None:
-            _kill_tree(proc.pid)
-        proc.wait()
-        proc.stdout.close()
-        proc.stderr.close()
-    took = time.monotonic() - t0
-    tail = "\n".join(err_tail) or "(no stderr)"
-    if timed_out:
-        raise StageError(f"{what} timed out after {timeout_s:.0f} s (stopped) in {cwd}; stderr tail:\n{tail}")
-    if proc.returncode != 0:
-        raise StageError(f"{what} failed with exit code {proc.returncode} after {took:.1f} s in {cwd}; "
-                         f"stderr tail:\n{tail}")
-    log.info("%s finished in %.1f s", what, took)
-    return "\n".join(out)
+        out = processes.run_streamed(cmd, cwd=cwd, env=env, timeout_s=timeout_s, what=what, on_line=on_line)
+    except processes.CommandError as e:
+        raise StageError(str(e)) from None
+    log.info("%s finished in %.1f s", what, time.monotonic() - t0)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -204,7 +134,7 @@ def order_stages(dot: str) -> list[str]:
 @task(name="list-stages", retries=1, retry_delay_seconds=5, cache_policy=NO_CACHE)
 def list_stages(repo: str) -> list[str]:
     """Every stage of the repo's dvc.yaml (foreach/matrix expanded), upstream first."""
-    dot = run_logged([sys.executable, "-m", "dvc", "dag", "--dot"], repo, stage_env(None, 1), 300, "dvc dag",
+    dot = run_logged([sys.executable, "-m", "dvc", "dag", "--dot"], repo, StageEnv(None, 1).environ(), 300, "dvc dag",
                      echo=False)
     stages = order_stages(dot)
     get_run_logger().info("stages in dependency order: %s", ", ".join(stages))
@@ -217,14 +147,12 @@ def list_stages(repo: str) -> list[str]:
 
 # Prefect's own result cache stays off: DVC decides what is up to date.
 @task(name="dvc-repro", cache_policy=NO_CACHE)
-def dvc_repro(repo: str, stage: str, profile: str | None, world_size: int | None, timeout_s: float,
-              single: bool = False) -> dict[str, Any]:
+def dvc_repro(repo: str, stage: str, env: StageEnv, timeout_s: float, single: bool = False) -> dict[str, Any]:
     """``dvc repro <stage>``: its upstream too unless ``single`` (the flow already ran it); the
     result says whether the stage 'ran' or was 'cached'."""
     t0 = time.monotonic()
-    env = stage_env(profile, world_size)
     cmd = [sys.executable, "-m", "dvc", "repro", *(["--single-item"] if single else []), stage]
-    out = run_logged(cmd, repo, env, timeout_s, f"dvc repro {stage}")
+    out = run_logged(cmd, repo, env.environ(), timeout_s, f"dvc repro {stage}")
     ran = "Running stage" in out
     return {"stage": stage, "status": "ran" if ran else "cached", "seconds": round(time.monotonic() - t0, 1)}
 
@@ -238,23 +166,16 @@ def has_module(repo: str, module: str, env: dict[str, str]) -> bool:
 
 
 @task(name="stage-module", cache_policy=NO_CACHE)
-def run_stage_module(repo: str, name: str, profile: str | None, world_size: int | None,
-                     timeout_s: float) -> dict[str, Any]:
+def run_stage_module(repo: str, name: str, env: StageEnv, timeout_s: float) -> dict[str, Any]:
     """``python -m stages.<name>`` (register, promote, ...) when the repo has it; else skipped."""
     module = f"stages.{name}"
-    env = stage_env(profile, world_size)
-    if not has_module(repo, module, env):
+    environ = env.environ()
+    if not has_module(repo, module, environ):
         get_run_logger().info("%s: no module %s in %s, skipped", name, module, repo)
         return {"stage": name, "status": "skipped", "seconds": 0.0}
     t0 = time.monotonic()
-    run_logged([sys.executable, "-m", module], repo, env, timeout_s, f"python -m {module}")
+    run_logged([sys.executable, "-m", module], repo, environ, timeout_s, f"python -m {module}")
     return {"stage": name, "status": "ran", "seconds": round(time.monotonic() - t0, 1)}
-
-
-def _timeout_for(stage: str, timeouts: dict[str, float] | None, default: float) -> float:
-    """Per-stage limit: exact name (``distill@student-1``), then group (``distill``), then default."""
-    timeouts = timeouts or {}
-    return float(timeouts.get(stage, timeouts.get(stage.split("@", 1)[0], default)))
 
 
 def resolve_repo(repo: str) -> str:
@@ -263,6 +184,65 @@ def resolve_repo(repo: str) -> str:
         raise StageError(f"repo {repo!r} ({path}) has no dvc.yaml: pass the DVC repo's path "
                          "(deployments: set FEWSTEP_ROOT for the worker, see prefect.yaml)")
     return str(path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Steps: what the flow runs, in order
+
+
+@dataclass(frozen=True)
+class Step:
+    """One task of the flow: a DVC stage (``dvc repro [--single-item] <name>``) or a stage module
+    that is not in dvc.yaml (``python -m stages.<name>``)."""
+
+    name: str
+    kind: Literal["dvc", "module"]
+    single_item: bool = False
+
+    @property
+    def task_name(self) -> str:
+        return f"repro {self.name}" if self.kind == "dvc" else self.name
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Retries and time limits per task; ``timeouts`` overrides ``timeout_s`` by stage name
+    (``distill@student-1``), then by group (``distill``)."""
+
+    retries: int = DEFAULT_RETRIES
+    retry_delay_s: float = DEFAULT_RETRY_DELAY_S
+    timeout_s: float = DEFAULT_TIMEOUT_S
+    timeouts: dict[str, float] | None = None
+
+    def timeout_for(self, stage: str) -> float:
+        timeouts = self.timeouts or {}
+        return float(timeouts.get(stage, timeouts.get(stage.split("@", 1)[0], self.timeout_s)))
+
+
+def plan_steps(dag: list[str], stages: list[str] | None, after: list[str] | None) -> list[Step]:
+    """The stages (all of ``dag`` in its order, each ``--single-item``; or the named ones, each with
+    its upstream), then the ``after`` steps not among them: a stage of dvc.yaml runs there, another
+    name as a module."""
+    todo, single = (list(stages), False) if stages else (list(dag), True)
+    steps = [Step(stage, "dvc", single) for stage in todo]
+    for name in ["register"] if after is None else after:
+        if name not in todo:
+            steps.append(Step(name, "dvc", True) if name in dag else Step(name, "module"))
+    return steps
+
+
+def run_steps(repo: str, steps: list[Step], env: StageEnv, limits: Limits) -> list[dict[str, Any]]:
+    """Each step as its own task, one after another (one dvc per repo), under its own limit."""
+    results = []
+    for step in steps:
+        limit = limits.timeout_for(step.name)
+        fn = dvc_repro if step.kind == "dvc" else run_stage_module
+        task_fn = fn.with_options(name=step.task_name, retries=limits.retries,
+                                  retry_delay_seconds=limits.retry_delay_s,
+                                  timeout_seconds=limit + 60)  # backstop; run_logged stops at `limit`
+        extra = {"single": step.single_item} if step.kind == "dvc" else {}
+        results.append(task_fn(repo, step.name, env, limit, **extra))
+    return results
 
 
 # ----------------------------------------------------------------------------------------------
@@ -309,37 +289,38 @@ def pipeline(
     if world_size is not None and world_size < 0:
         raise ValueError(f"world_size must be >= 0 (0 = one per GPU) or None, got {world_size}")
     repo = resolve_repo(repo)
-    dag = list_stages(repo)
     # Listed here: in dependency order, so each stage's upstream is done when it starts (`--single-item`
     # skips re-checking it). Named by the caller: each with its upstream, whatever the order.
-    todo, single = (list(stages), False) if stages else (dag, True)
-    steps = [(stage, "dvc", single) for stage in todo]
-    for name in ["register"] if after is None else after:
-        if name in todo:
-            continue  # already one of the stages
-        steps.append((name, "dvc", True) if name in dag else (name, "module", False))
-    results = []
-    with pipeline_mlflow_run(repo, profile):
-        _run_steps(repo, steps, profile, world_size, retries, retry_delay_s, timeout_s, timeouts, results)
+    steps = plan_steps(list_stages(repo), stages, after)
+    limits = Limits(retries, retry_delay_s, timeout_s, timeouts)
+    with pipeline_mlflow_run(repo, profile) as parent_run_id:
+        if profile and profile != "default":
+            # DVC tracks params.yaml, not $FEWSTEP_PROFILE: write the profile into params.yaml so DVC
+            # re-runs what it changes (stages/profile.py), then the stages read params.yaml alone.
+            apply_profile(repo, profile)
+            profile = "default"
+        results = run_steps(repo, steps, StageEnv(profile, world_size, parent_run_id), limits)
     for r in results:
         print(f"{r['stage']:<32} {r['status']:<8} {r['seconds']:>8.1f} s")
     return results
 
 
 @contextlib.contextmanager
-def pipeline_mlflow_run(repo: str, profile: str | None) -> Iterator[None]:
-    """One MLflow run for the flow run; every stage's run nests under it ($FEWSTEP_PARENT_RUN_ID,
-    inherited by the stage processes). Skipped when $FEWSTEP_TRACKING=off or mlflow is missing; a
-    store that cannot be reached is a warning here (the stages and `register` decide for themselves)."""
-    if os.environ.get("FEWSTEP_TRACKING", "auto").strip().lower() == "off":
-        yield
+def pipeline_mlflow_run(repo: str, profile: str | None) -> Iterator[str | None]:
+    """One MLflow run for the flow run; yields its id, which the stage processes get as
+    $FEWSTEP_PARENT_RUN_ID so their runs nest under it (None: no run). Skipped when
+    $FEWSTEP_TRACKING=off or mlflow is missing; a store that cannot be reached is a warning here
+    (the stages and `register` decide for themselves)."""
+    env = settings.current()
+    if env.tracking == "off":
+        yield None
         return
     try:
         from fewstep import tracking
     except ImportError:
-        yield
+        yield None
         return
-    tags: dict[str, Any] = {"fewstep.profile": profile or os.environ.get("FEWSTEP_PROFILE") or "default"}
+    tags: dict[str, Any] = {"fewstep.profile": profile or env.profile or "default"}
     try:
         from prefect.runtime import deployment, flow_run
 
@@ -348,31 +329,16 @@ def pipeline_mlflow_run(repo: str, profile: str | None) -> Iterator[None]:
     except Exception:  # noqa: BLE001 - outside a flow run (tests calling the function)
         pass
     with contextlib.ExitStack() as stack:
+        run_id = None
         try:  # the stages run in `repo`: their default store is <repo>/mlflow.db, so the parent's is too
             uri = tracking.default_tracking_uri(repo)
-            t = tracking.configure(uri, artifact_root=tracking.default_artifact_root(uri, repo))
-            stack.enter_context(tracking.pipeline_run("pipeline", tags=tags, repo=repo, tracking=t))
+            t = tracking.configure(uri, env.experiment, env.artifact_root or tracking.default_artifact_root(uri, repo))
+            run = stack.enter_context(tracking.pipeline_run("pipeline", tags=tags, repo=repo,
+                                                            git_commit=env.git_commit, tracking=t))
+            run_id = run.run_id
         except Exception as e:  # noqa: BLE001
             print(f"pipeline: warning: no MLflow pipeline run ({type(e).__name__}: {str(e)[:300]})")
-        yield
-
-
-def _run_steps(repo: str, steps: list[tuple[str, str, bool]], profile: str | None, world_size: int, retries: int,
-               retry_delay_s: float, timeout_s: float, timeouts: dict[str, float] | None,
-               results: list[dict[str, Any]]) -> None:
-    if profile and profile != "default":
-        # DVC tracks params.yaml, not $FEWSTEP_PROFILE: write the profile into params.yaml so DVC
-        # re-runs what it changes (stages/profile.py), then the stages read params.yaml alone.
-        apply_profile(repo, profile)
-        profile = "default"
-    for name, kind, single_item in steps:  # serial: one dvc per repo
-        limit = _timeout_for(name, timeouts, timeout_s)
-        task_fn = dvc_repro if kind == "dvc" else run_stage_module
-        step = task_fn.with_options(name=f"repro {name}" if kind == "dvc" else name, retries=retries,
-                                    retry_delay_seconds=retry_delay_s,
-                                    timeout_seconds=limit + 60)  # backstop; run_logged stops at `limit`
-        args = (repo, name, profile, world_size, limit) + ((single_item,) if kind == "dvc" else ())
-        results.append(step(*args))
+        yield run_id
 
 
 def main() -> None:

@@ -8,38 +8,36 @@ ranks and written by rank 0 (the same files for any world size).
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
+from typing import Sequence
 
-from fewstep import parallel, models
-from fewstep.math.schedules import timesteps
-from fewstep.trajectories import write_shards
-from stages import _common
+from fewstep import models, parallel
+from fewstep.trajectories import collect_model
+from stages._common import StageContext, run_stage
 
 
-def main() -> None:
-    ap = _common.parser(__doc__)
+def add_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--model", default=None, help="one model name (default: every trajectories.models entry)")
     ap.add_argument("--models", default="models")
     ap.add_argument("--out", default="trajectories")
-    args = ap.parse_args()
-    with _common.clear_errors("collect_trajectories" + (f"@{args.model}" if args.model else "")) as rec:
-        p, device = _common.setup(args)
-        tp = p.trajectories
-        for name in [args.model] if args.model else tp.models:
-            den = models.load_denoiser(Path(args.models) / name, device)
-            cfg = den.config
-            n_ref = min(tp.reference_steps, int(cfg["sample_steps"]))
-            t_path = timesteps(den.schedule.T, n_ref, "trailing")
-            seeds = range(tp.seed_offset, tp.seed_offset + tp.n_fit)
-            size = p.base.image_size
-            meta = {"model": name, "model_weights_sha256": cfg["weights_sha256"], "reference_steps": n_ref,
-                    "sampler": "ddim eta=0 unclipped", "output": "x"}
-            write_shards(Path(args.out) / name, den, seeds, (3, size, size), t_path, tp.shard_size, tp.batch_size,
-                         device, meta, progress=not args.no_progress)
-            rec.log_metrics({f"{name}/trajectories": tp.n_fit, f"{name}/reference_steps": n_ref})
-            if parallel.is_main():
-                print(f"collect_trajectories: {name}: {tp.n_fit} trajectories x {n_ref} steps "
-                      f"({parallel.world_size()} process(es))")
+
+
+def body(ctx: StageContext) -> None:
+    a, p = ctx.args, ctx.params
+    tp = p.trajectories
+    size = p.base.image_size
+    for name in [a.model] if a.model else tp.models:
+        den = models.load_denoiser(Path(a.models) / name, ctx.device)
+        n_ref = collect_model(den, name, tp, (3, size, size), Path(a.out) / name, ctx.device, ctx.progress)
+        ctx.record.log_metrics({f"{name}/trajectories": tp.n_fit, f"{name}/reference_steps": n_ref})
+        if parallel.is_main():
+            print(f"collect_trajectories: {name}: {tp.n_fit} trajectories x {n_ref} steps "
+                  f"({parallel.world_size()} process(es))")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    run_stage(lambda a: "collect_trajectories" + (f"@{a.model}" if a.model else ""), argv, add_args, body)
 
 
 if __name__ == "__main__":

@@ -15,17 +15,18 @@ a prepared split) are encoded with the deterministic DDIM ODE first. Pairs are t
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
 
 from fewstep import models, storage
-from fewstep.ddim_study import interpolation_grid, step_grid
+from fewstep.ddim_study import interpolation_grid, load_latents, save_latents, step_grid
 from fewstep.images import from_uint8, load_images, save_grid
 from fewstep.math.inversion import decode, encode
+from stages._common import StageError, user_errors
 
 
 def _images(args, size: int) -> torch.Tensor | None:
@@ -35,17 +36,17 @@ def _images(args, size: int) -> torch.Tensor | None:
         arr = storage.load_array(Path(args.data) / f"{args.split}_images.npy", mmap=True)
         bad = [i for i in args.index if not 0 <= i < len(arr)]
         if bad:
-            raise ValueError(f"--index {bad} out of range: the {args.split} split has {len(arr)} images")
+            raise StageError(f"--index {bad} out of range: the {args.split} split has {len(arr)} images")
         x = from_uint8(np.asarray(arr[args.index]))
         if x.shape[-1] != size:
-            raise ValueError(f"{args.data}: images are {x.shape[-1]}x{x.shape[-1]}, the model expects {size}x{size}")
+            raise StageError(f"{args.data}: images are {x.shape[-1]}x{x.shape[-1]}, the model expects {size}x{size}")
         return x
     return None
 
 
 def _pairs(items: list, what: str) -> list[tuple]:
     if len(items) < 2 or len(items) % 2:
-        raise ValueError(f"interpolation needs pairs: an even number (>= 2) of {what}, got {len(items)}")
+        raise StageError(f"interpolation needs pairs: an even number (>= 2) of {what}, got {len(items)}")
     return [(items[i], items[i + 1]) for i in range(0, len(items), 2)]
 
 
@@ -56,7 +57,7 @@ def cmd_interpolate(args, den, device) -> None:
     seed_pairs = _pairs(list(args.seeds), "seeds") if args.seeds else []
     image_pairs = _pairs(list(imgs), "images") if imgs is not None else []
     if not seed_pairs and not image_pairs:
-        raise ValueError("give --seeds, --images or --index")
+        raise StageError("give --seeds, --images or --index")
     grid = interpolation_grid(den, (3, size, size), args.n, steps, seed_pairs, image_pairs,
                               clip_noise=not args.no_clip, clip_images=args.clip, device=device)
     save_grid(grid, args.out, nrow=args.n, scale=args.scale or max(1, 64 // size))
@@ -66,26 +67,20 @@ def cmd_interpolate(args, den, device) -> None:
 def cmd_encode(args, den, device) -> None:
     imgs = _images(args, int(den.config["image_size"]))
     if imgs is None:
-        raise ValueError("give --images or --index")
+        raise StageError("give --images or --index")
     steps = step_grid(den.schedule.T, args.steps, args.spacing)
     z = encode(den, imgs.to(device), steps[::-1], clip=args.clip, progress=not args.no_progress).float().cpu()
-    meta = {"fewstep": "ddim-latents", "model_weights_sha256": str(den.config.get("weights_sha256")),
-            "steps": json.dumps(steps), "clip": str(args.clip)}
-    storage.save_tensors(args.out, {"latents": z}, metadata=meta)
+    save_latents(args.out, z, den.config.get("weights_sha256"), steps, args.clip)
     print(f"ddim_tools: encoded {len(z)} image(s) on {len(steps)} steps (latent std {float(z.std()):.3f}) -> {args.out}")
 
 
 def cmd_decode(args, den, device) -> None:
-    from safetensors import safe_open
-
-    with safe_open(str(args.latents), "pt") as f:
-        meta = f.metadata() or {}
-    z = storage.load_tensors(args.latents)["latents"]
-    if meta.get("model_weights_sha256") not in (None, "None", str(den.config.get("weights_sha256"))):
+    z, enc = load_latents(args.latents)
+    if enc.weights_sha256 not in (None, str(den.config.get("weights_sha256"))):
         print("ddim_tools: note: these latents were encoded with another model", file=sys.stderr)
     steps = step_grid(den.schedule.T, args.steps, args.spacing)
-    if "steps" in meta and json.loads(meta["steps"]) != steps:
-        print(f"ddim_tools: note: decoding on {len(steps)} steps, encoded on {len(json.loads(meta['steps']))}: "
+    if enc.steps is not None and enc.steps != steps:
+        print(f"ddim_tools: note: decoding on {len(steps)} steps, encoded on {len(enc.steps)}: "
               "the reconstruction is exact only in the limit", file=sys.stderr)
     x = decode(den, z.to(device), steps, clip=args.clip, progress=not args.no_progress).float().cpu()
     size = x.shape[-1]
@@ -134,22 +129,20 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+def main(argv: Sequence[str] | None = None) -> None:
+    """Not a DVC stage (no params file, no MLflow run); the same clear errors: one line, exit 2."""
+    args = build_parser().parse_args(None if argv is None else list(argv))
     if args.threads:
         torch.set_num_threads(args.threads)
-    try:
+    with user_errors("ddim_tools"):
         try:
             device = models.resolve_device(args.device)
         except RuntimeError as e:  # cuda asked for, none there
-            raise ValueError(str(e)) from None
+            raise StageError(str(e)) from None
         den = models.load_denoiser(args.model, device)
         den.autocast = False  # float32 on CUDA too: inversion needs the precision
         with torch.no_grad():
             args.fn(args, den, device)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"ddim_tools: error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

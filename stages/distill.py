@@ -8,68 +8,53 @@ parent's own N/2-step DDIM samples against the parent's N-step samples (RMSE).
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
+from typing import Sequence
 
-import torch
-
-from fewstep import parallel, models, storage
+from fewstep import models, parallel, storage
+from fewstep.distill_eval import student_vs_parent
 from fewstep.images import save_grid
-from fewstep.math import metrics
-from fewstep.math.ddim import generate
-from fewstep.math.schedules import timesteps
+from fewstep.outputs import write_loss_csv
 from fewstep.train.distill import distill_round
-from stages import _common
-from stages.train_teacher import write_loss_csv
+from stages._common import StageContext, run_stage
 
 
-def rmse(a: torch.Tensor, b: torch.Tensor) -> float:
-    return metrics.rmse(a.numpy(), b.numpy())
-
-
-def main() -> None:
-    ap = _common.parser(__doc__)
+def add_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--round", required=True, help="round name (a key of distill.rounds)")
     ap.add_argument("--data", default="data/prepared")
     ap.add_argument("--models", default="models")
-    args = ap.parse_args()
-    name = args.round
-    with _common.clear_errors(f"distill@{name}") as rec:
-        p, device = _common.setup(args)
-        rp = p.distill.round(name)
-        parent_dir = Path(args.models) / rp.parent
-        out_dir = Path(args.models) / name
-        result, meta = distill_round(parent_dir, out_dir, Path("checkpoints") / name, args.data, rp.steps, rp,
-                                     p.base.seed, device, progress=not args.no_progress)
-        parent = models.load_denoiser(parent_dir, device)
-        student = models.load_denoiser(out_dir, device)
-        T, S = parent.schedule.T, rp.steps
-        shape = (3, p.base.image_size, p.base.image_size)
-        seeds = range(rp.sample.seed, rp.sample.seed + rp.sample.n)
 
-        def sharded(den, n):  # seeds sharded over the ranks, gathered on rank 0
-            return parallel.map_sharded(lambda s: generate(den, s, shape, timesteps(T, n), device=device), seeds)
 
-        ref, parent_half, stud = sharded(parent, 2 * S), sharded(parent, S), sharded(student, S)
-        if not parallel.is_main():
-            return
-        write_loss_csv(Path("plots") / f"{name}_loss.csv", result.history)
-        save_grid(stud, Path("samples") / f"{name}.png", scale=max(1, 64 // p.base.image_size))
-        metrics = {
-            "student_steps": S,
-            "parent_steps": 2 * S,
-            "rmse_student_vs_parent": rmse(stud, ref),
-            "rmse_parent_half_steps_vs_parent": rmse(parent_half, ref),
-            "final_loss": result.history[-1][1] if result.history else None,
-        }
-        if result.steps_run:
-            metrics["seconds"] = result.seconds
-        storage.write_json(Path("metrics") / f"{name}.json", metrics)
-        rec.log_metrics(metrics)
-        rec.log_history("loss", result.history)
-        rec.log_artifact(Path("samples") / f"{name}.png")
-        rec.set_tags(weights_sha256=meta["weights_sha256"], parent=rp.parent)
-        print(f"distill@{name}: {2 * S}->{S} steps, RMSE to parent: student {metrics['rmse_student_vs_parent']:.4f} "
-              f"vs parent at {S} steps {metrics['rmse_parent_half_steps_vs_parent']:.4f}")
+def body(ctx: StageContext) -> None:
+    a, p, device = ctx.args, ctx.params, ctx.device
+    name = a.round
+    rp = p.distill.round(name)
+    parent_dir, out_dir = Path(a.models) / rp.parent, Path(a.models) / name
+    result, meta = distill_round(parent_dir, out_dir, Path("checkpoints") / name, a.data, rp.steps, rp,
+                                 p.base.seed, device, progress=ctx.progress)
+    size = p.base.image_size
+    check = student_vs_parent(models.load_denoiser(parent_dir, device), models.load_denoiser(out_dir, device),
+                              rp.steps, rp.sample, (3, size, size), device)
+    if not parallel.is_main():
+        return
+    write_loss_csv(Path("plots") / f"{name}_loss.csv", result.history)
+    save_grid(check.student_images, Path("samples") / f"{name}.png", scale=max(1, 64 // size))
+    metrics = {**check.metrics, "final_loss": result.history[-1][1] if result.history else None}
+    if result.steps_run:
+        metrics["seconds"] = result.seconds
+    storage.write_json(Path("metrics") / f"{name}.json", metrics)
+    ctx.record.log_metrics(metrics)
+    ctx.record.log_history("loss", result.history)
+    ctx.record.log_artifact(Path("samples") / f"{name}.png")
+    ctx.record.set_tags(weights_sha256=meta["weights_sha256"], parent=rp.parent)
+    S = rp.steps
+    print(f"{ctx.name}: {2 * S}->{S} steps, RMSE to parent: student {metrics['rmse_student_vs_parent']:.4f} "
+          f"vs parent at {S} steps {metrics['rmse_parent_half_steps_vs_parent']:.4f}")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    run_stage("distill@{round}", argv, add_args, body)
 
 
 if __name__ == "__main__":

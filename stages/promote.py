@@ -9,66 +9,43 @@ incomplete evaluation never moves an alias (fewstep.tracking.promote records why
 
 from __future__ import annotations
 
-import math
+import argparse
 import sys
+from functools import partial as partial_fn
 from pathlib import Path
+from typing import Sequence
 
 from fewstep import storage
-from stages import _common
+from fewstep.champion import evaluation_id, promote_versions
+from stages._common import StageContext, run_stage
 
 
-def row_for(version: dict) -> str | None:
-    """The evaluate row of a registered version (row names from fewstep.evaluation.build_rows)."""
-    name, role, nfe = version["name"], version.get("role"), version.get("nfe")
-    if role == "teacher":  # the teacher, a patch-study teacher (teacher-p<P>) or a split model
-        return f"{version.get('model') or 'teacher'} ddim {nfe}"
-    if role == "student":
-        model = name.split("-", 1)[1].removesuffix("step")  # <dataset>-student-<k>step -> student-<k>
-        return f"{model} ddim {nfe}"
-    if role == "olss" and version.get("scheduler_file"):  # each variant is its own row
-        return f"{version['model']} {Path(version['scheduler_file']).stem}"
-    return None
-
-
-def main() -> None:
-    ap = _common.parser(__doc__)
+def add_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--versions", default="registry/versions.json")
     ap.add_argument("--evaluation", default="metrics/evaluate.json")
     ap.add_argument("--out", default="registry/promotions.json")
-    args = ap.parse_args()
-    with _common.clear_errors("promote") as rec:
-        p, _ = _common.setup(args)
-        from fewstep import tracking
 
-        ev = storage.read_json(args.evaluation)
-        rows = ev.get("rows", {})
-        partial = ev.get("n_samples") != p.evaluate.n_samples or not rows
-        evaluator_cfg = Path("models/evaluator/config.json")
-        eval_id = storage.sha256_json({"evaluate": p.evaluate.model_dump(), "rows": sorted(rows),
-                                       "evaluator": storage.read_json(evaluator_cfg)["weights_sha256"]
-                                       if evaluator_cfg.exists() else None})[:16]
-        versions = storage.read_json(args.versions)["versions"]
-        by_name: dict[str, list[dict]] = {}
-        for v in versions:
-            if v.get("role") == "evaluator":  # measures the others; it has no FD of its own to promote on
-                continue
-            by_name.setdefault(v["name"], []).append(v)
-        decisions = []
-        for name, vs in by_name.items():
-            fds = {v["version"]: rows.get(row_for(v), {}).get("fd") for v in vs}
-            remeasured = {k: f for k, f in fds.items() if f is not None and math.isfinite(f)}
-            # every version of a name (e.g. the OLSS variants) is a candidate, oldest first
-            for cand in sorted(vs, key=lambda v: int(v["version"])):
-                res = tracking.promote(name, cand["version"], fds.get(cand["version"]), eval_id,
-                                       margin=p.promote.margin, remeasured=remeasured, partial=partial)
-                decisions.append({"name": name, "candidate": cand["version"], "decision": res.decision,
-                                  "reason": res.reason, "champion": res.champion_version,
-                                  "candidate_fd": fds.get(cand["version"])})
-                print(f"promote: {name} v{cand['version']}: {res.decision} ({res.reason})", file=sys.stderr)
-        storage.write_json(args.out, {"evaluation_id": eval_id, "decisions": decisions})
-        rec.set_tags(evaluation_id=eval_id, partial_evaluation=partial)
-        rec.log_metrics({"candidates": len(decisions),
-                         "promoted": sum(d["decision"] == "promoted" for d in decisions)})
+
+def body(ctx: StageContext) -> None:
+    a, p = ctx.args, ctx.params
+    from fewstep import tracking  # imports mlflow (~1 s): only once params are valid
+
+    t = tracking.configure(experiment=ctx.settings.experiment, artifact_root=ctx.settings.artifact_root)
+    ev = storage.read_json(a.evaluation)
+    rows = ev.get("rows", {})
+    partial = ev.get("n_samples") != p.evaluate.n_samples or not rows
+    eval_id = evaluation_id(p.evaluate.model_dump(), rows, Path("models/evaluator/config.json"))
+    decisions = promote_versions(storage.read_json(a.versions)["versions"], rows, eval_id, p.promote.margin, partial,
+                                 partial_fn(tracking.promote, tracking=t),
+                                 log=lambda line: print(f"promote: {line}", file=sys.stderr))
+    storage.write_json(a.out, {"evaluation_id": eval_id, "decisions": decisions})
+    ctx.record.set_tags(evaluation_id=eval_id, partial_evaluation=partial)
+    ctx.record.log_metrics({"candidates": len(decisions),
+                            "promoted": sum(d["decision"] == "promoted" for d in decisions)})
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    run_stage("promote", argv, add_args, body)
 
 
 if __name__ == "__main__":

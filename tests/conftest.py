@@ -21,7 +21,7 @@ import torch
 
 from tests.helpers import ROOT
 from tests.hermetic import SESSION_MARK, describe, session_processes, snapshot, snapshot_diff
-from tests.mlflow_helpers import build_tree, one_thread, store_env, use_env
+from tests.mlflow_helpers import build_tree, configure_env, one_thread, store_env, use_env
 
 os.environ[SESSION_MARK] = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
 os.environ.setdefault("DO_NOT_TRACK", "1")
@@ -94,11 +94,12 @@ def migrated_db(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def store(tmp_path, migrated_db, monkeypatch):
-    """A fresh MLflow store in tmp_path (copied from ``migrated_db``), configured in the env."""
-    tracking = pytest.importorskip("fewstep.tracking")
+    """A fresh MLflow store in tmp_path (copied from ``migrated_db``): returned configured, and
+    set in the env for the entry-point processes a test starts."""
+    pytest.importorskip("fewstep.tracking")
     shutil.copy(migrated_db, tmp_path / "mlflow.db")
     use_env(monkeypatch, store_env(tmp_path))
-    return tracking.configure()
+    return configure_env(store_env(tmp_path))
 
 
 @pytest.fixture(scope="session")
@@ -118,8 +119,7 @@ def registry(tree, migrated_db, tmp_path_factory):
     d = tmp_path_factory.mktemp("registry")
     shutil.copy(migrated_db, d / "mlflow.db")
     env = {**store_env(d), "FEWSTEP_GIT_COMMIT": "c0ffee" * 6 + "c0ff"}
-    with pytest.MonkeyPatch.context() as mp:
-        use_env(mp, env)
-        with one_thread():
-            regs = pytest.importorskip("fewstep.tracking").register_all(tree / "models", tree / "schedulers", repo=tree)
+    with one_thread():
+        regs = pytest.importorskip("fewstep.tracking").register_all(tree / "models", tree / "schedulers", repo=tree,
+                                     git_commit=env["FEWSTEP_GIT_COMMIT"], tracking=configure_env(env))
     return env, {r.name: r for r in regs}

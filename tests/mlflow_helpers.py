@@ -1,6 +1,8 @@
 """Helpers for the MLflow tests (unit and integration): temp stores, a registered model tree, a
 pyfunc loader script and a promotion race between real processes. Plain functions; the fixtures that
-use them live in tests/conftest.py."""
+use them live in tests/conftest.py. The library reads no FEWSTEP_* variable: in-process calls pass
+the store explicitly (``configure_env``); the FEWSTEP_* variables of ``store_env`` are for the
+entry-point processes (stages, these scripts), which read them through fewstep.settings."""
 
 from __future__ import annotations
 
@@ -27,6 +29,13 @@ QUIET = {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "1", "MLFLOW_ENABLE
 def store_env(d: Path) -> dict[str, str]:
     return {**QUIET, "MLFLOW_TRACKING_URI": f"sqlite:///{d / 'mlflow.db'}",
             "FEWSTEP_ARTIFACT_ROOT": (d / "artifacts").as_uri(), "FEWSTEP_EXPERIMENT": "fewstep-test"}
+
+
+def configure_env(env: dict[str, str]):
+    """The store, experiment and artifact root of ``env`` (what a stage would read), passed explicitly."""
+    from fewstep import tracking
+
+    return tracking.configure(env["MLFLOW_TRACKING_URI"], env["FEWSTEP_EXPERIMENT"], env["FEWSTEP_ARTIFACT_ROOT"])
 
 
 def use_env(monkeypatch, env: dict[str, str]) -> None:
@@ -124,13 +133,14 @@ def model_versions(t, name: str, n: int) -> list[str]:
 RACE = """
 import json, os, sys, time
 from pathlib import Path
-from fewstep import tracking
+from fewstep import settings, tracking
 name, version, fd, flag = sys.argv[1], sys.argv[2], float(sys.argv[3]), Path(sys.argv[4])
-tracking.configure()
+env = settings.current()  # this script is an entry point, as a stage is
+t = tracking.configure(experiment=env.experiment, artifact_root=env.artifact_root)
 Path(str(flag) + "." + version).touch()
 while not flag.exists():
     time.sleep(0.01)
-p = tracking.promote(name, version, fd, "e1", margin=0.01)
+p = tracking.promote(name, version, fd, "e1", margin=0.01, tracking=t)
 print(json.dumps({"decision": p.decision, "champion": p.champion_version}))
 """
 

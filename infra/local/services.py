@@ -32,11 +32,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Mapping
 
+from fewstep import processes, settings
+
 PY = sys.executable
 HOST = "127.0.0.1"
 READY_TIMEOUT_S = 120.0
 
-# mlops.md section 1: no telemetry, no prompts, no UI, lean MLflow, fast worker polls.
+# mlops.md section 1: no telemetry, no prompts, no UI (tests, ephemeral Prefect APIs), lean MLflow, fast
+# worker polls. The server of infra/local/start.sh gets its UI all the same (start_prefect_server's `ui`).
 QUIET_ENV = {
     "DO_NOT_TRACK": "1",
     "DVC_NO_ANALYTICS": "1",
@@ -94,7 +97,7 @@ def launch(cmd: list[str], log: Path, env: Mapping[str, str], attached: bool) ->
     with open(log, "ab") as f:
         kw: dict = {"process_group": 0, "preexec_fn": _die_with_parent} if attached else {"start_new_session": True}
         p = subprocess.Popen(cmd, env=dict(env), stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, **kw)
-    if attached and (pgid_file := os.environ.get("FEWSTEP_PGID_FILE")):
+    if attached and (pgid_file := settings.current().pgid_file):
         with open(pgid_file, "a") as f:  # CI's trap kills these groups whatever happens
             f.write(f"{p.pid}\n")
     return p
@@ -151,50 +154,18 @@ def ready_together(starters: Mapping[str, Callable[[], Service]], tries: int = 2
     return out
 
 
-def _descendants(pid: int) -> list:
-    try:
-        import psutil
-
-        return psutil.Process(pid).children(recursive=True)
-    except Exception:  # psutil missing or the process is gone
-        return []
-
-
 def stop(svc: Service, grace_s: float = 10.0) -> None:
-    """SIGTERM the service's process group, wait, then SIGKILL the group and any descendant
-    that left it (a worker's flow runs live in their own sessions)."""
-    strays = _descendants(svc.pid)
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(svc.pid, signal.SIGTERM)
-    end = time.monotonic() + grace_s
-    while time.monotonic() < end and _alive(svc):
-        time.sleep(0.1)
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(svc.pid, signal.SIGKILL)
-    for p in strays:
-        with contextlib.suppress(Exception):
-            p.kill()
+    """SIGTERM the service's process group and every descendant (a worker's flow runs live in their
+    own sessions), wait, then SIGKILL what is left (fewstep.processes.stop_tree)."""
+    processes.stop_tree(svc.pid, group=True, grace_s=grace_s)
     if svc.proc is not None:
         with contextlib.suppress(subprocess.TimeoutExpired):
             svc.proc.wait(5)
 
 
 def _alive(svc: Service) -> bool:
-    """Whether any non-zombie process is left in the service's group (a detached leader is not
-    our child, so when it dies it may stay a zombie until something reaps it)."""
-    try:
-        os.killpg(svc.pid, 0)
-    except (ProcessLookupError, PermissionError):
-        return False
-    try:
-        import psutil
-    except ImportError:
-        return svc.proc.poll() is None if svc.proc is not None else True
-    for p in psutil.process_iter(["status"]):
-        with contextlib.suppress(psutil.Error, ProcessLookupError):
-            if os.getpgid(p.pid) == svc.pid and p.info["status"] != psutil.STATUS_ZOMBIE:
-                return True
-    return False
+    """Whether any non-zombie process is left in the service's group."""
+    return processes.group_alive(svc.pid)
 
 
 def _start(name: str, cmd: list[str], ready_path: str, port: int, state: Path, env: Mapping[str, str],
@@ -263,7 +234,8 @@ def prefect_env(env: Mapping[str, str], home: Path, api_url: str | None = None) 
 
 def start_prefect_server(state: Path, env: Mapping[str, str], port: int | None = None,
                          attached: bool = True, ui: bool = False) -> Service:
-    """Prefect server with its SQLite DB in ``$PREFECT_HOME`` (``state/prefect-home``)."""
+    """Prefect server with its SQLite DB in ``$PREFECT_HOME`` (``state/prefect-home``); ``ui``: its web
+    UI at the server's base URL (tests leave it off: it costs start-up time and memory)."""
     port = port or free_port()
     env = prefect_env(env, state / "prefect-home")
     env.pop("PREFECT_API_URL", None)
@@ -355,7 +327,8 @@ def start_all(state: Path, env: Mapping[str, str] | None = None, bucket: str = "
 
 
 def _write_env(state: Path, client: dict[str, str]) -> Path:
-    lines = [f"export {k}={shlex.quote(v)}" for k, v in {**QUIET_ENV, **client}.items()]
+    quiet = {k: v for k, v in QUIET_ENV.items() if k != "PREFECT_SERVER_UI_ENABLED"}  # a user's server keeps its UI
+    lines = [f"export {k}={shlex.quote(v)}" for k, v in {**quiet, **client}.items()]
     lines += [f"export {k}=${{{k}:-{v}}}" for k, v in TEST_CREDENTIALS.items()]
     path = state / "env.sh"
     path.write_text("# source me: clients for the services started by infra/local/start.sh\n" + "\n".join(lines) + "\n")
@@ -376,7 +349,7 @@ def cmd_start(a: argparse.Namespace) -> int:
         return 1
     t0 = time.monotonic()
     started, client = start_all(state, bucket=a.bucket, s3_endpoint=a.s3_endpoint, pool=a.pool,
-                                services=a.services.split(","), attached=False, ui=not a.no_ui)
+                                services=a.services.split(","), attached=False, ui=a.ui)
     env_file = _write_env(state, client)
     (state / "services.json").write_text(json.dumps({n: {"pid": s.pid, "url": s.base, "log": str(s.log)}
                                                      for n, s in started.items()}, indent=2))
@@ -384,7 +357,19 @@ def cmd_start(a: argparse.Namespace) -> int:
         what = {"prefect": "API " + svc.base + "/api", "worker": "health " + svc.url}.get(name, svc.base)
         print(f"{name:<8} {what:<40} pid {svc.pid:<8} log {svc.log}")
     print(f"ready in {time.monotonic() - t0:.1f} s; clients: source {env_file}")
+    for line in ui_lines(started, prefect_ui=a.ui):
+        print(line)
     return 0
+
+
+def ui_lines(started: Mapping[str, Service], prefect_ui: bool = True) -> list[str]:
+    """The web UIs to open: MLflow's (always served at its base URL) and Prefect's (when on)."""
+    lines = []
+    if "prefect" in started and prefect_ui:
+        lines.append(f"Prefect UI: {started['prefect'].base}/")
+    if "mlflow" in started:
+        lines.append(f"MLflow UI:  {started['mlflow'].base}/")
+    return lines
 
 
 def cmd_stop(a: argparse.Namespace) -> int:
@@ -410,14 +395,15 @@ def cmd_status(a: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--state-dir", default=os.environ.get("FEWSTEP_SERVICES_DIR", ".services"))
+    ap.add_argument("--state-dir", default=settings.current().services_dir or ".services")
     sub = ap.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("start", help="start the services detached, write pids, logs and env.sh")
     s.add_argument("--services", default="moto,mlflow,prefect,worker", help="comma-separated subset")
     s.add_argument("--bucket", default="fewstep", help="bucket for MLflow artifacts (created if missing)")
     s.add_argument("--s3-endpoint", default=None, help="an existing S3 endpoint instead of moto (e.g. MinIO)")
     s.add_argument("--pool", default="local", help="process work pool the worker serves")
-    s.add_argument("--no-ui", action="store_true", help="Prefect server without its web UI")
+    s.add_argument("--ui", action=argparse.BooleanOptionalAction, default=True,
+                   help="the Prefect server's web UI (default: on; --no-ui for a headless server)")
     sub.add_parser("stop", help="stop what start started (process groups, SIGTERM then SIGKILL)")
     sub.add_parser("status", help="rc 0 when every started service is alive")
     a = ap.parse_args(argv)

@@ -93,8 +93,10 @@ def _grid_steps(sample: Any, own_steps: int) -> int:
     return sample.steps or own_steps
 
 
-def _heun_nfe(n: int) -> int:
-    return 2 * max(1, (n + 1) // 2) - 1
+def _ddim_nfe(steps: int) -> int:
+    from fewstep import samplers
+
+    return samplers.get("ddim").nfe(steps)
 
 
 def project(p: Params) -> list[Work]:
@@ -147,21 +149,23 @@ def project(p: Params) -> list[Work]:
             out.append(Work(f"fit_olss@{m}-{n}", f"{n} steps", nets.get(m, tg),
                             forward=closed + op_.n_holdout * (refn + n + variants * n)))
     ev = p.evaluate
-    nfe = [n for n in ev.ddim_steps if n <= T and n != min(ev.reference_steps, T)]  # the reference row is reused
-    nfe_teacher = min(ev.reference_steps, T) + sum(nfe)
-    nfe_teacher += (len(ev.etas) + int(ev.sigma_hat)) * sum(ev.eta_steps)
-    nfe_teacher += sum(_heun_nfe(n) if peer == "heun" else n for peer in ev.peers for n in ev.peer_steps)
+    from fewstep.evaluation import Planned, teacher_plan
+
+    ref = Planned("ddim", min(ev.reference_steps, T))  # the reference row: sampled once, reused by its row
+    plan = [r for r in teacher_plan(ev, T) if r != ref]
+    nfe_teacher = ref.nfe + sum(r.nfe for r in plan)
     for m in op_.models:
         if m == "teacher":
             nfe_teacher += variants * sum(op_.steps)
     out.append(Work("evaluate", "teacher rows", tg, forward=ev.n_samples * nfe_teacher))
     for name in rounds:
-        k = steps_of[name] + (variants * sum(op_.steps) if name in op_.models else 0)
+        k = _ddim_nfe(steps_of[name]) + (variants * sum(op_.steps) if name in op_.models else 0)
         out.append(Work("evaluate", f"{name} rows", nets[name], forward=ev.n_samples * k))
     for name, (g, _) in study.items():
-        out.append(Work("evaluate", f"{name} rows", g, forward=ev.n_samples * sum(n for n in ev.study_steps if n <= T)))
-    n_rows = (len(nfe) + 1 + (len(ev.etas) + int(ev.sigma_hat)) * len(ev.eta_steps) + len(ev.peers) * len(ev.peer_steps)
-              + len(p.distill.rounds) + variants * len(op_.steps) * len(op_.models) + len(ev.study_steps) * len(study))
+        k = sum(_ddim_nfe(n) for n in ev.study_steps if n <= T)
+        out.append(Work("evaluate", f"{name} rows", g, forward=ev.n_samples * k))
+    n_rows = (len(plan) + 1 + len(p.distill.rounds) + variants * len(op_.steps) * len(op_.models)
+              + len(ev.study_steps) * len(study))
     eg = evaluator_gflops(p)
     out.append(Work("train_evaluator", "evaluator CNN", eg, train=p.evaluator.steps * p.evaluator.batch_size))
     out.append(Work("evaluate", "evaluator features", eg, forward=ev.n_samples * n_rows + p.evaluator.ref_subset))

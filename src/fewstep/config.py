@@ -17,7 +17,10 @@ from typing import Any, Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from fewstep.nets.unet import UNetConfig
+from fewstep.math.losses import DIVERGENT, WEIGHTINGS, Weighting
+from fewstep.math.param import KINDS, Parameterization
+from fewstep.math.schedules import ScheduleKind, Spacing
+from fewstep.nets.unet import PatchSize, UNetConfig
 
 
 class ParamsError(UserError, ValueError):
@@ -37,7 +40,7 @@ class BaseParams(_Strict):
 
 
 class ScheduleParams(_Strict):
-    kind: Literal["cosine", "linear"] = "cosine"
+    kind: ScheduleKind = "cosine"
     T: int = Field(1024, ge=2, le=100_000)
     logsnr_min: float = -20.0
     logsnr_max: float = 20.0
@@ -52,6 +55,12 @@ class ScheduleParams(_Strict):
         return {"logsnr_min": self.logsnr_min, "logsnr_max": self.logsnr_max} if self.kind == "cosine" else {}
 
 
+def _check_combo(parameterization: str, weighting: str | None) -> None:
+    if (parameterization, weighting) in DIVERGENT:
+        raise ValueError(f"{parameterization}-prediction with {weighting} weighting diverges "
+                         "(Salimans & Ho 2022, Table 1)")
+
+
 class PrepareParams(_Strict):
     train_source: str
     test_source: Optional[str] = None
@@ -62,7 +71,7 @@ class PrepareParams(_Strict):
 
 
 class NetParams(_Strict):
-    patch_size: Literal[1, 2, 4, 8] = 1
+    patch_size: PatchSize = 1
     channels: int = Field(64, ge=8)
     channel_mult: list[int] = Field(default_factory=lambda: [1, 2, 2], min_length=1)
     num_res_blocks: int = Field(2, ge=1)
@@ -80,13 +89,13 @@ class NetParams(_Strict):
 class SampleParams(_Strict):
     n: int = Field(64, ge=1)
     steps: int = Field(64, ge=0, description="sampling steps for the grid; 0 = the model's own step count")
-    spacing: Literal["trailing", "linspace", "quadratic"] = "trailing"
+    spacing: Spacing = "trailing"
     seed: int = Field(0, ge=0)
 
 
 class TeacherParams(_Strict):
-    parameterization: Literal["eps", "x", "v"] = "v"
-    weighting: Optional[Literal["snr", "snr_trunc", "snr+1", "sqrt_snr", "constant"]] = None
+    parameterization: Parameterization = "v"
+    weighting: Optional[Weighting] = None
     net: NetParams = NetParams()
     steps: int = Field(2000, ge=1)
     batch_size: int = Field(64, ge=1)
@@ -104,8 +113,7 @@ class TeacherParams(_Strict):
 
     @model_validator(mode="after")
     def _combo(self) -> "TeacherParams":
-        if self.parameterization == "eps" and self.weighting == "snr_trunc":
-            raise ValueError("eps-prediction with snr_trunc weighting diverges (Salimans & Ho 2022, Table 1)")
+        _check_combo(self.parameterization, self.weighting)
         return self
 
 
@@ -117,7 +125,7 @@ class DistillRoundParams(_Strict):
     train_steps: int = Field(500, ge=1)
     batch_size: int = Field(64, ge=1)
     lr: float = Field(5e-5, gt=0.0, le=1.0)
-    weighting: Literal["snr", "snr_trunc", "snr+1", "sqrt_snr", "constant"] = "snr_trunc"
+    weighting: Weighting = "snr_trunc"
     ema_decay: Optional[float] = Field(None, ge=0.0, lt=1.0)
     grad_clip: float = Field(1.0, gt=0.0)
     hflip: bool = True
@@ -166,7 +174,7 @@ class OLSSParams(_Strict):
     max_elements: int = Field(262_144, ge=1000, description="subsample of trajectory elements used by the fit")
     bisection_iters: int = Field(30, ge=1)
     ridge: float = Field(0.0, ge=0.0)
-    ridge_variant: float = Field(1e-4, ge=0.0, description="also fit an olss-ridge-N variant with this ridge; 0 = off")
+    ridge_variant: float = Field(1e-4, ge=0.0, description="the ridge of the olss-ridge-N variant (always fitted); 0 = plain least squares")
     closed_loop: bool = True
     n_holdout: int = Field(64, ge=1, description="held-out seeds for the RMSE check in metrics")
 
@@ -212,7 +220,7 @@ class StudyParams(_Strict):
     ``nets.p<P>`` overrides teacher.net for patch size P (widths chosen so a step costs less as P
     grows). ``patch_sizes: []`` turns the study off; the full study is [1, 2, 4, 8]."""
 
-    patch_sizes: list[Literal[1, 2, 4, 8]] = Field(default_factory=list)
+    patch_sizes: list[PatchSize] = Field(default_factory=list)
     teacher: dict[str, Any] = Field(default_factory=dict)
     nets: dict[str, dict[str, Any]] = Field(default_factory=dict)
 
@@ -270,7 +278,7 @@ class SplitParams(_Strict):
         return self
 
 
-OBJECTIVE_VARIANT = r"^(eps|x|v)-(snr|snr_trunc|snr\+1|sqrt_snr|constant)$"
+OBJECTIVE_VARIANT = rf"^({'|'.join(KINDS)})-({'|'.join(re.escape(w) for w in WEIGHTINGS)})$"
 
 
 class ObjectiveParams(_Strict):
@@ -279,7 +287,7 @@ class ObjectiveParams(_Strict):
     ``variants: []`` turns it off; see params.yaml for the full list."""
 
     variants: list[str] = Field(default_factory=list)
-    patch_sizes: list[Literal[1, 2, 4, 8]] = Field(default_factory=lambda: [1, 4])
+    patch_sizes: list[PatchSize] = Field(default_factory=lambda: [1, 4])
     teacher: dict[str, Any] = Field(default_factory=dict, description="overrides of the teacher section")
     nets: dict[str, dict[str, Any]] = Field(default_factory=dict, description="p<P>: overrides of teacher.net")
     n_test: int = Field(256, ge=1, description="test images for the x-MSE per noise level")
@@ -291,8 +299,8 @@ class ObjectiveParams(_Strict):
         bad = [v for v in self.variants if not re.match(OBJECTIVE_VARIANT, v)]
         if bad:
             raise ValueError(f"objective.variants must be <eps|x|v>-<weighting>, got {bad}")
-        if "eps-snr_trunc" in self.variants:
-            raise ValueError("eps-prediction with snr_trunc weighting diverges (Salimans & Ho 2022, Table 1)")
+        for v in self.variants:
+            _check_combo(*v.split("-", 1))
         return self
 
     def teacher_for(self, teacher: TeacherParams, variant: str, P: int) -> TeacherParams:
@@ -329,7 +337,7 @@ class DDIMStudyParams(_Strict):
     interp_steps: int = Field(50, ge=1)
     interp_n: int = Field(8, ge=2, description="images per interpolation row")
     interp_pairs: int = Field(2, ge=1, description="rows of noise pairs, and as many of encoded test-image pairs")
-    spacing: Literal["trailing", "linspace", "quadratic"] = "trailing"
+    spacing: Spacing = "trailing"
     clip: bool = Field(False, description="clip x_hat while encoding/decoding images (the paper does not)")
     seed: int = Field(0, ge=0, description="x_T seeds start here; test images are picked with it")
     batch_size: int = Field(64, ge=1)
@@ -438,7 +446,8 @@ def _format(e: ValidationError, source: str) -> str:
 
 
 def load_params(path: str | os.PathLike = "params.yaml", profile: str | None = None) -> Params:
-    """Read, merge the profile (explicit or $FEWSTEP_PROFILE) and validate."""
+    """Read, merge ``profiles/<profile>.yaml`` (beside ``path``; None or "default": none) and validate.
+    Entry points pass the profile ($FEWSTEP_PROFILE is read by fewstep.settings, not here)."""
     path = Path(path)
     if not path.exists():
         raise ParamsError(f"params file not found: {path}")
@@ -448,7 +457,6 @@ def load_params(path: str | os.PathLike = "params.yaml", profile: str | None = N
         raise ParamsError(f"{path}: not valid YAML: {e}") from e
     if not isinstance(raw, dict):
         raise ParamsError(f"{path}: top level must be a mapping of sections, got {type(raw).__name__}")
-    profile = profile or os.environ.get("FEWSTEP_PROFILE") or None
     source = str(path)
     if profile and profile != "default":
         ppath = path.parent / "profiles" / f"{profile}.yaml"

@@ -23,7 +23,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 from PIL import Image
-from tqdm.auto import tqdm
+from fewstep.progress import progress as progress_bar
 
 from fewstep import storage
 
@@ -129,7 +129,7 @@ def load_images(
     names = sorted(by_class)
     images, labels, corrupt = [], [], []
     total = sum(len(v) if max_per_class is None else min(len(v), max_per_class) for v in by_class.values())
-    bar = tqdm(total=total, desc=f"decode {Path(s).name}", disable=not progress, leave=False)
+    bar = progress_bar(total=total, desc=f"decode {Path(s).name}", enabled=progress, leave=False)
     for label, cls in enumerate(names):
         members = sorted(by_class[cls])
         kept = 0
@@ -235,3 +235,45 @@ def download_cifar10(dest: str | Path) -> dict[str, Path]:
         out[split] = dest / f"{split}.npz"
         storage.atomic_write_bytes(out[split], buf.getvalue())
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# The prepared dataset (stage prepare_data): uint8 arrays per split + a manifest with hashes.
+
+def prepare(p, out: Path, train_source: str | None = None, test_source: str | None = None,
+            progress: bool = True) -> dict:
+    """Read the sources of ``p.prepare`` (``train_source`` / ``test_source`` override them) into
+    ``out``/{split}_images.npy, {split}_labels.npy and manifest.json (counts per class, skipped and
+    corrupt files, a sha256 per split and of everything); ``out`` appears whole or not at all.
+    ``p``: the validated params (fewstep.config.Params). Returns the manifest."""
+    pp = p.prepare
+    sources = {"train": train_source or pp.train_source, "test": test_source or pp.test_source}
+    manifest: dict = {"resolution": p.base.image_size, "dataset": p.base.dataset, "splits": {}}
+    arrays = []
+    class_names = None
+    with storage.atomic_dir(out) as tmp:
+        for split, src in sources.items():
+            if not src:
+                continue
+            cap = pp.max_per_class if split == "train" else (pp.test_max_per_class or pp.max_per_class)
+            ds = load_images(src, p.base.image_size, pp.classes, cap, pp.max_corrupt_fraction, progress)
+            if class_names is None:
+                class_names = ds.class_names
+            elif ds.class_names != class_names:
+                raise DataError(f"{split} classes {ds.class_names} differ from train classes {class_names}")
+            storage.save_array(tmp / f"{split}_images.npy", ds.images)
+            storage.save_array(tmp / f"{split}_labels.npy", ds.labels)
+            arrays += [ds.images, ds.labels]
+            manifest["splits"][split] = {
+                "source": str(src),
+                "count": len(ds),
+                "per_class": {c: int((ds.labels == i).sum()) for i, c in enumerate(ds.class_names)},
+                "skipped_non_image": ds.skipped_non_image,
+                "corrupt": len(ds.corrupt),
+                "corrupt_files": ds.corrupt[:50],
+                "sha256": storage.sha256_arrays(ds.images, ds.labels),
+            }
+        manifest["class_names"] = class_names
+        manifest["content_hash"] = storage.sha256_arrays(*arrays)
+        storage.write_json(tmp / "manifest.json", manifest)
+    return manifest

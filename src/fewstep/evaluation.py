@@ -17,15 +17,13 @@ from typing import Callable
 import numpy as np
 import torch
 
-from fewstep import parallel, models
+from fewstep import models, parallel, samplers
 from fewstep.math import metrics as M
-from fewstep.math.ddim import PerImageNoise, sample_ddim
-from fewstep.math.olss import OLSSScheduler, sample_olss
+from fewstep.math.ddim import PerImageNoise
+from fewstep.math.olss import OLSSScheduler
 from fewstep.math.param import NetDenoiser
-from fewstep.math.schedules import timesteps
 from fewstep.math.split import SIDES, SplitDenoiser
-
-SampleFn = Callable[[torch.Tensor, PerImageNoise], torch.Tensor]
+from fewstep.samplers import SampleFn
 
 
 @dataclass
@@ -66,61 +64,73 @@ def count_split_nfe(den: SplitDenoiser, fn: SampleFn, shape: tuple[int, int, int
     return den.reset_evaluations()
 
 
+@dataclass(frozen=True)
+class Planned:
+    """One row before its model is loaded: a registered sampler at a step count with its options."""
+
+    sampler: str
+    steps: int
+    options: dict = field(default_factory=dict)
+
+    @property
+    def nfe(self) -> int:
+        return samplers.get(self.sampler).nfe(self.steps)
+
+
+def teacher_plan(ep, T: int) -> list[Planned]:
+    """The teacher's sampler rows for params section ``evaluate`` (``ep``), in table order: DDIM
+    at ddim_steps (those <= T), the eta family and sigma-hat at eta_steps, the diffusers peers at
+    peer_steps (as NFE budgets). The budget counts the same list (fewstep.budget)."""
+    plan = [Planned("ddim", n) for n in ep.ddim_steps if n <= T]
+    for n in ep.eta_steps:
+        plan += [Planned("ddim", n, {"eta": eta}) for eta in ep.etas]
+        if ep.sigma_hat:
+            plan.append(Planned("ddpm-hat", n))
+    for name in ep.peers:
+        spec = samplers.get(samplers.PEER_PREFIX + name)
+        plan += [Planned(spec.name, spec.steps_for_nfe(n)) for n in ep.peer_steps]
+    return plan
+
+
+def _row(model: str, den, plan: Planned, family: str | None = None, artifact: str | None = None) -> Row:
+    spec = samplers.get(plan.sampler)
+    label = {"artifact": artifact} if artifact else plan.options
+    return Row(samplers.row_name(model, spec.name, steps=plan.steps, **label), family or spec.family(label), model,
+               plan.nfe, spec.bind(den, steps=plan.steps, **plan.options))
+
+
 def build_rows(models_dir: Path, schedulers_dir: Path, ep, device: torch.device) -> tuple[list[Row], dict]:
     """Rows for the teacher (DDIM, eta family, OLSS variants), students and OLSS on them, the
-    patch-study teachers and split models (models/teacher-*), peers."""
+    patch-study teachers and split models (models/teacher-*), peers; every row a registered
+    sampler (fewstep.samplers) named by samplers.row_name."""
     rows: list[Row] = []
     dens: dict[str, NetDenoiser] = {}
     teacher = models.load_denoiser(models_dir / "teacher", device)
     dens["teacher"] = teacher
-    T = teacher.schedule.T
-
-    def ddim(den, n, eta=0.0, variance="ddim"):
-        steps = timesteps(T, n)
-        return lambda x_T, noise: sample_ddim(den, x_T, steps, eta=eta, variance=variance, noise=noise)
-
-    for n in ep.ddim_steps:
-        if n <= T:
-            rows.append(Row(f"teacher ddim {n}", "ddim", "teacher", n, ddim(teacher, n)))
-    for n in ep.eta_steps:
-        for eta in ep.etas:
-            rows.append(Row(f"teacher ddim {n} eta={eta:g}", "ddim-eta", "teacher", n, ddim(teacher, n, eta)))
-        if ep.sigma_hat:
-            rows.append(Row(f"teacher ddpm {n} sigma-hat", "ddim-eta", "teacher", n, ddim(teacher, n, 0.0, "hat")))
+    plan = teacher_plan(ep, teacher.schedule.T)
+    rows += [_row("teacher", teacher, r) for r in plan if not samplers.get(r.sampler).needs_diffusers]
     for d in sorted(p for p in models_dir.iterdir() if (p / models.CONFIG).exists() and p.name.startswith("student")):
         den = models.load_denoiser(d, device)
         dens[d.name] = den
-        n = int(den.config["sample_steps"])
-        rows.append(Row(f"{d.name} ddim {n}", "student", d.name, n, ddim(den, n)))
+        rows.append(_row(d.name, den, Planned("ddim", den.card.sample_steps), family="student"))
     # patch-study teachers (teacher-p<P>) and split models: DDIM at evaluate.study_steps, family = the model
     for d in sorted(p for p in models_dir.iterdir() if (p / models.CONFIG).exists() and p.name.startswith("teacher-")):
         den = models.load_denoiser(d, device)
         dens[d.name] = den
-        for n in ep.study_steps:
-            if n <= den.schedule.T:
-                rows.append(Row(f"{d.name} ddim {n}", d.name, d.name, n, ddim(den, n)))
+        rows += [_row(d.name, den, Planned("ddim", n), family=d.name) for n in ep.study_steps if n <= den.schedule.T]
     for model_dir in sorted(schedulers_dir.glob("*")) if schedulers_dir.exists() else []:
         den = dens.get(model_dir.name) or models.load_denoiser(models_dir / model_dir.name, device)
         dens[model_dir.name] = den
         for f in sorted(model_dir.glob("olss*.json")):
             sched = OLSSScheduler.from_json(f.read_text())
-            fam = next((k for k in ("olss-open", "olss-p", "olss-ridge") if f.stem.startswith(k + "-")), "olss")
-            rows.append(Row(f"{model_dir.name} {f.stem}", fam, model_dir.name, sched.steps,
-                            (lambda s, dn: lambda x_T, noise: sample_olss(dn, x_T, s))(sched, den)))
-    if ep.peers:
-        try:
-            from fewstep import peers
-        except ImportError:  # diffusers is an optional extra
-            peers = None
-        if peers is not None:
-            if ep.peers:  # imports diffusers here, not inside the first peer row's timed sampling
-                peers.make_scheduler(ep.peers[0], teacher)
-            for name in ep.peers:
-                for n in ep.peer_steps:
-                    fn = (lambda nm, k: lambda x_T, noise: peers.sample_peer(nm, teacher, x_T, k)[0])(name, n)
-                    nfe = 2 * peers.steps_for_nfe(name, n) - 1 if name == "heun" else n
-                    rows.append(Row(f"diffusers {name} {nfe}", "peer", "teacher", nfe, fn))
-    shape = (3, teacher.config["image_size"], teacher.config["image_size"])
+            rows.append(_row(model_dir.name, den, Planned("olss", sched.steps, {"scheduler": sched}), artifact=f.name))
+    peer_rows = [r for r in plan if samplers.get(r.sampler).needs_diffusers]
+    if peer_rows and samplers.get(peer_rows[0].sampler).available():  # diffusers is an optional extra
+        from fewstep import peers
+
+        peers.load_diffusers()  # imported here, not inside the first peer row's timed sampling
+        rows += [_row("teacher", teacher, r) for r in peer_rows]
+    shape = teacher.card.image_shape
     flops = {k: gflops_per_net(v, shape) for k, v in dens.items()}
     for r in rows:
         if isinstance(dens[r.model], SplitDenoiser):  # cost = FLOPs per net x the NFE falling on its side
@@ -210,3 +220,71 @@ def inception_space(weights: str | Path, train_images: torch.Tensor, subset: int
         return inception_features(net, images)
 
     return feats, reference_stats(feats(train_images), subset, seed)
+
+
+def inception_reference(weights: str | Path, train_images_npy: Path, subset: int, seed: int, device: torch.device
+                        ) -> tuple[Callable[[torch.Tensor], np.ndarray], dict[str, np.ndarray]]:
+    """:func:`inception_space` on the prepared training split; a weight file that is not an FID
+    Inception state dict is a ParamsError naming evaluate.inception_weights."""
+    from fewstep import storage
+    from fewstep.config import ParamsError
+    from fewstep.images import from_uint8
+
+    train = from_uint8(storage.load_array(train_images_npy))
+    try:
+        return inception_space(weights, train, subset, seed, device)
+    except ValueError as e:  # one clear line
+        raise ParamsError(f"evaluate.inception_weights: {e}") from None
+
+
+def run_evaluation(models_dir: Path, schedulers_dir: Path, ep, evaluator_dir: Path, shape: tuple[int, int, int],
+                   device: torch.device, grid_dir: Path | None = None,
+                   inception: Callable[[], tuple[Callable[[torch.Tensor], np.ndarray], dict]] | None = None,
+                   log: Callable[[str], None] | None = None) -> tuple[dict[str, dict], int] | None:
+    """Every row of :func:`build_rows` sampled on seeds ep.seed.. and scored (:func:`score`, plus
+    standard FID with ``inception``) against the teacher's ``ep.reference_steps``-step DDIM images
+    from the same noise; one sample grid per row under ``grid_dir``. Returns (row name -> scores,
+    the reference's step count) on rank 0; None on the other ranks of a torchrun (they sample their
+    share, rank 0 scores). ``inception`` is called once the rows are built (e.g. a partial of
+    :func:`inception_reference`) and gives the feature function and reference statistics."""
+    from fewstep.images import save_grid
+    from fewstep.reports import slug
+    from fewstep.train.evaluator import features, load_evaluator
+
+    evaluator, stats = load_evaluator(evaluator_dir, device)
+    rows, dens = build_rows(models_dir, schedulers_dir, ep, device)
+    inc = inception() if inception is not None else None
+    teacher = dens["teacher"]
+    seeds = list(range(ep.seed, ep.seed + ep.n_samples))
+    ref_steps = timesteps(teacher.schedule.T, min(ep.reference_steps, teacher.schedule.T))
+    ref_row = Row("reference", "ddim", "teacher", len(ref_steps),
+                  lambda x_T, noise: sample_ddim(teacher, x_T, ref_steps))
+    reference, ref_ips = run_row(ref_row, seeds, shape, ep.batch_size, device)
+    ref_name = f"teacher ddim {len(ref_steps)}"  # the same sampler, steps, seeds: its images are the reference
+    if grid_dir is not None:
+        grid_dir.mkdir(parents=True, exist_ok=True)
+    results = {}
+    for row in rows:
+        if row.name == ref_name:
+            images, ips = reference, ref_ips
+        else:
+            images, ips = run_row(row, seeds, shape, ep.batch_size, device)
+        if not parallel.is_main():
+            continue
+        feats = features(evaluator, images.to(device) if device.type == "cuda" else images)
+        r = score(feats, images, reference, stats, ep.kid_subsets, ep.seed)
+        r.update(family=row.family, model=row.model, nfe=row.nfe, gflops=row.gflops, images_per_s=ips)
+        if row.name == ref_name:
+            r["is_reference"] = True  # not sampled twice
+        if row.gflops_by_net:  # a split model: the cost per network
+            r.update(nfe_by_net=row.nfe_by_net, gflops_by_net=row.gflops_by_net)
+        if inc is not None:
+            r["inception"] = feature_scores(inc[0](images), inc[1], ep.kid_subsets, ep.seed)
+        results[row.name] = r
+        if grid_dir is not None:
+            save_grid(images[: ep.grid_n], grid_dir / f"{slug(row.name)}.png", scale=max(1, 32 // shape[-1]))
+        if log is not None:
+            log(f"{row.name:32s} NFE {row.nfe:4d} FD {r['fd']:8.3f} RMSE {r['rmse']:.4f}")
+    if not parallel.is_main():
+        return None
+    return results, len(ref_steps)

@@ -11,6 +11,11 @@ import torch
 from PIL import Image
 
 from fewstep import storage
+from fewstep.errors import UserError
+
+
+class ImageError(UserError, ValueError):
+    """An image file that cannot be read, or none given."""
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
@@ -55,10 +60,10 @@ def load_images(paths: list[str | Path], size: int) -> torch.Tensor:
             try:
                 im = Image.open(io.BytesIO(f.read())).convert("RGB")
             except Exception as e:  # PIL raises several types for unreadable files
-                raise ValueError(f"{p}: not a readable image ({type(e).__name__}: {e})") from None
+                raise ImageError(f"{p}: not a readable image ({type(e).__name__}: {e})") from None
         if im.size != (size, size):
             im = im.resize((size, size), Image.BICUBIC)
         out.append(np.asarray(im, dtype=np.uint8))
     if not out:
-        raise ValueError("no image files given")
+        raise ImageError("no image files given")
     return from_uint8(np.stack(out))

@@ -28,6 +28,9 @@ import shlex
 import sys
 from typing import Sequence
 
+from fewstep import settings
+from fewstep.settings import Settings
+
 DEFAULT_RDZV_PORT = 29400
 
 
@@ -45,14 +48,12 @@ def _split(argv: Sequence[str]) -> tuple[list[str], str, list[str]]:
     return argv[:i], argv[i + 1], argv[i + 2 :]
 
 
-def _env_count(name: str) -> int | None:
-    raw = os.environ.get(name, "").strip()
-    if not raw:
-        return None
+def _settings() -> Settings:
+    """This process's FEWSTEP_* settings (the launcher is an entry point); a bad value is a LaunchError."""
     try:
-        return int(raw)
-    except ValueError:
-        raise LaunchError(f"${name} must be an integer, got {raw!r}") from None
+        return settings.current()
+    except settings.SettingsError as e:
+        raise LaunchError(str(e)) from None
 
 
 def _params_dist(stage_args: Sequence[str]) -> tuple[int, int]:
@@ -63,7 +64,7 @@ def _params_dist(stage_args: Sequence[str]) -> tuple[int, int]:
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--profile", default=None)
     a, _ = ap.parse_known_args(list(stage_args))
-    d = load_params(a.params, a.profile).distributed
+    d = load_params(a.params, a.profile or _settings().profile).distributed
     return d.world_size, d.nnodes
 
 
@@ -78,8 +79,11 @@ def visible_gpus() -> int:
 
 def resolve(nproc: int | None, nnodes: int | None, stage_args: Sequence[str]) -> tuple[int, int]:
     """(world size, nodes): flag, then env, then params; world size 0 = one per visible GPU."""
-    world = nproc if nproc is not None else _env_count("FEWSTEP_WORLD_SIZE")
-    nodes = nnodes if nnodes is not None else _env_count("FEWSTEP_NNODES")
+    world, nodes = nproc, nnodes
+    if world is None or nodes is None:
+        env = _settings()
+        world = env.world_size if world is None else world
+        nodes = env.nnodes if nodes is None else nodes
     if world is None or nodes is None:
         pw, pn = _params_dist(stage_args)
         world = pw if world is None else world
@@ -100,7 +104,8 @@ def torchrun_argv(module: str, stage_args: Sequence[str], world: int, nodes: int
     if nodes == 1:
         cmd += ["--standalone", "--nproc-per-node", str(world)]
     else:
-        endpoint = os.environ.get("FEWSTEP_RDZV_ENDPOINT")
+        env = _settings()
+        endpoint = env.rdzv_endpoint
         if not endpoint:
             addr = os.environ.get("MASTER_ADDR")
             if not addr:
@@ -108,7 +113,7 @@ def torchrun_argv(module: str, stage_args: Sequence[str], world: int, nodes: int
                                   "(host:port of node 0, reachable from every node) or $MASTER_ADDR")
             endpoint = f"{addr}:{os.environ.get('MASTER_PORT', DEFAULT_RDZV_PORT)}"
         cmd += ["--nnodes", str(nodes), "--nproc-per-node", str(world // nodes), "--rdzv-backend", "c10d",
-                "--rdzv-endpoint", endpoint, "--rdzv-id", os.environ.get("FEWSTEP_RUN_ID", "fewstep")]
+                "--rdzv-endpoint", endpoint, "--rdzv-id", env.run_id or "fewstep"]
     return cmd + ["-m", module, *stage_args]
 
 

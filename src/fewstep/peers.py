@@ -67,9 +67,16 @@ def truncated_T(den: NetDenoiser, sigma_max: float) -> int:
     return max(1, int(ok.max()))
 
 
-def make_scheduler(name: str, den: NetDenoiser):
+def load_diffusers():
+    """Import diffusers (offline: nothing is downloaded)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import diffusers as d
+    import diffusers
+
+    return diffusers
+
+
+def make_scheduler(name: str, den: NetDenoiser):
+    d = load_diffusers()
 
     sch = den.schedule
     T = truncated_T(den, HEUN_SIGMA_MAX) if name == "heun" else sch.T
@@ -111,11 +118,18 @@ def _time_map(den: NetDenoiser, sched) -> Callable[[float], float]:
     return f
 
 
-@torch.no_grad()
 def sample_peer(name: str, den: NetDenoiser, x_T: torch.Tensor, nfe: int) -> tuple[torch.Tensor, int]:
-    """Run a fresh peer scheduler from x_T; returns (x0 in [-1, 1], model evaluations used)."""
+    """Run a fresh peer scheduler from x_T within ``nfe`` model evaluations; returns (x0 in [-1, 1],
+    model evaluations used)."""
+    return run_peer(name, den, x_T, steps_for_nfe(name, nfe))
+
+
+@torch.no_grad()
+def run_peer(name: str, den: NetDenoiser, x_T: torch.Tensor, steps: int) -> tuple[torch.Tensor, int]:
+    """Run a fresh peer scheduler from x_T in ``steps`` scheduler steps; returns (x0 in [-1, 1],
+    model evaluations used)."""
     sched = make_scheduler(name, den)
-    sched.set_timesteps(steps_for_nfe(name, nfe))
+    sched.set_timesteps(steps)
     to_u = _time_map(den, sched)
     x = x_T.float() * sched.init_noise_sigma
     calls = 0

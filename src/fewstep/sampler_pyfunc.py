@@ -1,7 +1,7 @@
 """The MLflow pyfunc sampler: a registered model version that turns ``{"n", "seed", "steps"}`` into images.
 
 Artifacts (copied into the MLflow model, never pickled): ``weights`` (safetensors), ``config``
-(the model dir's config.json) and, for an OLSS version, ``scheduler`` (olss-N.json). The fewstep
+(the model dir's config.json: its ModelCard) and, for an OLSS version, ``scheduler`` (olss-N.json). The fewstep
 package travels with the model as ``code_paths``, and this file is the model's code
 (MLflow "models from code"), so loading needs neither cloudpickle nor an installed fewstep.
 
@@ -20,13 +20,12 @@ import mlflow
 import numpy as np
 import torch
 
-from fewstep import models, storage
+from fewstep import models, samplers, storage
 from fewstep.images import to_uint8
-from fewstep.math.ddim import PerImageNoise, generate
-from fewstep.math.olss import OLSSScheduler, sample_olss
+from fewstep.math.olss import OLSSScheduler
 from fewstep.math.param import NetDenoiser
-from fewstep.math.schedules import timesteps
 from fewstep.math.split import SplitDenoiser
+from fewstep.models import ModelCard
 
 SPACING = "trailing"  # the spacing every fewstep stage samples students with
 
@@ -34,34 +33,39 @@ SPACING = "trailing"  # the spacing every fewstep stage samples students with
 @dataclass
 class Sampler:
     denoiser: NetDenoiser | SplitDenoiser
-    config: dict[str, Any]
+    card: ModelCard
     scheduler: OLSSScheduler | None
     default_steps: int
     device: torch.device
 
     @property
-    def shape(self) -> tuple[int, int, int]:
-        size = int(self.config["image_size"])
-        net = self.config.get("net") or self.config["nets"]["low"]  # a split model names two nets
-        return (int(net.get("in_channels", 3)), size, size)
+    def config(self) -> dict[str, Any]:
+        """Transition: the card as the config.json dict."""
+        return self.card.to_dict()
 
-    def sample(self, n: int, seed: int, steps: int | None = None, batch_size: int = 256) -> np.ndarray:
-        """uint8 (n, H, W, C) for seeds seed .. seed+n-1."""
-        seeds = range(int(seed), int(seed) + int(n))
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return self.card.image_shape
+
+    def plan(self, steps: int | None) -> tuple[str, int, dict[str, Any]]:
+        """(registered sampler, steps, options) for a request: the OLSS scheduler at its own step
+        count, else DDIM at ``steps`` (default: default_steps) on the trailing grid."""
         if self.scheduler is not None:
             if steps is not None and int(steps) != self.scheduler.steps:
                 raise ValueError(f"this OLSS scheduler samples in exactly {self.scheduler.steps} steps, not {steps}")
-            out = []
-            for lo in range(0, len(seeds), batch_size):
-                x_T = PerImageNoise(seeds[lo : lo + batch_size], self.device).randn(*self.shape)
-                out.append(sample_olss(self.denoiser, x_T, self.scheduler).cpu())
-            return to_uint8(torch.cat(out))
+            return "olss", self.scheduler.steps, {"scheduler": self.scheduler}
         T = self.denoiser.schedule.T
         k = int(steps) if steps is not None else self.default_steps
         if not 1 <= k <= T:
             raise ValueError(f"steps must be in 1..{T}, got {k}")
-        imgs = generate(self.denoiser, seeds, self.shape, timesteps(T, k, SPACING), batch_size, self.device)
-        return to_uint8(imgs)
+        return "ddim", k, {"spacing": SPACING}
+
+    def sample(self, n: int, seed: int, steps: int | None = None, batch_size: int = 256) -> np.ndarray:
+        """uint8 (n, H, W, C) for seeds seed .. seed+n-1."""
+        sampler, k, options = self.plan(steps)
+        seeds = range(int(seed), int(seed) + int(n))
+        return to_uint8(samplers.generate(sampler, self.denoiser, seeds, self.shape, steps=k, batch_size=batch_size,
+                                          device=self.device, **options))
 
 
 def load_sampler(
@@ -71,21 +75,19 @@ def load_sampler(
     default_steps: int | None = None,
     device: str | torch.device = "cpu",
 ) -> Sampler:
-    """Rebuild the denoiser from explicit artifact paths; the weights must match config's hash."""
-    cfg = storage.read_json(config)
-    if cfg.get("format_version") != models.FORMAT_VERSION:
-        raise ValueError(f"{config}: unsupported format_version {cfg.get('format_version')!r}")
+    """Rebuild the denoiser from explicit artifact paths; the weights must match the card's hash."""
+    card = ModelCard.from_json(Path(config).read_text())
     digest = storage.sha256_file(weights)
-    if digest != cfg["weights_sha256"]:
-        raise ValueError(f"{weights}: sha256 {digest[:12]} does not match the config's {cfg['weights_sha256'][:12]}")
+    if digest != card.weights_sha256:
+        raise ValueError(f"{weights}: sha256 {digest[:12]} does not match the config's {str(card.weights_sha256)[:12]}")
     dev = torch.device(device)
-    den = models.denoiser_from_config(cfg, storage.load_tensors(weights), dev)  # one net or a split pair
+    den = models.denoiser_from_card(card, storage.load_tensors(weights), dev)  # one net or a split pair
     sched = None
     if scheduler is not None:
         with storage.open_read(scheduler) as f:
             sched = OLSSScheduler.from_json(f.read().decode())
-    steps = int(default_steps) if default_steps else int(cfg["sample_steps"])
-    return Sampler(den, cfg, sched, steps, dev)
+    steps = int(default_steps) if default_steps else card.sample_steps
+    return Sampler(den, card, sched, steps, dev)
 
 
 def parse_request(model_input: Any) -> tuple[int, int, int | None]:

@@ -3,6 +3,8 @@
 Only entry points import this module: the stages (``stages/``), the flows (``flows/``), the
 launcher (``python -m fewstep.launch``) and the local service scripts (``infra/local``). The library
 takes plain arguments, so a notebook or a test calls it without touching the environment.
+An S3-compatible endpoint (MinIO, moto) is botocore's own ``AWS_ENDPOINT_URL``: boto3, s3fs and
+MLflow's artifact client honour it by themselves, so fewstep has no variable of its own for it.
 
     FEWSTEP_PROFILE          merge profiles/NAME.yaml over params.yaml (stages, launcher, flows)
     FEWSTEP_TRACKING         auto | required | off: how a stage records its MLflow run
@@ -10,7 +12,6 @@ takes plain arguments, so a notebook or a test calls it without touching the env
     FEWSTEP_ARTIFACT_ROOT    the experiment's artifact location when it is created (e.g. s3://b/mlflow)
     FEWSTEP_PARENT_RUN_ID    stage runs nest under this (pipeline) run
     FEWSTEP_GIT_COMMIT       overrides `git rev-parse HEAD` (images without .git)
-    FEWSTEP_S3_ENDPOINT_URL  S3 endpoint for data and artifacts (AWS_ENDPOINT_URL wins when set)
     FEWSTEP_TRAIN_SOURCE     overrides prepare.train_source
     FEWSTEP_TEST_SOURCE      overrides prepare.test_source
     FEWSTEP_WORLD_SIZE       processes for training/sampling stages (0 = one per GPU)
@@ -45,7 +46,6 @@ class Settings:
     artifact_root: str | None = None
     parent_run_id: str | None = None
     git_commit: str | None = None
-    s3_endpoint_url: str | None = None
     train_source: str | None = None
     test_source: str | None = None
     world_size: int | None = None
@@ -78,8 +78,6 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         if not raw:
             continue
         values[f.name] = _int(name, raw) if f.name in ("world_size", "nnodes") else raw
-    if env.get("AWS_ENDPOINT_URL"):
-        values["s3_endpoint_url"] = env["AWS_ENDPOINT_URL"]
     mode = str(values.get("tracking", "auto")).lower()
     if mode not in TRACKING_MODES:
         raise SettingsError(f"$FEWSTEP_TRACKING={mode!r}: expected one of {', '.join(TRACKING_MODES)}")

@@ -2,8 +2,8 @@
 
 Writes are atomic (temporary file in the same directory, fsync, os.replace), weights are
 safetensors, arrays are .npy read with allow_pickle=False: nothing here ever unpickles.
-Remote URLs (s3://, gcs://, memory://, ...) go through fsspec; ``AWS_ENDPOINT_URL`` points s3fs at
-any S3-compatible endpoint.
+Remote URLs (s3://, gcs://, memory://, ...) go through fsspec. An S3-compatible endpoint (MinIO,
+moto) is botocore's own ``AWS_ENDPOINT_URL``, which s3fs and boto3 honour by themselves.
 """
 
 from __future__ import annotations
@@ -50,9 +50,6 @@ def filesystem(url: str):
     opts: dict[str, Any] = {"skip_instance_cache": True}
     if protocol == "s3":
         opts["use_listings_cache"] = False
-        endpoint = os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("FEWSTEP_S3_ENDPOINT_URL")
-        if endpoint:
-            opts["client_kwargs"] = {"endpoint_url": endpoint}
         opts["config_kwargs"] = {"connect_timeout": 5, "read_timeout": 30, "retries": {"max_attempts": 3}}
     fs, path = fsspec.core.url_to_fs(url, **opts)
     return fs, path

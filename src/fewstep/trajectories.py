@@ -17,11 +17,12 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 import torch
-from tqdm.auto import tqdm
+from fewstep.progress import progress as progress_bar
 
 from fewstep import parallel, storage
 from fewstep.math.ddim import PerImageNoise, sample_ddim
 from fewstep.math.param import Denoiser
+from fewstep.math.schedules import timesteps
 
 
 @torch.no_grad()
@@ -53,7 +54,7 @@ def write_shards(out: Path, denoiser: Denoiser, seeds: Sequence[int], shape: tup
 
     with storage.atomic_dir(out) if main else contextlib.nullcontext() as tmp:
         groups = range(0, len(starts), world)  # one shard per rank per group
-        for g in tqdm(groups, desc="trajectories", disable=not (progress and main)):
+        for g in progress_bar(groups, desc="trajectories", enabled=progress and main):
             chunks = [seeds[lo : lo + shard_size] for lo in starts[g : g + world]]
             if world == 1:
                 x, e = compute(chunks[0])
@@ -110,3 +111,18 @@ def load_steps(directory: Path, indices: Sequence[int]) -> Iterator[torch.Tensor
     loaded = [storage.load_tensors(f)["x"] for f in files]
     for i in indices:
         yield torch.cat([x[i] for x in loaded])
+
+
+def collect_model(den: Denoiser, name: str, tp, shape: tuple[int, int, int], out: Path, device: torch.device,
+                  progress: bool = True) -> int:
+    """The trajectories of model ``name`` for OLSS (trajectories params ``tp``): deterministic DDIM on
+    the trailing grid of min(tp.reference_steps, the model's own sample steps) steps, seeds
+    tp.seed_offset.., written to ``out`` with the model's weights hash. Returns the step count."""
+    cfg = den.config  # type: ignore[attr-defined]
+    n_ref = min(tp.reference_steps, int(cfg["sample_steps"]))
+    t_path = timesteps(den.schedule.T, n_ref, "trailing")
+    seeds = range(tp.seed_offset, tp.seed_offset + tp.n_fit)
+    meta = {"model": name, "model_weights_sha256": cfg["weights_sha256"], "reference_steps": n_ref,
+            "sampler": "ddim eta=0 unclipped", "output": "x"}
+    write_shards(out, den, seeds, shape, t_path, tp.shard_size, tp.batch_size, device, meta, progress=progress)
+    return n_ref

@@ -57,19 +57,21 @@ def test_registry_on_a_tracking_server_with_s3_artifacts(mlflow_server, moto_ser
            "FEWSTEP_GIT_COMMIT": "f" * 40}
     for k, v in env.items():
         monkeypatch.setenv(k, v)
-    monkeypatch.delenv("FEWSTEP_ARTIFACT_ROOT", raising=False)
-    t = tracking.configure()
+    monkeypatch.delenv("FEWSTEP_ARTIFACT_ROOT", raising=False)  # (the env is for the subprocesses below)
+    t = tracking.configure(mlflow_server.base, "server-test")
     assert t.artifact_location.startswith("mlflow-artifacts:")  # the server's proxied store
+    kw = dict(repo=tree, git_commit="f" * 40, tracking=t)
     with one_thread():
-        regs = {r.name: r for r in tracking.register_all(tree / "models", tree / "schedulers", repo=tree)}
-        again = tracking.register_all(tree / "models", tree / "schedulers", repo=tree)
+        regs = {r.name: r for r in tracking.register_all(tree / "models", tree / "schedulers", **kw)}
+        again = tracking.register_all(tree / "models", tree / "schedulers", **kw)
     assert len(regs) == 5 and not any(r.created for r in again)
     assert regs["cifar10-olss-student-4-2step"].tags["parent_version"] == regs["cifar10-student-4step"].version
     assert any(k.endswith("model.safetensors") for k in _s3_keys(moto_server.base, "fewstep-mlflow", "mlflow/"))
 
     name = "cifar10-student-4step"
     v1 = regs[name].version
-    assert tracking.promote(name, v1, 10.0, "e1", margin=0.01).promoted
+    assert regs[name].tags["git_commit"] == "f" * 40
+    assert tracking.promote(name, v1, 10.0, "e1", margin=0.01, tracking=t).promoted
     r = subprocess.run([sys.executable, "-c", LOAD_SAMPLER, json.dumps({"ddim": f"models:/{name}@champion"}),
                         str(tmp_path / "out.npz")], cwd=tmp_path, env=dict(os.environ), capture_output=True,
                        text=True, timeout=300)
@@ -94,11 +96,11 @@ def test_embedded_store_with_artifacts_straight_to_s3(moto_server, service_env, 
     for k, v in {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "FEWSTEP_EXPERIMENT": "direct",
                  "FEWSTEP_ARTIFACT_ROOT": "s3://fewstep-direct/mlflow", "AWS_ENDPOINT_URL": moto_server.base}.items():
         monkeypatch.setenv(k, v)
-    t = tracking.configure()
+    t = tracking.configure(f"sqlite:///{tmp_path / 'mlflow.db'}", "direct", "s3://fewstep-direct/mlflow")
     assert t.artifact_location == "s3://fewstep-direct/mlflow"
     with one_thread():
-        reg = tracking.register_model_dir(tree / "models" / "teacher", default_steps=4, repo=tree)
-        with tracking.stage_run("train_teacher", repo=tree) as run:
+        reg = tracking.register_model_dir(tree / "models" / "teacher", default_steps=4, repo=tree, tracking=t)
+        with tracking.stage_run("train_teacher", repo=tree, tracking=t) as run:
             run.log_metrics({"loss": [(0, 1.0), (1, 0.5)]})
             run.log_artifact(tree / "models" / "teacher" / "config.json", "model")
         keys = _s3_keys(moto_server.base, "fewstep-direct", "mlflow/")

@@ -15,7 +15,7 @@ from fewstep.math.ddim import PerImageNoise, generate
 from fewstep.math.olss import OLSSScheduler, sample_olss
 from fewstep.math.schedules import timesteps
 from tests.helpers import subprocess_env, tiny_params, write_params
-from tests.mlflow_helpers import LOAD_SAMPLER, model_versions, race, use_env
+from tests.mlflow_helpers import LOAD_SAMPLER, configure_env, model_versions, race, use_env
 
 tracking = pytest.importorskip("fewstep.tracking")
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
@@ -24,7 +24,7 @@ pytestmark = pytest.mark.usefixtures("torch_one_thread")
 def test_register_cli_is_idempotent(registry, tree, tmp_path, monkeypatch):
     env, regs = registry
     use_env(monkeypatch, env)
-    t = tracking.configure()
+    t = configure_env(env)
     before = {n: len(t.client.search_model_versions(f"name = '{n}'")) for n in regs}
     assert set(before.values()) == {1}
     params = write_params(tmp_path / "params.yaml", tiny_params())
@@ -43,7 +43,8 @@ def test_pyfunc_by_alias_in_a_fresh_process_matches_direct_sampling(registry, tr
     env, regs = registry
     use_env(monkeypatch, env)
     for name in ("cifar10-student-4step", "cifar10-olss-student-4-2step"):
-        tracking.promote(name, regs[name].version, 1.0, "first", margin=0.1)  # no champion yet: becomes champion
+        # no champion yet: becomes champion
+        tracking.promote(name, regs[name].version, 1.0, "first", margin=0.1, tracking=configure_env(env))
     uris = {"ddim": "models:/cifar10-student-4step@champion", "olss": "models:/cifar10-olss-student-4-2step@champion"}
     r = subprocess.run([sys.executable, "-c", LOAD_SAMPLER, json.dumps(uris), str(tmp_path / "out.npz")], cwd=tmp_path,
                        env=subprocess_env(**env), capture_output=True, text=True, timeout=300)
@@ -64,7 +65,7 @@ def test_pyfunc_by_alias_in_a_fresh_process_matches_direct_sampling(registry, tr
 def test_racing_promotions_end_with_one_consistent_champion(store, tmp_path):
     t, name = store, "race-student-4step"
     v1, v2, v3 = model_versions(t, name, 3)
-    tracking.promote(name, v1, 10.0, "e1", margin=0.01)
+    tracking.promote(name, v1, 10.0, "e1", margin=0.01, tracking=t)
     res = race(name, [(v2, 8.0), (v3, 6.0)], tmp_path)
     rm = t.client.get_registered_model(name)
     assert str(rm.aliases["champion"]) == v3  # the best candidate wins whatever the order
@@ -74,4 +75,3 @@ def test_racing_promotions_end_with_one_consistent_champion(store, tmp_path):
     # v2 either went first (beat v1, then lost to v3) or second (compared with v3 and kept it)
     assert (tv2["promotion.decision"], tv2["promotion.champion_version"]) in {("promoted", v1), ("kept", v3)}
     assert tv3["promotion.champion_version"] == (v2 if tv2["promotion.decision"] == "promoted" else v1)
-

@@ -1,6 +1,5 @@
 """The ddim_study stage and the ddim_tools CLI on the session's tiny teacher (8x8, T=64)."""
 
-import argparse
 import csv
 import json
 
@@ -34,7 +33,7 @@ def _grid_px(n_rows, n_cols, size, scale):
     return ((n_cols * (size + 1) + 1) * scale, (n_rows * (size + 1) + 1) * scale)
 
 
-def test_ddim_study_stage_writes_its_outputs(tmp_path, tiny_teacher):
+def test_ddim_study_stage_writes_its_outputs(tmp_path, tiny_teacher, monkeypatch):
     from stages import ddim_study
 
     p = tiny_params()
@@ -42,11 +41,11 @@ def test_ddim_study_stage_writes_its_outputs(tmp_path, tiny_teacher):
                        "n_consistency": 3, "interp_steps": 4, "interp_n": 4, "interp_pairs": 2, "seed": 0,
                        "batch_size": 4}
     _tiny_evaluator(tmp_path / "evaluator")
-    args = argparse.Namespace(params=str(write_params(tmp_path / "params.yaml", p)), profile=None, no_progress=True,
-                              model=str(tiny_teacher / "teacher"), evaluator=str(tmp_path / "evaluator"),
-                              data=str(tiny_teacher / "data"), metrics=str(tmp_path / "m/ddim_study.json"),
-                              plots=str(tmp_path / "plots"), samples=str(tmp_path / "samples"))
-    ddim_study.run(args)
+    monkeypatch.setenv("FEWSTEP_TRACKING", "off")
+    ddim_study.main(["--params", str(write_params(tmp_path / "params.yaml", p)), "--no-progress",
+                     "--model", str(tiny_teacher / "teacher"), "--evaluator", str(tmp_path / "evaluator"),
+                     "--data", str(tiny_teacher / "data"), "--metrics", str(tmp_path / "m/ddim_study.json"),
+                     "--plots", str(tmp_path / "plots"), "--samples", str(tmp_path / "samples")])
 
     m = json.loads((tmp_path / "m/ddim_study.json").read_text())
     assert m["split"] == "train" and m["n_images"] == 6 and m["T"] == 64  # the tiny data has no test split
@@ -105,4 +104,5 @@ def test_ddim_tools_cli_interpolate_encode_decode(tmp_path, tiny_teacher, capsys
     assert _png_size(tmp_path / "i2.png") == _grid_px(1, 3, 8, 8)
     with pytest.raises(SystemExit) as e:
         main(["interpolate", "--model", model, "--seeds", "1", "--out", str(tmp_path / "x.png")])
-    assert e.value.code == 2 and "pairs" in capsys.readouterr().err
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and err[0].startswith("ddim_tools: error: ") and "pairs" in err[0]

@@ -209,3 +209,41 @@ def test_fast_path_search_equals_the_svd_search(toy):
         fast, slow = search_path(X2, E2, n), search_path(X2, E2, n, fast=False)
         assert fast.path == slow.path and fast.D == pytest.approx(slow.D, rel=1e-6)
         assert fast.stats["gram"] > 0 and fast.stats["cached"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ridge_variant", [0.0, 1e-4])
+def test_fit_olss_stage_writes_exactly_the_outputs_dvc_declares(tmp_path, tiny_teacher, monkeypatch, ridge_variant):
+    """Whatever olss.ridge_variant says (0 included), fit_olss writes every out of its dvc.yaml
+    entry and nothing else: DVC would otherwise fail on a declared but missing output."""
+    import yaml
+
+    from fewstep import models, storage
+    from fewstep.config import validate
+    from fewstep.trajectories import collect_model
+    from stages import fit_olss
+    from tests.helpers import ROOT, tiny_params, write_params
+
+    monkeypatch.setenv("FEWSTEP_TRACKING", "off")
+    monkeypatch.chdir(tmp_path)
+    p = tiny_params()
+    p["trajectories"].update(n_fit=16, reference_steps=16, shard_size=8, batch_size=8)
+    p["olss"].update(ridge_variant=ridge_variant, n_holdout=4, max_elements=2000)
+    write_params(tmp_path / "params.yaml", p)
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "teacher").symlink_to(tiny_teacher / "teacher")
+    den = models.load_denoiser(tmp_path / "models" / "teacher")
+    collect_model(den, "teacher", validate(p).trajectories, (3, 8, 8), tmp_path / "trajectories" / "teacher",
+                  torch.device("cpu"), progress=False)
+    fit_olss.main(["--params", str(tmp_path / "params.yaml"), "--model", "teacher", "--steps", "4", "--no-progress"])
+
+    stage = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["fit_olss"]
+    declared = [next(iter(o)) if isinstance(o, dict) else o for o in stage["outs"] + stage["metrics"]]
+    declared = {d.replace("${item.model}", "teacher").replace("${item.n}", "4") for d in declared}
+    written = {str(f.relative_to(tmp_path)) for d in ("schedulers", "metrics") for f in (tmp_path / d).rglob("*")
+               if f.is_file()}
+    assert written == declared
+    ridge = OLSSScheduler.from_json((tmp_path / "schedulers/teacher/olss-ridge-4.json").read_text())
+    assert ridge.meta["variant"] == "ridge" and ridge.meta["ridge"] == ridge_variant and ridge.steps == 4
+    m = storage.read_json(tmp_path / "metrics/olss/teacher-4.json")
+    assert set(m["rmse_vs_full_step"]) == {"ddim", "olss", "olss_open", "olss_p", "olss_ridge"}

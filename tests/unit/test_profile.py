@@ -12,7 +12,7 @@ import yaml
 
 from fewstep import budget
 from fewstep.config import deep_merge, load_params, validate
-from stages.profile import smoke
+from fewstep.profiles import smoke
 from tests.helpers import ROOT, subprocess_env
 
 

@@ -7,7 +7,7 @@ import math
 from typing import Callable, Sequence
 
 import torch
-from tqdm.auto import tqdm
+from fewstep.progress import progress as progress_bar
 
 from fewstep.math.param import Denoiser, predict_x_eps
 
@@ -79,7 +79,7 @@ def sample_ddim(
     sch = denoiser.schedule
     z = x_T
     grid = steps + [0]
-    for i in tqdm(range(len(steps)), disable=not progress, desc="ddim", leave=False):
+    for i in progress_bar(range(len(steps)), enabled=progress, desc="ddim", leave=False):
         t, s = grid[i], grid[i + 1]
         tt = torch.full((z.shape[0],), t, dtype=torch.long, device=z.device)
         x_hat, eps_hat = predict_x_eps(denoiser, z, tt, clip=clip)

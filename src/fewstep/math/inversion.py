@@ -14,7 +14,7 @@ import math
 from typing import Callable, Sequence
 
 import torch
-from tqdm.auto import tqdm
+from fewstep.progress import progress as progress_bar
 
 from fewstep.math.ddim import ddim_coefficients, sample_ddim
 from fewstep.math.param import Denoiser, predict_x_eps
@@ -50,7 +50,7 @@ def encode(
     steps = _check_ascending(steps, sch.T)
     grid = [0] + steps
     z = x0
-    for i in tqdm(range(len(steps)), disable=not progress, desc="ddim encode", leave=False):
+    for i in progress_bar(range(len(steps)), enabled=progress, desc="ddim encode", leave=False):
         s, t = grid[i], grid[i + 1]
         e = max(s, 1)  # where the denoiser is read
         ee = torch.full((z.shape[0],), e, dtype=torch.long, device=z.device)

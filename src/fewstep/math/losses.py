@@ -12,14 +12,21 @@ zero-SNR end of the grid cannot produce inf * 0 (reference distill_pdm.md, pitfa
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 import torch
 
-from fewstep.math.param import to_eps, to_x
+from fewstep.math.param import Parameterization, to_eps, to_x
 
-WEIGHTINGS = ("snr", "snr_trunc", "snr+1", "sqrt_snr", "constant")
+# The weighting names, defined here once (fewstep.config and the model card import them).
+Weighting = Literal["snr", "snr_trunc", "snr+1", "sqrt_snr", "constant"]
+WEIGHTINGS: tuple[str, ...] = get_args(Weighting)
 
 # Default weighting per parameterisation: the one that makes its natural MSE.
-DEFAULT_WEIGHTING = {"eps": "snr", "x": "snr_trunc", "v": "snr+1"}
+DEFAULT_WEIGHTING: dict[Parameterization, Weighting] = {"eps": "snr", "x": "snr_trunc", "v": "snr+1"}
+
+# eps-prediction with snr_trunc weighting diverges (Salimans & Ho 2022, Table 1)
+DIVERGENT: tuple[tuple[Parameterization, Weighting], ...] = (("eps", "snr_trunc"),)
 
 
 def weighted_x_loss(

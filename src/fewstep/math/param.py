@@ -6,14 +6,15 @@ With z = alpha x + sigma eps and alpha^2 + sigma^2 = 1 (Salimans & Ho 2022, App.
 
 from __future__ import annotations
 
-from typing import Literal, Protocol, runtime_checkable
+from typing import Literal, Protocol, get_args, runtime_checkable
 
 import torch
 
 from fewstep.math.schedules import Schedule
 
-Kind = Literal["eps", "x", "v"]
-KINDS: tuple[str, ...] = ("eps", "x", "v")
+# The parameterisation names, defined here once (fewstep.config and the model card import them).
+Parameterization = Literal["eps", "x", "v"]
+KINDS: tuple[str, ...] = get_args(Parameterization)
 
 
 @runtime_checkable

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, get_args
 
 import numpy as np
 import torch
 
+# Schedule and spacing names, defined here once (fewstep.config and the model card import them).
 ScheduleKind = Literal["cosine", "linear"]
+SCHEDULE_KINDS: tuple[str, ...] = get_args(ScheduleKind)
 
 
 @dataclass(frozen=True)
@@ -90,7 +92,7 @@ def make_schedule(kind: str, T: int, **kw: float) -> Schedule:
         return cosine_schedule(T, **kw)
     if kind == "linear":
         return linear_schedule(T, **kw)
-    raise ValueError(f"unknown schedule {kind!r}; expected 'cosine' or 'linear'")
+    raise ValueError(f"unknown schedule {kind!r}; expected one of {SCHEDULE_KINDS}")
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
@@ -101,6 +103,7 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
 # Timestep spacing: which sub-sequence of 1..T a sampler with S steps visits.
 
 Spacing = Literal["trailing", "linspace", "quadratic"]
+SPACINGS: tuple[str, ...] = get_args(Spacing)
 
 
 def timesteps(T: int, steps: int, spacing: str = "trailing") -> list[int]:
@@ -123,6 +126,6 @@ def timesteps(T: int, steps: int, spacing: str = "trailing") -> list[int]:
     elif spacing == "quadratic":
         tau = np.round(T * (i / steps) ** 2)
     else:
-        raise ValueError(f"unknown spacing {spacing!r}; expected trailing, linspace or quadratic")
+        raise ValueError(f"unknown spacing {spacing!r}; expected one of {SPACINGS}")
     tau = np.clip(tau, 1, T).astype(np.int64)
     return sorted(set(tau.tolist()), reverse=True)

@@ -12,10 +12,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+PatchSize = Literal[1, 2, 4, 8]  # the patch sizes the UNet supports (fewstep.config imports them)
+PATCH_SIZES: tuple[int, ...] = get_args(PatchSize)
 
 
 @dataclass(frozen=True)
@@ -35,8 +40,8 @@ class UNetConfig:
         object.__setattr__(self, "channel_mult", tuple(self.channel_mult))
         object.__setattr__(self, "attn_resolutions", tuple(self.attn_resolutions))
         P = self.patch_size
-        if P not in (1, 2, 4, 8):
-            raise ValueError(f"patch_size must be 1, 2, 4 or 8, got {P}")
+        if P not in PATCH_SIZES:
+            raise ValueError(f"patch_size must be one of {PATCH_SIZES}, got {P}")
         if self.image_size % P:
             raise ValueError(f"image_size {self.image_size} is not divisible by patch_size {P}")
         grid = self.image_size // P

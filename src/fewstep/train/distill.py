@@ -15,14 +15,14 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from fewstep import parallel, models, storage
+from fewstep import models, storage
 from fewstep.parallel import BatchPart
 from fewstep.math.distill import distill_target
 from fewstep.math.losses import weighted_x_loss
 from fewstep.math.param import NetDenoiser
 from fewstep.nets.unet import UNet
 from fewstep.train.loop import LoopConfig, LoopResult, train
-from fewstep.train.teacher import broadcast_sha, draw_like, sample_batch
+from fewstep.train.teacher import draw_like, sample_batch, save_on_main
 
 
 def distill_loss(
@@ -62,13 +62,13 @@ def distill_round(
     seed: int,
     device: torch.device,
     progress: bool = True,
-) -> tuple[LoopResult, dict[str, Any]]:
-    parent_cfg = models.load_config(parent_dir)
+) -> tuple[LoopResult, models.ModelCard]:
     teacher = models.load_denoiser(parent_dir, device).requires_grad_(False)
+    parent: models.ModelCard = teacher.card
     parent_steps = 2 * student_steps
-    if parent_cfg["role"] == "student" and int(parent_cfg["sample_steps"]) != parent_steps:
+    if parent.role == "student" and parent.sample_steps != parent_steps:
         raise ValueError(
-            f"parent {parent_dir} samples in {parent_cfg['sample_steps']} steps; a round to {student_steps} steps "
+            f"parent {parent_dir} samples in {parent.sample_steps} steps; a round to {student_steps} steps "
             f"needs a {parent_steps}-step parent (each round halves)"
         )
     images = storage.load_array(Path(data_dir) / "train_images.npy")
@@ -82,24 +82,20 @@ def distill_round(
     loop = LoopConfig(steps=rp.train_steps, lr=rp.lr, warmup=0, lr_decay="linear", grad_clip=rp.grad_clip,
                       ema_decay=rp.ema_decay, checkpoint_every=rp.checkpoint_every, keep_checkpoints=2,
                       log_every=rp.log_every, seed=seed)
-    run_hash = storage.sha256_json({"parent": parent_cfg["weights_sha256"], "round": rp.model_dump(),
+    run_hash = storage.sha256_json({"parent": parent.weights_sha256, "round": rp.model_dump(),
                                     "steps": student_steps, "seed": seed})
     loss_fn = distill_loss(teacher, data, student_steps, rp.weighting, rp.batch_size, rp.hflip)
     result = train(student, loss_fn, loop, ckpt_dir, run_hash, device, progress=progress,
                    desc=f"distill {parent_steps}->{student_steps}")
-    meta = {k: parent_cfg[k] for k in ("parameterization", "schedule", "image_size", "dataset", "class_names",
-                                       "data_hash")}
-    meta.update(
-        role="student",
-        sample_steps=student_steps,
-        weighting=rp.weighting,
-        params_hash=storage.sha256_json(rp.model_dump()),
-        run_hash=run_hash,
-        train_steps=rp.train_steps,
-        parent={"path": str(parent_dir), "weights_sha256": parent_cfg["weights_sha256"], "sample_steps": parent_steps,
-                "role": parent_cfg["role"], **({"variant": parent_cfg["variant"]} if parent_cfg.get("variant") else {})},
+    pl = parent.lineage
+    card = models.ModelCard(
+        arch=models.UNetArch(result.net.cfg), role="student", parameterization=parent.parameterization,
+        schedule=parent.schedule, image_size=parent.image_size, sample_steps=student_steps, weighting=rp.weighting,
+        conditioning=parent.conditioning,
+        lineage=models.Lineage(dataset=pl.dataset, class_names=pl.class_names, data_hash=pl.data_hash,
+                               params_hash=storage.sha256_json(rp.model_dump()), run_hash=run_hash,
+                               train_steps=rp.train_steps,
+                               parent=models.Parent(str(parent_dir), parent.weights_sha256, parent_steps, parent.role,
+                                                    parent.variant)),
     )
-    if parallel.is_main():
-        meta["weights_sha256"] = models.save_model(out_dir, result.net.to("cpu").float(), meta)
-    meta["weights_sha256"] = broadcast_sha(meta.get("weights_sha256"))  # also: the model is on disk
-    return result, meta
+    return result, save_on_main(out_dir, card, lambda: result.net.to("cpu").float().state_dict())

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from tqdm.auto import tqdm
+from fewstep.progress import progress as progress_bar
 
 from fewstep import parallel
 from fewstep.train import checkpoint
@@ -205,7 +205,7 @@ def train(
 
     window = torch.zeros((), device=device)
     window_n, t0 = 0, time.perf_counter()
-    bar = tqdm(total=cfg.steps, initial=start, desc=desc, disable=not progress, dynamic_ncols=True)
+    bar = progress_bar(total=cfg.steps, initial=start, desc=desc, enabled=progress, dynamic_ncols=True)
     for step in range(start, cfg.steps):
         gen = torch.Generator(device=device).manual_seed(step_seed(cfg.seed, step))
         torch.manual_seed(step_seed(cfg.seed, step, stream=1 + part.rank))  # dropout, per rank

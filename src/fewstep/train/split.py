@@ -19,7 +19,7 @@ from fewstep.math.losses import DEFAULT_WEIGHTING
 from fewstep.math.split import SIDES, boundary_index, boundary_logsnr
 from fewstep.nets.unet import UNet
 from fewstep.train.loop import LoopResult, train
-from fewstep.train.teacher import diffusion_loss, load_train_data, loop_config, schedule_meta, schedule_of
+from fewstep.train.teacher import diffusion_loss, load_train_data, loop_config, schedule_of, schedule_spec
 
 
 def init_matching(dst: torch.nn.Module, src: torch.nn.Module) -> tuple[int, int]:
@@ -47,9 +47,9 @@ def train_split(
     ckpt_dir: str | Path,
     device: torch.device,
     progress: bool = True,
-) -> tuple[dict[str, LoopResult], dict[str, Any]]:
+) -> tuple[dict[str, LoopResult], models.ModelCard]:
     """Train (or resume) both nets of split model ``name`` (params split.models.<name>) and write
-    its model dir. Returns the loop results per side and the config written."""
+    its model dir. Returns the loop results per side and the card written."""
     if name not in p.split.models:
         raise ValueError(f"split.models has no {name!r}; models: {sorted(p.split.models)}")
     sp = p.split.models[name]
@@ -88,22 +88,15 @@ def train_split(
     kinds = {sp.side(p.teacher, s).parameterization for s in SIDES}
     if len(kinds) != 1:
         raise ValueError(f"split model {name}: both nets need one parameterization, got {sorted(kinds)}")
-    meta = {
-        "role": "teacher",
-        "variant": name.removeprefix("teacher-"),
-        "parameterization": kinds.pop(),
-        "weighting": info["low"]["weighting"],
-        "schedule": schedule_meta(p),
-        "image_size": p.base.image_size,
-        "dataset": p.base.dataset,
-        "class_names": manifest["class_names"],
-        "data_hash": manifest["content_hash"],
-        "params_hash": storage.sha256_json(sp.model_dump()),
-        "run_hash": storage.sha256_json([info[s]["run_hash"] for s in SIDES]),
-        "train_steps": sum(info[s]["train_steps"] for s in SIDES),
-        "sample_steps": p.schedule.T,
-        "parent": None,
-        "split": {"boundary_snr": sp.boundary_snr, "boundary_logsnr": lam_b, "t_boundary": t_b, **info},
-    }
-    meta["weights_sha256"] = models.save_split(model_dir, nets, meta)
-    return results, meta
+    split = models.SplitInfo(boundary_logsnr=lam_b, boundary_snr=sp.boundary_snr, t_boundary=t_b, sides=info)
+    card = models.ModelCard(
+        arch=models.SplitUNetArch({s: nets[s].cfg for s in SIDES}, split), role="teacher",
+        variant=name.removeprefix("teacher-"), parameterization=kinds.pop(), weighting=info["low"]["weighting"],
+        schedule=schedule_spec(p), image_size=p.base.image_size, sample_steps=p.schedule.T,
+        lineage=models.Lineage(dataset=p.base.dataset, class_names=tuple(manifest["class_names"]),
+                               data_hash=manifest["content_hash"], params_hash=storage.sha256_json(sp.model_dump()),
+                               run_hash=storage.sha256_json([info[s]["run_hash"] for s in SIDES]),
+                               train_steps=sum(info[s]["train_steps"] for s in SIDES)),
+    )
+    state = {f"{s}.{k}": v for s in SIDES for k, v in nets[s].state_dict().items()}
+    return results, models.save(model_dir, card, state, kind="split-model")

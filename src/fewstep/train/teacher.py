@@ -21,8 +21,8 @@ def schedule_of(p: Params) -> Schedule:
     return make_schedule(p.schedule.kind, p.schedule.T, **p.schedule.kwargs())
 
 
-def schedule_meta(p: Params) -> dict[str, Any]:
-    return {"kind": p.schedule.kind, "T": p.schedule.T, **p.schedule.kwargs()}
+def schedule_spec(p: Params) -> models.ScheduleSpec:
+    return models.ScheduleSpec(p.schedule.kind, p.schedule.T, **p.schedule.kwargs())
 
 
 def sample_batch(data: torch.Tensor, batch_size: int, hflip: bool, gen: torch.Generator,
@@ -113,10 +113,10 @@ def train_teacher(
     progress: bool = True,
     on_log: Callable[[int, float], None] | None = None,
     extra_meta: dict[str, Any] | None = None,
-) -> tuple[LoopResult, dict[str, Any]]:
+) -> tuple[LoopResult, models.ModelCard]:
     """Train (or resume) the teacher and write its model directory. Returns the loop result
-    and the model config written beside the weights (``extra_meta`` added to it, e.g. the patch
-    study's ``variant``)."""
+    and the model card written beside the weights (``extra_meta``: card keys set on it, e.g. the
+    patch study's ``variant`` and ``study``)."""
     tp = p.teacher
     manifest, data = load_train_data(p, data_dir, device)
     schedule = schedule_of(p)
@@ -129,26 +129,24 @@ def train_teacher(
     rh = run_hash(p, manifest["content_hash"])
     loss_fn = diffusion_loss(data, schedule, tp.parameterization, weighting, tp.batch_size, tp.hflip)
     result = train(net, loss_fn, loop, ckpt_dir, rh, device, progress=progress, desc="teacher", on_log=on_log)
-    meta = {
-        "role": "teacher",
-        "parameterization": tp.parameterization,
-        "weighting": weighting,
-        "schedule": schedule_meta(p),
-        "image_size": p.base.image_size,
-        "dataset": p.base.dataset,
-        "class_names": manifest["class_names"],
-        "data_hash": manifest["content_hash"],
-        "params_hash": storage.sha256_json(p.teacher.model_dump()),
-        "run_hash": rh,
-        "train_steps": tp.steps,
-        "sample_steps": p.schedule.T,
-        "parent": None,
-        **(extra_meta or {}),
-    }
-    if parallel.is_main():
-        meta["weights_sha256"] = models.save_model(model_dir, result.net.to("cpu").float(), meta)
-    meta["weights_sha256"] = broadcast_sha(meta.get("weights_sha256"))
-    return result, meta
+    card = models.ModelCard(
+        arch=models.UNetArch(result.net.cfg), role="teacher", parameterization=tp.parameterization,
+        schedule=schedule_spec(p), image_size=p.base.image_size, sample_steps=p.schedule.T, weighting=weighting,
+        lineage=models.Lineage(dataset=p.base.dataset, class_names=tuple(manifest["class_names"]),
+                               data_hash=manifest["content_hash"], params_hash=storage.sha256_json(p.teacher.model_dump()),
+                               run_hash=rh, train_steps=tp.steps),
+    )
+    if extra_meta:
+        card = card.updated(**extra_meta)
+    return result, save_on_main(model_dir, card, lambda: result.net.to("cpu").float().state_dict())
+
+
+def save_on_main(model_dir: str | Path, card: models.ModelCard,
+                 state: Callable[[], dict[str, torch.Tensor]], kind: str = "model") -> models.ModelCard:
+    """Rank 0 writes the model dir; every rank gets the card with the weights' sha256 (and waits
+    until the model is on disk)."""
+    sha = models.save(model_dir, card, state(), kind).weights_sha256 if parallel.is_main() else None
+    return card.with_weights(broadcast_sha(sha))
 
 
 def broadcast_sha(sha: str | None) -> str:

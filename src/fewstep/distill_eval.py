@@ -1,0 +1,44 @@
+"""The check after a progressive-distillation round (Salimans & Ho 2022): on the same noise, how
+close the student's S-step samples and the parent's own S-step DDIM samples come to the parent's
+2S-step samples (the target the student was trained to reach in half the steps)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from fewstep import parallel
+from fewstep.config import SampleParams
+from fewstep.math import metrics as M
+from fewstep.math.ddim import generate
+from fewstep.math.param import Denoiser
+from fewstep.math.schedules import timesteps
+
+
+@dataclass
+class StudentCheck:
+    student_images: torch.Tensor | None  # the student's S-step samples (None on ranks other than 0)
+    metrics: dict[str, float | int]
+
+
+def rmse(a: torch.Tensor, b: torch.Tensor) -> float:
+    return M.rmse(a.numpy(), b.numpy())
+
+
+def student_vs_parent(parent: Denoiser, student: Denoiser, steps: int, sp: SampleParams,
+                      shape: tuple[int, int, int], device: torch.device) -> StudentCheck:
+    """Samples of seeds sp.seed.. (sharded over the ranks, gathered on rank 0): the parent at 2S and
+    S steps and the student at S steps; RMSE of the latter two to the first."""
+    T = parent.schedule.T
+    seeds = range(sp.seed, sp.seed + sp.n)
+
+    def sharded(den: Denoiser, n: int) -> torch.Tensor | None:
+        return parallel.map_sharded(lambda s: generate(den, s, shape, timesteps(T, n), device=device), seeds)
+
+    ref, parent_half, stud = sharded(parent, 2 * steps), sharded(parent, steps), sharded(student, steps)
+    if not parallel.is_main():
+        return StudentCheck(None, {})
+    return StudentCheck(stud, {"student_steps": steps, "parent_steps": 2 * steps,
+                               "rmse_student_vs_parent": rmse(stud, ref),
+                               "rmse_parent_half_steps_vs_parent": rmse(parent_half, ref)})

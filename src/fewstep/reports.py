@@ -1,0 +1,201 @@
+"""Human-readable outputs made from results: markdown tables, PNG plots and the CSV files DVC plots.
+
+The evaluation (reports/evaluation.md, FD/RMSE vs NFE, FD vs GFLOPs with its Pareto front,
+plots/evaluate.csv), the redundancy analysis (study/redundancy.md and .png, plots/redundancy.csv)
+and the objective study (study/objective.md, plots/objective.csv). Functions of plain dicts; no
+model runs here.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Any, Mapping
+
+from fewstep import storage
+from fewstep.evaluation import pareto_front
+from fewstep.outputs import write_csv
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def slug(name: str) -> str:
+    """A row name as a file name: ``teacher ddim 8 eta=0.5`` -> ``teacher-ddim-8-eta-0.5``."""
+    return re.sub(r"[^A-Za-z0-9.]+", "-", name).strip("-")
+
+
+# --- evaluation ---------------------------------------------------------------------------------
+
+def evaluation_plots(results: dict[str, dict[str, Any]], out: Path) -> list[str]:
+    """fd_vs_nfe.png, rmse_vs_nfe.png (one curve per family) and pareto.png (FD vs GFLOPs); marks
+    the rows on the Pareto front with ``pareto: True``. Returns the file names."""
+    plt = _pyplot()
+    made = []
+    fams: dict[str, list] = {}
+    for name, r in results.items():
+        fams.setdefault(r["family"] + ("" if r["family"] != "olss" else f" ({r['model']})"), []).append(r)
+    for key, label in (("fd", "FD (evaluator features)"), ("rmse", "RMSE vs teacher full-step DDIM")):
+        fig, ax = plt.subplots(figsize=(6.5, 4.2))
+        for fam, rs in sorted(fams.items()):
+            rs = sorted(rs, key=lambda r: r["nfe"])
+            ax.plot([r["nfe"] for r in rs], [r[key] for r in rs], "o-", label=fam)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("NFE")
+        ax.set_ylabel(label)
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        path = out / f"{key}_vs_nfe.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        made.append(path.name)
+    names = list(results)
+    pts = [(results[n]["gflops"], results[n]["fd"]) for n in names]
+    front = pareto_front(pts)
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=14, c="gray")
+    fr = sorted((pts[i] for i in front))
+    ax.plot([p[0] for p in fr], [p[1] for p in fr], "r-o", label="Pareto front")
+    for i in front:
+        ax.annotate(names[i], pts[i], fontsize=6)
+    ax.set_xscale("log")
+    ax.set_xlabel("model GFLOPs per image")
+    ax.set_ylabel("FD")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "pareto.png", dpi=110)
+    plt.close(fig)
+    made.append("pareto.png")
+    for i in front:
+        results[names[i]]["pareto"] = True
+    return made
+
+
+def _per_net(r: Mapping[str, Any]) -> str:
+    g, n = r.get("gflops_by_net"), r.get("nfe_by_net")
+    return f" (high {g['high']:.3f} x{n['high']} + low {g['low']:.3f} x{n['low']})" if g else ""
+
+
+def evaluation_markdown(results: dict[str, dict[str, Any]], pngs: list[str], n: int, acc: str, ref_steps: int) -> str:
+    """reports/evaluation.md: the table sampler x NFE (sorted by NFE, then FD), standard FID when
+    scored, and the plots."""
+    lines = [f"# Evaluation ({n} samples per row, evaluator test accuracy {acc})", "",
+             "FD is comparable only at equal n (small-sample bias, DESIGN.md). RMSE/PSNR against the teacher's "
+             f"{ref_steps}-step DDIM sample from the same noise. * = on the FD-vs-GFLOPs Pareto front.", "",
+             "| sampler | NFE | FD | KID (x1e3) | prec | rec | RMSE | PSNR | GFLOPs/img | img/s |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, r in sorted(results.items(), key=lambda kv: (kv[1]["nfe"], kv[1]["fd"])):
+        lines.append(f"| {name}{' *' if r.get('pareto') else ''} | {r['nfe']} | {r['fd']:.3f} | "
+                     f"{1e3 * r['kid']:.2f} ± {1e3 * r['kid_se']:.2f} | {r['precision']:.2f} | {r['recall']:.2f} | "
+                     f"{r['rmse']:.4f} | {r['psnr']:.1f} | {r['gflops']:.3f}{_per_net(r)} | {r['images_per_s']:.0f} |")
+    inc = {k: r["inception"] for k, r in results.items() if "inception" in r}
+    if inc:
+        lines += ["", "Standard FID (Inception-v3 pool features, user-supplied weights; training-split statistics):", "",
+                  "| sampler | FID | KID (x1e3) |", "|---|---:|---:|"]
+        lines += [f"| {k} | {s['fd']:.3f} | {1e3 * s['kid']:.2f} ± {1e3 * s['kid_se']:.2f} |" for k, s in inc.items()]
+    lines += [""] + [f"![{p}]({p})" for p in pngs]
+    return "\n".join(lines) + "\n"
+
+
+def write_evaluation_report(results: dict[str, dict[str, Any]], out: Path, n: int, acc: float | None,
+                            ref_steps: int) -> None:
+    """The plots and reports/evaluation.md under ``out`` (marks the Pareto rows in ``results``)."""
+    pngs = evaluation_plots(results, out)
+    md = evaluation_markdown(results, pngs, n, f"{acc:.3f}" if acc is not None else "n/a", ref_steps)
+    storage.atomic_write_bytes(out / "evaluation.md", md.encode())
+
+
+def write_evaluation_csv(results: Mapping[str, Mapping[str, Any]], path: str | Path) -> None:
+    """The DVC plot of the evaluation: sampler, family, nfe, fd, kid, rmse, gflops."""
+    write_csv(path, ["sampler", "family", "nfe", "fd", "kid", "rmse", "gflops"],
+              ([name, r["family"], r["nfe"], f"{r['fd']:.6g}", f"{r['kid']:.6g}", f"{r['rmse']:.6g}",
+                f"{r['gflops']:.6g}"] for name, r in results.items()))
+
+
+# --- redundancy ---------------------------------------------------------------------------------
+
+def redundancy_plot(results: Mapping[str, Mapping[str, Any]], path: Path, boundary: float | None) -> None:
+    """One x-error curve per model against log-SNR (dashed: not a patch-study teacher)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for name, r in results.items():
+        bins = [b for b in r["bins"] if b["n"]]
+        ax.plot([b["logsnr"] for b in bins], [b["mse"] for b in bins], "o-" if name.startswith("teacher-p") else "s--",
+                label=r["label"], ms=3)
+    if boundary is not None:
+        ax.axvline(boundary, color="gray", lw=0.8, ls=":", label="split boundary")
+    ax.set_yscale("log")
+    ax.set_xlabel("log-SNR  (left: high noise)")
+    ax.set_ylabel("x-prediction MSE per dim (test split)")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def redundancy_markdown(results: Mapping[str, Mapping[str, Any]]) -> str:
+    names = list(results)
+    lines = ["# x-prediction error per noise level (test split)", "",
+             "MSE per dimension of x-hat against the clean test image, images in [-1, 1]; the same images, "
+             "timesteps and noise for every model.", "",
+             "| log-SNR bin | mean log-SNR | " + " | ".join(names) + " |",
+             "|---|---:|" + "---:|" * len(names)]
+    first = results[names[0]]["bins"]
+    for k, b in enumerate(first):
+        cells = [f"{results[n]['bins'][k]['mse']:.4f}" if results[n]["bins"][k]["n"] else "" for n in names]
+        lines.append(f"| [{b['lo']:.1f}, {b['hi']:.1f}) | {b['logsnr']:.2f} | " + " | ".join(cells) + " |")
+    lines.append("| mean over bins | | " + " | ".join(f"{results[n]['mean']:.4f}" for n in names) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_redundancy_csv(results: Mapping[str, Mapping[str, Any]], path: str | Path) -> None:
+    """The DVC plot: model, patch, logsnr, mse (non-empty bins)."""
+    write_csv(path, ["model", "patch", "logsnr", "mse"],
+              ([name, "/".join(map(str, r["patch_sizes"])), f"{b['logsnr']:.4g}", f"{b['mse']:.6g}"]
+               for name, r in results.items() for b in r["bins"] if b["n"]))
+
+
+# --- objective study ----------------------------------------------------------------------------
+
+OBJECTIVE_COLS = ("x_mse", "x_mse_high_noise", "x_mse_low_noise", "fd", "kid")
+
+
+def _f(v: Any, fmt: str) -> str:
+    return format(v, fmt) if isinstance(v, (int, float)) and math.isfinite(v) else "-"
+
+
+def objective_markdown(rows: Mapping[str, Mapping[str, Any]]) -> str:
+    """study/objective.md: variant x patch size (x-MSE overall, high and low noise, FD/KID)."""
+    lines = ["# Objective study: eps / x / v prediction and loss weighting, by patch size", ""]
+    if not rows:
+        lines.append("Off: set objective.variants in params.yaml (see its comment) to run it.")
+    else:
+        r0 = next(iter(rows.values()))
+        lines += [f"Each teacher: {r0['train_steps']} training steps. x-MSE: per-dimension MSE of x-hat on "
+                  f"the test split, mean over equal-width log-SNR bins (high noise: bins with log-SNR <= 0). "
+                  f"FD/KID: {r0.get('fd_n', '-')} DDIM samples at {r0.get('fd_steps', '-')} steps, evaluator "
+                  "features (comparable only within this table).", "",
+                  "| variant | P | x-MSE | x-MSE high noise | x-MSE low noise | FD | KID x1e3 |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
+        for r in sorted(rows.values(), key=lambda r: (r["patch_size"], r["variant"])):
+            lines.append(f"| {r['variant']} | {r['patch_size']} | {_f(r['x_mse'], '.4f')} | "
+                         f"{_f(r['x_mse_high_noise'], '.4f')} | {_f(r['x_mse_low_noise'], '.4f')} | "
+                         f"{_f(r.get('fd'), '.3f')} | {_f(1e3 * r['kid'] if 'kid' in r else None, '.1f')} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_objective_csv(rows: Mapping[str, Mapping[str, Any]], path: str | Path) -> None:
+    write_csv(path, ["variant", "patch", *OBJECTIVE_COLS],
+              ([r["variant"], r["patch_size"], *[f"{r[c]:.6g}" if c in r else "" for c in OBJECTIVE_COLS]]
+               for r in rows.values()))

@@ -1,0 +1,222 @@
+"""One registry of samplers behind one keyword-only signature (k-diffusion's ``sample_*`` family).
+
+Every sampler is called as
+
+    sampler(den, x_T, *, steps, noise=None, **options) -> x_0
+
+with ``den`` a denoiser (fewstep.math.param's contract), ``x_T`` the initial noise (B, C, H, W),
+``steps`` its step count and ``noise`` the per-image noise source (stochastic samplers draw from
+it). Each entry also says how many network evaluations (NFE) it makes for a step count, what
+artifact it needs (an OLSS scheduler file), whether it needs diffusers, and the label of its rows.
+The evaluation rows (fewstep.evaluation.build_rows), the MLflow pyfunc sampler
+(fewstep.sampler_pyfunc) and the FLOP budget (fewstep.budget) are built from this registry, and
+every row name comes from :func:`row_name`.
+
+The math stays pure (fewstep.math.ddim, fewstep.math.olss, fewstep.peers); an entry wraps it.
+Adding a sampler touches two files: its module (the math) and its entry here, e.g.
+
+    @register("euler", family="euler", label=lambda steps, _: f"euler {steps}")
+    def euler(den, x_T, *, steps, noise=None, spacing="trailing"):
+        return sample_euler(den, x_T, timesteps(den.schedule.T, steps, spacing))
+
+(tests/unit/test_samplers.py registers one this way and runs it through the one signature).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping, Protocol, Sequence
+
+import torch
+
+from fewstep.errors import UserError
+from fewstep.math.ddim import PerImageNoise, sample_ddim
+from fewstep.math.olss import OLSSScheduler, sample_olss
+from fewstep.math.param import Denoiser
+from fewstep.math.schedules import Spacing, timesteps
+
+OLSS_SCHEDULER = "olss-scheduler"  # artifact kind: an olss*.json written by fit_olss (OLSSScheduler)
+PEER_PREFIX = "diffusers-"  # a diffusers scheduler as a peer: diffusers-<name>, name in fewstep.peers.PEERS
+
+
+class SamplerFn(Protocol):
+    def __call__(self, den: Denoiser, x_T: torch.Tensor, *, steps: int, noise: PerImageNoise | None = None,
+                 **options: Any) -> torch.Tensor: ...
+
+
+SampleFn = Callable[[torch.Tensor, PerImageNoise], torch.Tensor]  # a bound sampler: (x_T, noise) -> x_0
+
+
+class UnknownSamplerError(UserError, ValueError):
+    """A sampler name that is not in the registry."""
+
+
+def _same(steps: int) -> int:
+    return steps
+
+
+@dataclass(frozen=True)
+class SamplerSpec:
+    """A registered sampler.
+
+    ``family(options)``: the row family (plots group rows by it). ``nfe(steps)``: network
+    evaluations per image. ``steps_for_nfe(nfe)``: the step count that fits an NFE budget.
+    ``label(steps, options)``: the row label after the model name (``options`` holds ``artifact``,
+    the artifact's file name, for a sampler that needs one). ``artifact``: the kind of file the
+    sampler needs (OLSS_SCHEDULER) or None. ``model_in_name``: False for rows named without
+    their model (the diffusers peers, which run on the teacher)."""
+
+    name: str
+    fn: SamplerFn
+    family: Callable[[Mapping[str, Any]], str]
+    label: Callable[[int, Mapping[str, Any]], str]
+    nfe: Callable[[int], int] = _same
+    steps_for_nfe: Callable[[int], int] = _same
+    artifact: str | None = None
+    needs_diffusers: bool = False
+    model_in_name: bool = True
+
+    def __call__(self, den: Denoiser, x_T: torch.Tensor, *, steps: int, noise: PerImageNoise | None = None,
+                 **options: Any) -> torch.Tensor:
+        return self.fn(den, x_T, steps=steps, noise=noise, **options)
+
+    def bind(self, den: Denoiser, *, steps: int, **options: Any) -> SampleFn:
+        """(x_T, noise) -> x_0 with everything else fixed: one evaluation row."""
+        return lambda x_T, noise: self.fn(den, x_T, steps=steps, noise=noise, **options)
+
+    def available(self) -> bool:
+        return not self.needs_diffusers or importlib.util.find_spec("diffusers") is not None
+
+
+REGISTRY: dict[str, SamplerSpec] = {}
+
+
+def register(name: str, *, family: str | Callable[[Mapping[str, Any]], str],
+             label: Callable[[int, Mapping[str, Any]], str], nfe: Callable[[int], int] = _same,
+             steps_for_nfe: Callable[[int], int] = _same, artifact: str | None = None, needs_diffusers: bool = False,
+             model_in_name: bool = True) -> Callable[[SamplerFn], SamplerFn]:
+    """Decorator: register ``fn`` under ``name`` (see SamplerSpec for the fields)."""
+
+    def deco(fn: SamplerFn) -> SamplerFn:
+        if name in REGISTRY:
+            raise ValueError(f"sampler {name!r} is already registered")
+        fam = family if callable(family) else (lambda _o, f=family: f)
+        REGISTRY[name] = SamplerSpec(name, fn, fam, label, nfe, steps_for_nfe, artifact, needs_diffusers,
+                                     model_in_name)
+        return fn
+
+    return deco
+
+
+def get(name: str) -> SamplerSpec:
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise UnknownSamplerError(f"unknown sampler {name!r}; registered: {', '.join(sorted(REGISTRY))}") from None
+
+
+def row_name(model: str, sampler: str, *, steps: int, **options: Any) -> str:
+    """The evaluation row name of ``sampler`` at ``steps`` on model dir ``model`` (the one place
+    row names are made: evaluation rows, promotion's lookup)."""
+    spec = get(sampler)
+    label = spec.label(steps, options)
+    return f"{model} {label}" if spec.model_in_name else label
+
+
+def row_for_version(version: Mapping[str, Any]) -> str | None:
+    """The evaluation row of a registered version (the tags `register` writes: role, model, nfe,
+    scheduler_file), or None for a version without a row (the evaluator)."""
+    role, nfe, model = version.get("role"), version.get("nfe"), version.get("model")
+    if role == "teacher":  # the teacher, a patch-study teacher (teacher-p<P>) or a split model
+        return row_name(model or "teacher", "ddim", steps=int(nfe))
+    if role == "student":
+        if not model:  # <dataset>-student-<k>step -> student-<k>
+            model = version["name"].split("-", 1)[1].removesuffix("step")
+        return row_name(model, "ddim", steps=int(nfe))
+    if role == "olss" and version.get("scheduler_file"):  # each variant is its own row
+        return row_name(version["model"], "olss", steps=int(nfe or 0), artifact=version["scheduler_file"])
+    return None
+
+
+@torch.no_grad()
+def generate(sampler: str | SamplerSpec, den: Denoiser, seeds: Sequence[int], shape: tuple[int, int, int], *,
+             steps: int, batch_size: int = 256, device: torch.device | str = "cpu", **options: Any) -> torch.Tensor:
+    """Images for ``seeds`` (CPU): x_T and any sampler noise drawn per seed (PerImageNoise), so the
+    result does not depend on ``batch_size``."""
+    spec = get(sampler) if isinstance(sampler, str) else sampler
+    seeds = list(seeds)
+    out = []
+    for lo in range(0, len(seeds), batch_size):
+        noise = PerImageNoise(seeds[lo : lo + batch_size], device)
+        out.append(spec(den, noise.randn(*shape), steps=steps, noise=noise, **options).cpu())
+    return torch.cat(out) if out else torch.empty(0, *shape)
+
+
+# --------------------------------------------------------------------------------------------
+# the entries
+
+
+@register("ddim", family=lambda o: "ddim-eta" if o.get("eta") is not None else "ddim",
+          label=lambda steps, o: f"ddim {steps}" + (f" eta={o['eta']:g}" if o.get("eta") is not None else ""))
+def ddim(den: Denoiser, x_T: torch.Tensor, *, steps: int, noise: PerImageNoise | None = None,
+         eta: float | None = None, spacing: Spacing = "trailing", clip: bool = True) -> torch.Tensor:
+    """DDIM (Song et al. 2021) on ``steps`` indices of the schedule; ``eta`` None or 0: deterministic
+    (a row with an explicit eta is labelled with it)."""
+    return sample_ddim(den, x_T, timesteps(den.schedule.T, steps, spacing), eta=eta or 0.0, noise=noise, clip=clip)
+
+
+@register("ddpm-hat", family="ddim-eta", label=lambda steps, o: f"ddpm {steps} sigma-hat")
+def ddpm_hat(den: Denoiser, x_T: torch.Tensor, *, steps: int, noise: PerImageNoise | None = None,
+             spacing: Spacing = "trailing", clip: bool = True) -> torch.Tensor:
+    """DDPM's larger variance sigma-hat around the eta = 1 mean (DDIM Table 1, last row)."""
+    return sample_ddim(den, x_T, timesteps(den.schedule.T, steps, spacing), variance="hat", noise=noise, clip=clip)
+
+
+OLSS_VARIANTS = ("olss-open", "olss-p", "olss-ridge")  # fit_olss's variants, by file-name prefix
+
+
+def olss_family(artifact: str) -> str:
+    """olss, olss-open, olss-p or olss-ridge from a scheduler file name (fit_olss names them)."""
+    stem = Path(artifact).stem
+    return next((k for k in OLSS_VARIANTS if stem.startswith(k + "-")), "olss")
+
+
+def _olss_label(steps: int, o: Mapping[str, Any]) -> str:
+    if not o.get("artifact"):
+        raise ValueError("an OLSS row is named by its scheduler file: pass artifact=<olss*.json name>")
+    return Path(o["artifact"]).stem
+
+
+@register("olss", family=lambda o: olss_family(o["artifact"]) if o.get("artifact") else "olss", label=_olss_label,
+          artifact=OLSS_SCHEDULER)
+def olss(den: Denoiser, x_T: torch.Tensor, *, steps: int, noise: PerImageNoise | None = None,
+         scheduler: OLSSScheduler, clip: bool = True) -> torch.Tensor:
+    """OLSS (Duan et al. 2023) with a fitted scheduler; ``steps`` must be the scheduler's."""
+    if steps != scheduler.steps:
+        raise ValueError(f"this OLSS scheduler samples in exactly {scheduler.steps} steps, not {steps}")
+    return sample_olss(den, x_T, scheduler, clip=clip)
+
+
+def _register_peer(name: str) -> None:
+    from fewstep import peers
+
+    nfe = (lambda s: 2 * s - 1) if name == "heun" else _same  # Heun: two evaluations a step, one on the last
+
+    def peer(den: Denoiser, x_T: torch.Tensor, *, steps: int, noise: PerImageNoise | None = None) -> torch.Tensor:
+        return peers.run_peer(name, den, x_T, steps)[0]
+
+    peer.__doc__ = f"diffusers' {name} scheduler driven with the fewstep denoiser (fewstep.peers)."
+    register(PEER_PREFIX + name, family="peer", label=lambda steps, _o: f"diffusers {name} {nfe(steps)}", nfe=nfe,
+             steps_for_nfe=lambda n: peers.steps_for_nfe(name, n), needs_diffusers=True, model_in_name=False)(peer)
+
+
+def _register_peers() -> None:
+    from fewstep.peers import PEERS
+
+    for name in PEERS:
+        _register_peer(name)
+
+
+_register_peers()
