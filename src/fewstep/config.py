@@ -17,7 +17,7 @@ from typing import Any, Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from fewstep.math.losses import DIVERGENT, WEIGHTINGS, Weighting
+from fewstep.math.losses import WEIGHTINGS, Weighting, divergence
 from fewstep.math.param import KINDS, Parameterization
 from fewstep.math.schedules import ScheduleKind, Spacing
 from fewstep.nets.unet import PatchSize, UNetConfig
@@ -56,9 +56,9 @@ class ScheduleParams(_Strict):
 
 
 def _check_combo(parameterization: str, weighting: str | None) -> None:
-    if (parameterization, weighting) in DIVERGENT:
-        raise ValueError(f"{parameterization}-prediction with {weighting} weighting diverges "
-                         "(Salimans & Ho 2022, Table 1)")
+    reason = divergence(parameterization, weighting)
+    if reason:
+        raise ValueError(reason)
 
 
 class PrepareParams(_Strict):

@@ -26,7 +26,7 @@ from fewstep.errors import UserError
 from fewstep.math.losses import WEIGHTINGS, Weighting
 from fewstep.math.param import KINDS, NetDenoiser, Parameterization
 from fewstep.math.schedules import SCHEDULE_KINDS, Schedule, ScheduleKind, make_schedule
-from fewstep.math.split import SIDES, SplitDenoiser
+from fewstep.math.split import SIDES, SplitDenoiser, SplitNet
 from fewstep.nets.unet import UNet, UNetConfig
 
 FORMAT_VERSION = 2
@@ -515,10 +515,33 @@ def denoiser_from_config(cfg: ModelCard | Mapping[str, Any], state: Mapping[str,
     return denoiser_from_card(card, state, device)
 
 
-def single_net(den: NetDenoiser | SplitDenoiser) -> UNet:
-    """The one network to start a student from: the net itself, or a split model's low-noise net
-    (the finer of the two, trained where detail is decided)."""
-    return den.low.net if isinstance(den, SplitDenoiser) else den.net
+def _copy_net(net: UNet) -> UNet:
+    """A trainable copy of ``net`` with dropout off (a distillation student)."""
+    copy = UNet(dataclasses.replace(net.cfg, dropout=0.0))
+    copy.load_state_dict(net.state_dict())
+    return copy.requires_grad_(True)
+
+
+def student_start(den: NetDenoiser | SplitDenoiser) -> UNet | SplitNet:
+    """The network a distillation student starts as: a copy of its teacher (PD Alg. 2), dropout
+    off. A split teacher's student is a split net initialised from both nets and routed at the
+    teacher's boundary, so on both sides of it the student begins equal to the teacher."""
+    if isinstance(den, SplitDenoiser):
+        return SplitNet(_copy_net(den.high.net), _copy_net(den.low.net), den.t_boundary, den.schedule.T)
+    return _copy_net(den.net)
+
+
+def student_arch(net: UNet | SplitNet, parent: ModelCard) -> Architecture:
+    """The card's architecture for a student network started by :func:`student_start` from ``parent``:
+    one UNet, or a split pair at the parent's boundary."""
+    if isinstance(net, SplitNet):
+        if not isinstance(parent.arch, SplitUNetArch):
+            raise ValueError(f"a split student needs a split parent, got a {parent.family} one")
+        ps = parent.arch.split
+        split = SplitInfo(ps.boundary_logsnr, ps.boundary_snr, net.t_boundary,
+                          {s: {"patch_size": getattr(net, s).cfg.patch_size, "init": "parent"} for s in SIDES})
+        return SplitUNetArch({s: getattr(net, s).cfg for s in SIDES}, split)
+    return UNetArch(net.cfg)
 
 
 def load_net(directory: str | Path, device: str | torch.device = "cpu") -> tuple[UNet, dict[str, Any]]:

@@ -1,10 +1,13 @@
+import dataclasses
+
 import pytest
 import torch
 
 from fewstep import models
 from fewstep.config import validate
-from fewstep.math.ddim import generate
+from fewstep.math.ddim import generate, sample_ddim
 from fewstep.math.distill import ddim_to, distill_target
+from fewstep.math.param import convert
 from fewstep.math.schedules import cosine_schedule, timesteps
 from fewstep.testing import GaussianDenoiser
 from fewstep.train.distill import distill_round
@@ -28,6 +31,56 @@ def test_one_student_step_lands_on_the_teachers_two_step_result():
     # student: one DDIM step t -> t'' with x_tilde
     student = ddim_to(x_tilde, z, a_t, s_t, a_2, s_2)
     torch.testing.assert_close(student, z2, rtol=1e-10, atol=1e-10)
+
+
+class _Converted:
+    """The Gaussian-data teacher answering as an ``kind`` model (eps, x or v prediction)."""
+
+    def __init__(self, base: GaussianDenoiser, kind: str):
+        self.base, self.kind, self.schedule = base, kind, base.schedule
+
+    def __call__(self, z, t):
+        a, s = self.schedule.at(t, torch.float64)
+        return convert(self.base(z, t), "x", self.kind, z, a, s)
+
+
+class _Fixed:
+    """An x model that answers ``x`` whatever it is asked: a student whose prediction is the target."""
+
+    kind = "x"
+
+    def __init__(self, schedule, x):
+        self.schedule, self.x = schedule, x
+
+    def __call__(self, z, t):
+        return self.x
+
+
+def _ddim_latent(den, z, steps, at_step):
+    """sample_ddim (unclipped) from z over ``steps``: the latent after step ``at_step`` (1-based)."""
+    out = {}
+    final = sample_ddim(den, z, steps, clip=False, callback=lambda d: out.setdefault(d["i"], d["z_next"]))
+    return out[at_step - 1] if at_step <= len(steps) else final
+
+
+@pytest.mark.parametrize("kind", ["eps", "x", "v"])
+def test_the_target_makes_one_student_ddim_step_equal_two_teacher_ddim_steps_of_sample_ddim(kind):
+    """Independent of fewstep.math.distill's own ddim_to: the teacher runs sample_ddim for two
+    steps t -> t - dt -> t - 2 dt, the student (predicting x_tilde) for one step t -> t - 2 dt."""
+    sch = cosine_schedule(64)
+    mu = torch.linspace(-0.5, 0.5, 12, dtype=torch.float64).view(1, 3, 2, 2)
+    teacher = _Converted(GaussianDenoiser(sch, mu, torch.full((1, 3, 2, 2), 0.4)), kind)
+    dt = 8
+    for t in (16, 32, 48, 64):  # 16: the last student step (t'' = 0)
+        z = torch.randn(3, 3, 2, 2, generator=torch.Generator().manual_seed(t), dtype=torch.float64)
+        x_tilde = distill_target(teacher, z, torch.full((3,), t), dt)
+        tail = [t - 2 * dt] if t > 2 * dt else []
+        z2 = _ddim_latent(teacher, z, [t, t - dt, *tail], 2)  # the latent at t''
+        one = _ddim_latent(_Fixed(sch, x_tilde), z, [t, *tail], 1)
+        # measured: max |one - z2| <= 7e-16 for every kind and t; the one-step x of the teacher instead of
+        # x_tilde misses by 0.02 (t = 64) to 0.32 (t = 16)
+        torch.testing.assert_close(one, z2, rtol=1e-10, atol=1e-10)
+        assert not torch.allclose(x_tilde, teacher.base(z, torch.full((3,), t)), atol=1e-3)  # not the 1-step x
 
 
 def test_distill_params_validate_the_chain():
@@ -66,3 +119,34 @@ def test_student_beats_the_teacher_at_equal_steps(tmp_path, tiny_teacher):
     err_teacher = (t_half - ref).pow(2).mean().sqrt()
     err_student = (s_half - ref).pow(2).mean().sqrt()
     assert err_student < 0.8 * err_teacher, (float(err_student), float(err_teacher))
+
+
+def _eps_teacher(path):
+    from fewstep.nets.unet import UNet, UNetConfig
+
+    net = UNet(UNetConfig(image_size=8, patch_size=1, channels=8, channel_mult=(1,), num_res_blocks=1,
+                          attn_resolutions=(), head_dim=8, dropout=0.0))
+    meta = {"role": "teacher", "parameterization": "eps", "weighting": "snr", "schedule": {"kind": "cosine", "T": 64},
+            "image_size": 8, "dataset": "toy", "sample_steps": 64, "parent": None}
+    models.save_model(path, net, meta)
+
+
+def test_a_round_from_an_eps_teacher_with_snr_trunc_weighting_is_refused_before_any_work(tmp_path):
+    from fewstep.config import DistillRoundParams
+    from fewstep.errors import UserError
+    from fewstep.train.distill import DistillSetupError, check_round
+
+    _eps_teacher(tmp_path / "teacher")
+    rp = DistillRoundParams(parent="teacher", steps=4, train_steps=1, batch_size=2)
+    assert rp.weighting == "snr_trunc"  # the default: exactly PD Table 1's diverging pair for an eps teacher
+    with pytest.raises(DistillSetupError) as e:  # no data dir exists: refused before loading anything else
+        distill_round(tmp_path / "teacher", tmp_path / "s", tmp_path / "ck", tmp_path / "no-data", 4, rp, 0,
+                      torch.device("cpu"), progress=False)
+    msg = str(e.value)
+    assert isinstance(e.value, UserError) and "\n" not in msg
+    assert "eps-prediction with snr_trunc weighting diverges" in msg and "Table 1" in msg
+    assert not (tmp_path / "s").exists() and not (tmp_path / "ck").exists()
+    card = models.load_card(tmp_path / "teacher")
+    for ok in ("snr", "snr+1", "constant", "sqrt_snr"):
+        check_round(card, tmp_path / "teacher", 4, ok)  # any other weighting may distil an eps teacher
+    check_round(dataclasses.replace(card, parameterization="v"), tmp_path / "teacher", 4, "snr_trunc")

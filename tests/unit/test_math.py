@@ -94,6 +94,25 @@ def test_loss_weightings_match_their_definitions():
     torch.testing.assert_close(weighted_x_loss(pred_v, "v", z, x, a, s, "snr_trunc"), x_mse * torch.clamp(snr, min=1))
 
 
+@pytest.mark.parametrize("kind", ["eps", "x", "v"])
+def test_sqrt_snr_and_constant_weightings_are_their_formulas(kind):
+    """constant: w = 1 (plain x-MSE); sqrt_snr: w = alpha / sigma (PDM's x loss). The reference x-hat
+    is written out from z = alpha x + sigma eps, not taken from fewstep.math.param."""
+    g = torch.Generator().manual_seed(2)
+    sch = cosine_schedule(100)
+    t = torch.arange(1, 101, 11)
+    a, s = sch.at(t, torch.float64)
+    ab, sb = a.view(-1, 1, 1, 1), s.view(-1, 1, 1, 1)
+    x = torch.randn(len(t), 3, 4, 4, generator=g, dtype=torch.float64)
+    z = ab * x + sb * torch.randn(x.shape, generator=g, dtype=torch.float64)
+    pred = torch.randn(x.shape, generator=g, dtype=torch.float64)
+    x_hat = {"x": pred, "eps": (z - sb * pred) / ab, "v": ab * z - sb * pred}[kind]
+    x_mse = ((x_hat - x) ** 2).mean((1, 2, 3))
+    torch.testing.assert_close(weighted_x_loss(pred, kind, z, x, a, s, "constant"), x_mse, rtol=1e-9, atol=0)
+    torch.testing.assert_close(weighted_x_loss(pred, kind, z, x, a, s, "sqrt_snr"), x_mse * a / s, rtol=1e-9, atol=0)
+    assert (a / s).min() < 0.5 and (a / s).max() > 2  # both sides of SNR = 1: the weights really differ
+
+
 # --------------------------------------------------------------------------------------------
 # DDIM against the exact denoiser of Gaussian data
 

@@ -92,7 +92,9 @@ def test_closed_loop_refit_and_ridge(toy):
     ref = sample_ddim(den, x_T, t_path, clip=False)
     e_open = (sample_olss(den, x_T, sched, clip=False) - ref).pow(2).mean()
     e_closed = (sample_olss(den, x_T, closed, clip=False) - ref).pow(2).mean()
-    assert e_closed <= e_open * 1.05  # closed loop is at least as good on held-out seeds
+    # measured: e_closed / e_open = 0.57 on these held-out seeds (n = 4); a no-op refit (closed = sched)
+    # gives exactly 1, so the margin separates a working refit from one that changes nothing
+    assert e_closed < 0.75 * e_open, (float(e_closed), float(e_open))
     ridged = fit_weights(X, E, ps.path, t_path, ridge=1e-3)
     assert sum(abs(w) for w in ridged.wx) <= sum(abs(w) for w in sched.wx) + 1e-9
 

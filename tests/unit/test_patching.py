@@ -12,7 +12,7 @@ from fewstep import models
 from fewstep.math.ddim import sample_ddim
 from fewstep.math.param import NetDenoiser
 from fewstep.math.schedules import make_schedule, timesteps
-from fewstep.math.split import SplitDenoiser, boundary_index
+from fewstep.math.split import SplitDenoiser, SplitNet, boundary_index
 from fewstep.nets.unet import UNet, UNetConfig
 from fewstep.train.split import init_matching, side_ranges
 from fewstep.train.teacher import diffusion_loss
@@ -116,7 +116,6 @@ def test_split_model_dir_saves_and_loads_with_identical_outputs(tmp_path):
         torch.testing.assert_close(loaded(z, t), den(z, t), rtol=0, atol=0)
     with pytest.raises(ValueError, match="split"):
         models.load_net(tmp_path / "m")
-    assert models.single_net(loaded) is loaded.low.net
 
 
 def test_low_net_starts_from_the_high_net_where_shapes_match():
@@ -205,7 +204,60 @@ def test_evaluation_rows_carry_gflops_per_network_for_split_models(tmp_path):
     assert eight.gflops_by_net["low"] == pytest.approx(eight.nfe_by_net["low"] * by["teacher ddim 2"].gflops / 2)
 
 
-def test_a_split_teacher_distils_into_one_student_and_samples_through_the_registry_loader(tmp_path):
+@pytest.mark.parametrize("P", [2, 4])
+def test_patchify_puts_pixel_i_j_of_patch_a_b_where_the_layout_says(P):
+    """Input: pixel (i, j) of patch (a, b), channel c, is token (a, b), channel c P^2 + i P + j of the
+    tensor conv_in sees (pixel_unshuffle's layout); output: the same channel of conv_out's result
+    lands back on pixel (a P + i, b P + j)."""
+    net = _net(P)
+    C, H = 3, 8
+    x = torch.arange(C * H * H, dtype=torch.float32).view(1, C, H, H)
+    seen = {}
+    net.conv_in.register_forward_pre_hook(lambda m, args: seen.setdefault("in", args[0].clone()))
+    y = torch.arange(C * P * P * (H // P) ** 2, dtype=torch.float32).view(1, C * P * P, H // P, H // P) + 1000
+    net.conv_out.register_forward_hook(lambda m, args, out: y)
+    with torch.no_grad():
+        out = net(x, torch.ones(1))
+    h = seen["in"]
+    assert h.shape == (1, C * P * P, H // P, H // P) and out.shape == x.shape
+    for c in range(C):
+        for a in range(H // P):
+            for b in range(H // P):
+                for i in range(P):
+                    for j in range(P):
+                        k = c * P * P + i * P + j
+                        assert h[0, k, a, b] == x[0, c, a * P + i, b * P + j]
+                        assert out[0, c, a * P + i, b * P + j] == y[0, k, a, b]
+
+
+def test_a_split_students_start_equals_its_teacher_on_both_sides_of_the_boundary():
+    den = _split("v")
+    student = models.student_start(den)
+    assert isinstance(student, SplitNet) and student.t_boundary == den.t_boundary
+    assert student.high.cfg.patch_size == 4 and student.low.cfg.patch_size == 2
+    tb = den.t_boundary
+    t = torch.tensor([SCH.T, tb + 5, tb + 1, tb, tb - 3, 1])  # high, high, high, low, low, low
+    z = torch.randn(len(t), 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    student.train()  # as the distillation loop runs it: dropout is off in the student's nets
+    with torch.no_grad():
+        got = student(z, t.float() / SCH.T)
+        want = den(z, t)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert not torch.allclose(den.high(z, t), den.low(z, t))  # the two nets differ: routing matters
+    # the student's weights are copies, not the teacher's tensors
+    assert all(p.requires_grad for p in student.parameters())
+    assert all(not p.requires_grad for p in den.parameters())
+
+
+def test_a_split_net_gives_every_parameter_a_gradient_when_a_batch_hits_one_side():
+    student = models.student_start(_split("v")).train()
+    z = torch.randn(2, 3, 8, 8)
+    student(z, torch.full((2,), 1.0)).pow(2).sum().backward()  # all high noise
+    assert all(p.grad is not None for p in student.parameters())
+    assert all(float(p.grad.abs().sum()) == 0 for p in student.low.parameters())
+
+
+def test_a_split_teacher_distils_into_a_split_student_that_loads_back(tmp_path):
     from fewstep import storage
     from fewstep.config import DistillRoundParams
     from fewstep.sampler_pyfunc import load_sampler
@@ -217,21 +269,34 @@ def test_a_split_teacher_distils_into_one_student_and_samples_through_the_regist
     den = _split("v")
     meta = {"role": "teacher", "variant": "split", "parameterization": "v", "schedule": {"kind": "cosine", "T": 64},
             "image_size": 8, "dataset": "toy", "class_names": ["a", "b"], "data_hash": "d", "sample_steps": 64,
-            "parent": None, "split": {"boundary_logsnr": LAM}}
+            "parent": None, "split": {"boundary_logsnr": LAM, "boundary_snr": 0.25}}
     models.save_split(tmp_path / "split", {"high": den.high.net, "low": den.low.net}, meta)
     assert model_registry_name(models.load_config(tmp_path / "split")) == "toy-teacher-split"
     rp = DistillRoundParams(parent="teacher-split", steps=4, train_steps=2, batch_size=4, checkpoint_every=2,
                             log_every=1)
-    distill_round(tmp_path / "split", tmp_path / "student", tmp_path / "ckpt", tmp_path / "data", 4, rp, 0,
-                  torch.device("cpu"), progress=False)
-    cfg = models.load_config(tmp_path / "student")
-    assert cfg["parent"]["variant"] == "split" and cfg["net"] == den.low.net.cfg.to_dict()  # started from the low net
+    result, card = distill_round(tmp_path / "split", tmp_path / "student", tmp_path / "ckpt", tmp_path / "data", 4,
+                                 rp, 0, torch.device("cpu"), progress=False)
+    loaded_card = models.load_card(tmp_path / "student")
+    assert loaded_card == card and card.family == models.SplitUNetArch.family
+    assert card.lineage.parent.variant == "split" and card.sample_steps == 4 and card.role == "student"
+    assert card.arch.split.boundary_logsnr == LAM and card.arch.split.t_boundary == den.t_boundary
+    assert {s: card.arch.nets[s].patch_size for s in ("high", "low")} == {"high": 4, "low": 2}
+    student = models.load_denoiser(tmp_path / "student")
+    assert isinstance(student, SplitDenoiser) and student.t_boundary == den.t_boundary
+    # the loaded student is the trained net: same outputs on both sides, and it moved from the teacher
+    tb = den.t_boundary
+    t = torch.tensor([SCH.T, tb + 1, tb, 1])
+    z = torch.randn(len(t), 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    trained = result.net.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(student(z, t), trained(z, t.float() / SCH.T), rtol=0, atol=0)
+        assert not torch.equal(student(z, t), den(z, t))
     # the MLflow pyfunc loader rebuilds the routed pair from the same artifacts
-    s = load_sampler(tmp_path / "split" / models.WEIGHTS, tmp_path / "split" / models.CONFIG, default_steps=4)
+    s = load_sampler(tmp_path / "student" / models.WEIGHTS, tmp_path / "student" / models.CONFIG, default_steps=4)
     assert isinstance(s.denoiser, SplitDenoiser) and s.shape == (3, 8, 8)
     imgs = s.sample(2, seed=3)
     assert imgs.shape == (2, 8, 8, 3) and imgs.dtype == np.uint8
-    assert storage.sha256_file(tmp_path / "split" / models.WEIGHTS) == s.config["weights_sha256"]
+    assert storage.sha256_file(tmp_path / "student" / models.WEIGHTS) == s.config["weights_sha256"]
 
 
 def test_study_split_and_objective_params_are_validated_with_clear_messages():

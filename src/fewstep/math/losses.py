@@ -29,6 +29,13 @@ DEFAULT_WEIGHTING: dict[Parameterization, Weighting] = {"eps": "snr", "x": "snr_
 DIVERGENT: tuple[tuple[Parameterization, Weighting], ...] = (("eps", "snr_trunc"),)
 
 
+def divergence(parameterization: str, weighting: str | None) -> str | None:
+    """Why (``parameterization``, ``weighting``) must not be trained, in one line; None if it may."""
+    if (parameterization, weighting) in DIVERGENT:
+        return f"{parameterization}-prediction with {weighting} weighting diverges (Salimans & Ho 2022, Table 1)"
+    return None
+
+
 def weighted_x_loss(
     pred: torch.Tensor,
     kind: str,

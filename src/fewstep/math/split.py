@@ -87,3 +87,44 @@ class SplitDenoiser(torch.nn.Module):
         """Return the counts so far and start again from zero."""
         old, self.evaluations = self.evaluations, {s: 0 for s in SIDES}
         return old
+
+
+class SplitNet(torch.nn.Module):
+    """Two networks ``net(z, tc)`` (``high``, ``low``) behind one ``net(z, tc)``, routed at the same
+    boundary as :class:`SplitDenoiser`: the trainable form of a split model (a split teacher's
+    student, PD Alg. 2 starting from both nets). Its state dict is ``high.*`` and ``low.*``, the
+    layout of a split model dir.
+
+    tc = index / T; an element goes high iff tc T > t_boundary + 1/2, so grid indices route exactly
+    as ``SplitDenoiser.forward`` does, whatever rounding tc carries. In training, a side with no
+    element in the batch still joins the graph with a zero term, so every parameter has a gradient
+    (DDP needs that on every rank)."""
+
+    def __init__(self, high: torch.nn.Module, low: torch.nn.Module, t_boundary: int, T: int):
+        super().__init__()
+        if not 0 <= t_boundary <= T:
+            raise ValueError(f"t_boundary {t_boundary} is outside the schedule's 0..{T}")
+        self.high, self.low = high, low
+        self.t_boundary, self.T = int(t_boundary), int(T)
+
+    def forward(self, z: torch.Tensor, tc: torch.Tensor) -> torch.Tensor:
+        if tc.ndim != 1 or tc.shape[0] != z.shape[0]:
+            raise ValueError(f"tc must be (B,) with B = {z.shape[0]}, got shape {tuple(tc.shape)}")
+        high = tc.double() * self.T > self.t_boundary + 0.5
+        out: torch.Tensor | None = None
+        unused: list[torch.nn.Module] = []
+        for side, mask in (("high", high), ("low", ~high)):
+            net = getattr(self, side)
+            idx = mask.nonzero().squeeze(1)
+            if idx.numel() == 0:
+                unused.append(net)
+                continue
+            pred = net(z.index_select(0, idx), tc.index_select(0, idx))
+            if out is None:
+                out = torch.zeros((z.shape[0], *pred.shape[1:]), dtype=pred.dtype, device=z.device)
+            out = out.index_copy(0, idx, pred.to(out.dtype))
+        assert out is not None  # B >= 1: some side has an element
+        if self.training and torch.is_grad_enabled():
+            for net in unused:
+                out = out + 0.0 * sum(p.sum() for p in net.parameters()).to(out.dtype)
+        return out

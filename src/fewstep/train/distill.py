@@ -3,12 +3,15 @@
 The student starts as a copy of the teacher (dropout off), learns the two-step target of
 fewstep.math.distill, with lr annealed linearly to 0 within the round, optional EMA, grad clip.
 Student step i (1..N/2) sits at grid index t = 2 i T / N, so the student's N/2-step trailing
-DDIM grid starts at T (zero SNR end), exactly as it is trained.
+DDIM grid starts at T (zero SNR end), exactly as it is trained. A split teacher's student is a split
+model started from both nets, routed at the teacher's boundary (fewstep.math.split.SplitNet).
+
+The student's parameterisation is its teacher's, so a round is refused (before any work) where that
+parameterisation with the round's weighting is a combination the PD paper shows diverges.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Any, Callable
 
@@ -18,11 +21,32 @@ import torch
 from fewstep import models, storage
 from fewstep.parallel import BatchPart
 from fewstep.math.distill import distill_target
-from fewstep.math.losses import weighted_x_loss
+from fewstep.errors import UserError
+from fewstep.math.losses import DEFAULT_WEIGHTING, divergence, weighted_x_loss
 from fewstep.math.param import NetDenoiser
-from fewstep.nets.unet import UNet
 from fewstep.train.loop import LoopConfig, LoopResult, train
 from fewstep.train.teacher import draw_like, sample_batch, save_on_main
+
+
+class DistillSetupError(UserError, ValueError):
+    """A distillation round that cannot start from its parent: wrong step count, or a
+    parameterisation / weighting pair that diverges."""
+
+
+def check_round(parent: models.ModelCard, parent_dir: str | Path, student_steps: int, weighting: str) -> None:
+    """Refuse a round its parent cannot start: a student parent must sample in 2x the round's steps,
+    and the parent's parameterisation (the student's) with ``weighting`` must not diverge."""
+    parent_steps = 2 * student_steps
+    if parent.role == "student" and parent.sample_steps != parent_steps:
+        raise DistillSetupError(
+            f"parent {parent_dir} samples in {parent.sample_steps} steps; a round to {student_steps} steps "
+            f"needs a {parent_steps}-step parent (each round halves)"
+        )
+    reason = divergence(parent.parameterization, weighting)
+    if reason:
+        raise DistillSetupError(f"distill round from {parent_dir}: {reason} (the student predicts its teacher's "
+                                f"{parent.parameterization}); set the round's weighting, e.g. "
+                                f"{DEFAULT_WEIGHTING[parent.parameterization]}")
 
 
 def distill_loss(
@@ -63,22 +87,14 @@ def distill_round(
     device: torch.device,
     progress: bool = True,
 ) -> tuple[LoopResult, models.ModelCard]:
-    teacher = models.load_denoiser(parent_dir, device).requires_grad_(False)
-    parent: models.ModelCard = teacher.card
+    parent = models.load_card(parent_dir)
+    check_round(parent, parent_dir, student_steps, rp.weighting)
     parent_steps = 2 * student_steps
-    if parent.role == "student" and parent.sample_steps != parent_steps:
-        raise ValueError(
-            f"parent {parent_dir} samples in {parent.sample_steps} steps; a round to {student_steps} steps "
-            f"needs a {parent_steps}-step parent (each round halves)"
-        )
+    teacher = models.load_denoiser(parent_dir, device).requires_grad_(False)
     images = storage.load_array(Path(data_dir) / "train_images.npy")
     data = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2))).to(device)
 
-    base = models.single_net(teacher)  # a split teacher: its low-noise net
-    net_cfg = dataclasses.replace(base.cfg, dropout=0.0)
-    student = UNet(net_cfg)
-    student.load_state_dict(base.state_dict())  # student = copy of teacher (PD Alg. 2)
-    student.requires_grad_(True)
+    student = models.student_start(teacher)  # a copy of the teacher, both nets of a split one (PD Alg. 2)
     loop = LoopConfig(steps=rp.train_steps, lr=rp.lr, warmup=0, lr_decay="linear", grad_clip=rp.grad_clip,
                       ema_decay=rp.ema_decay, checkpoint_every=rp.checkpoint_every, keep_checkpoints=2,
                       log_every=rp.log_every, seed=seed)
@@ -89,7 +105,7 @@ def distill_round(
                    desc=f"distill {parent_steps}->{student_steps}")
     pl = parent.lineage
     card = models.ModelCard(
-        arch=models.UNetArch(result.net.cfg), role="student", parameterization=parent.parameterization,
+        arch=models.student_arch(result.net, parent), role="student", parameterization=parent.parameterization,
         schedule=parent.schedule, image_size=parent.image_size, sample_steps=student_steps, weighting=rp.weighting,
         conditioning=parent.conditioning,
         lineage=models.Lineage(dataset=pl.dataset, class_names=pl.class_names, data_hash=pl.data_hash,
