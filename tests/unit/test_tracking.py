@@ -90,16 +90,15 @@ def store(tmp_path, migrated_db, monkeypatch) -> "tracking.Tracking":
 
 
 def _perturbed_student(teacher_dir: Path, out: Path, steps: int) -> None:
-    net, cfg = models.load_net(teacher_dir)
+    net, card = models.load_net(teacher_dir)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for p in net.parameters():
             p.add_(1e-3 * torch.randn(p.shape, generator=g))
-    meta = {k: v for k, v in cfg.items() if k not in ("net", "format_version", "weights_sha256")}
-    meta.update(role="student", sample_steps=steps, params_hash=storage.sha256_json({"student": steps}),
-                parent={"path": str(teacher_dir), "weights_sha256": cfg["weights_sha256"], "sample_steps": 2 * steps,
-                        "role": "teacher"})
-    models.save_model(out, net, meta)
+    student = card.updated(role="student", sample_steps=steps, params_hash=storage.sha256_json({"student": steps}),
+                           parent={"path": str(teacher_dir), "weights_sha256": card.weights_sha256,
+                                   "sample_steps": 2 * steps, "role": "teacher"})
+    models.save_model(out, net, student)
 
 
 @pytest.fixture(scope="module")
@@ -120,14 +119,14 @@ def _build_tree(tiny_teacher: Path, d: Path) -> None:
         den = models.load_denoiser(d / "models" / name)
         t_path = timesteps(den.schedule.T, n_ref)
         tdir = d / "trajectories" / name
-        write_shards(tdir, den, range(100, 108), (3, 8, 8), t_path, 8, 8, torch.device("cpu"),
-                     {"model": name, "model_weights_sha256": den.config["weights_sha256"]}, progress=False)
+        write_shards(tdir, den, range(100, 108), den.card.image_shape, t_path, 8, 8, torch.device("cpu"),
+                     {"model": name, "model_weights_sha256": den.card.weights_sha256}, progress=False)
         X, E = load_subsample(tdir, 10**6)
         sched = fit_weights(X, E, uniform_path(n_ref, 2), t_path)
-        sched.meta = {"model": name, "model_weights_sha256": den.config["weights_sha256"], "variant": "open-loop",
+        sched.meta = {"model": name, "model_weights_sha256": den.card.weights_sha256, "variant": "open-loop",
                       "trajectories": f"trajectories/{name}", "reference_steps": n_ref}
         storage.atomic_write_bytes(d / "schedulers" / name / "olss-2.json", sched.to_json().encode())
-    _tiny_evaluator(d / "models" / "evaluator", models.load_config(d / "models" / "teacher")["data_hash"])
+    _tiny_evaluator(d / "models" / "evaluator", models.load_card(d / "models" / "teacher").lineage.data_hash)
     lock = {"schema": "2.0", "stages": {
         "distill@student-4": {"cmd": "python -m stages.distill --round student-4",
                               "outs": [{"path": "models/student-4", "md5": "aaaa.dir"}]},
@@ -205,10 +204,10 @@ def test_registry_lineage_teacher_student_olss(registry, tree, monkeypatch):
     _use(monkeypatch, env)
     teacher, student = regs["cifar10-teacher"], regs["cifar10-student-4step"]
     olss_s, olss_t = regs["cifar10-olss-student-4-2step"], regs["cifar10-olss-teacher-2step"]
-    tcfg, scfg = models.load_config(tree / "models" / "teacher"), models.load_config(tree / "models" / "student-4")
-    for r, cfg in ((teacher, tcfg), (student, scfg), (olss_s, scfg), (olss_t, tcfg)):
+    tcard, scard = models.load_card(tree / "models" / "teacher"), models.load_card(tree / "models" / "student-4")
+    for r, card in ((teacher, tcard), (student, scard), (olss_s, scard), (olss_t, tcard)):
         assert r.created
-        assert r.tags["data_hash"] == tcfg["data_hash"] and r.tags["weights_sha256"] == cfg["weights_sha256"]
+        assert r.tags["data_hash"] == tcard.lineage.data_hash and r.tags["weights_sha256"] == card.weights_sha256
         assert r.tags["git_commit"] == "c0ffee" * 6 + "c0ff" and r.tags["params_hash"]
     assert teacher.tags["role"] == "teacher" and "parent_version" not in teacher.tags
     assert student.tags["role"] == "student" and student.tags["nfe"] == "4"
@@ -264,9 +263,9 @@ def test_evaluator_is_registered_and_loads_as_a_feature_pyfunc(registry, tree, m
     env, regs = registry
     _use(monkeypatch, env)
     ev = regs["cifar10-evaluator"]
-    cfg = models.load_config(tree / "models" / "evaluator")
+    cfg = storage.read_json(tree / "models" / "evaluator" / models.CONFIG)  # the evaluator's own config: no card
     assert ev.created and ev.tags["role"] == "evaluator" and ev.tags["weights_sha256"] == cfg["weights_sha256"]
-    assert ev.tags["data_hash"] == models.load_config(tree / "models" / "teacher")["data_hash"]
+    assert ev.tags["data_hash"] == models.load_card(tree / "models" / "teacher").lineage.data_hash
     assert ev.tags["test_accuracy"] == "0.5" and ev.tags["git_commit"] == "c0ffee" * 6 + "c0ff"
     _configure(env)  # points mlflow's registry URI at the store
     m = mlflow.pyfunc.load_model(f"models:/cifar10-evaluator/{ev.version}")
