@@ -51,12 +51,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world: int, port: int, cfg: dict, out: str) -> None:
+def _worker(rank: int, world: int, port: int, job: dict, out: str) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
-    torch.set_num_threads(cfg["threads"])
-    p = load_params(ROOT / "params.yaml", cfg["profile"])
-    want = torch.device("cuda" if cfg["cuda"] else "cpu")
+    torch.set_num_threads(job["threads"])
+    p = load_params(ROOT / "params.yaml", job["profile"])
+    want = torch.device("cuda" if job["cuda"] else "cpu")
     with parallel.session(want) as device, tempfile.TemporaryDirectory() as ck:
         size = p.base.image_size
         g = torch.Generator().manual_seed(0)
@@ -67,8 +67,8 @@ def _worker(rank: int, world: int, port: int, cfg: dict, out: str) -> None:
             net = net.to(memory_format=torch.channels_last)
         tp = p.teacher
         loss_fn = diffusion_loss(data, schedule_of(p), tp.parameterization,
-                                 tp.weighting or DEFAULT_WEIGHTING[tp.parameterization], cfg["global_batch"], tp.hflip)
-        w, n = cfg["warmup"], cfg["iters"]
+                                 tp.weighting or DEFAULT_WEIGHTING[tp.parameterization], job["global_batch"], tp.hflip)
+        w, n = job["warmup"], job["iters"]
         stamps: dict[int, float] = {}
 
         def on_log(step: int, _loss: float) -> None:
@@ -88,9 +88,9 @@ def _worker(rank: int, world: int, port: int, cfg: dict, out: str) -> None:
 def measure(world: int, global_batch: int, args, cuda: bool) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "r.json"
-        cfg = {"threads": args.threads, "profile": args.profile, "cuda": cuda, "global_batch": global_batch,
+        job = {"threads": args.threads, "profile": args.profile, "cuda": cuda, "global_batch": global_batch,
                "warmup": args.warmup, "iters": args.iters}
-        mp.spawn(_worker, args=(world, _free_port(), cfg, str(out)), nprocs=world, join=True)
+        mp.spawn(_worker, args=(world, _free_port(), job, str(out)), nprocs=world, join=True)
         r = json.loads(out.read_text())
     ips = args.iters * global_batch / r["seconds"]
     return {"world": world, "global_batch": global_batch, "per_proc_batch": global_batch / world,

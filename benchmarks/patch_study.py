@@ -73,9 +73,10 @@ def main() -> None:
     for name, tp, steps in nets(p):
         torch.manual_seed(0)
         net = UNet(tp.net.unet_config(size))
-        g = gflops_per_call(NetDenoiser(net, sch, tp.parameterization), (3, size, size))
+        shape = (net.cfg.in_channels, net.cfg.image_size, net.cfg.image_size)  # what a model card would state
+        g = gflops_per_call(NetDenoiser(net, sch, tp.parameterization), shape)
         opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
-        xb, tb = torch.randn(tp.batch_size, 3, size, size), torch.rand(tp.batch_size)
+        xb, tb = torch.randn(tp.batch_size, *shape), torch.rand(tp.batch_size)
 
         def step():
             loss = (net(xb, tb) - xb).square().mean()
@@ -86,7 +87,7 @@ def main() -> None:
         net.train()
         train_s = timed(step, args.iters)
         net.eval()
-        xs, ts = torch.randn(args.sample_batch, 3, size, size), torch.rand(args.sample_batch)
+        xs, ts = torch.randn(args.sample_batch, *shape), torch.rand(args.sample_batch)
         with torch.no_grad():
             infer_s = timed(lambda: net(xs, ts), max(1, args.iters // 2))
         rows.append((name, tp.net.patch_size, tp.net.channels, count_params(net), g, tp.batch_size, train_s,

@@ -20,10 +20,9 @@ from pathlib import Path
 
 import torch
 
+from fewstep import samplers
 from fewstep.config import load_params
 from fewstep.evaluation import Row, build_rows, run_row, score
-from fewstep.math.ddim import sample_ddim
-from fewstep.math.schedules import timesteps
 from fewstep.models import resolve_device
 from fewstep.train.evaluator import features, load_evaluator
 
@@ -56,14 +55,14 @@ def main() -> None:
     if args.only:
         rows = [r for r in rows if re.search(args.only, r.name)]
     teacher = dens["teacher"]
-    size = int(teacher.config["image_size"])
-    shape = (3, size, size)
+    shape = teacher.card.image_shape
     seeds = list(range(ep.seed, ep.seed + n))
-    ref_steps = timesteps(teacher.schedule.T, min(ep.reference_steps, teacher.schedule.T))
-    ref_row = Row("reference", "ddim", "teacher", len(ref_steps), lambda x_T, noise: sample_ddim(teacher, x_T, ref_steps))
+    n_ref = min(ep.reference_steps, teacher.schedule.T)
+    ddim = samplers.get("ddim")
+    ref_row = Row("reference", ddim.family({}), "teacher", ddim.nfe(n_ref), ddim.bind(teacher, steps=n_ref))
     t0 = time.perf_counter()
     reference, _ = run_row(ref_row, seeds, shape, bs, device)
-    print(f"reference: teacher DDIM {len(ref_steps)} steps, {n} images, {time.perf_counter() - t0:.1f} s")
+    print(f"reference: teacher DDIM {n_ref} steps, {n} images, {time.perf_counter() - t0:.1f} s")
 
     print("\n| sampler | NFE | FD | KID (x1e3) | RMSE | PSNR | GFLOPs/img | images/s |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")

@@ -26,10 +26,9 @@ def add_args(ap: argparse.ArgumentParser) -> None:
 def body(ctx: StageContext) -> None:
     a, p = ctx.args, ctx.params
     tp = p.trajectories
-    size = p.base.image_size
     for name in [a.model] if a.model else tp.models:
         den = models.load_denoiser(Path(a.models) / name, ctx.device)
-        n_ref = collect_model(den, name, tp, (3, size, size), Path(a.out) / name, ctx.device, ctx.progress)
+        n_ref = collect_model(den, name, tp, Path(a.out) / name, ctx.device, ctx.progress)
         ctx.record.log_metrics({f"{name}/trajectories": tp.n_fit, f"{name}/reference_steps": n_ref})
         if parallel.is_main():
             print(f"collect_trajectories: {name}: {tp.n_fit} trajectories x {n_ref} steps "

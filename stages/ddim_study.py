@@ -32,8 +32,7 @@ def body(ctx: StageContext) -> None:
     a = ctx.args
     den = models.load_denoiser(a.model, ctx.device)
     den.autocast = False  # float32 on CUDA too: bf16 outputs would put a floor under the reconstruction error
-    size = int(den.config["image_size"])
-    out = {"model": str(a.model), **run_study(den, (3, size, size), Path(a.data), Path(a.evaluator),
+    out = {"model": str(a.model), **run_study(den, Path(a.data), Path(a.evaluator),
                                               ctx.params.ddim_study, ctx.device, Path(a.samples), Path(a.plots),
                                               ctx.progress)}
     storage.write_json(a.metrics, out)

@@ -51,32 +51,32 @@ def _pairs(items: list, what: str) -> list[tuple]:
 
 
 def cmd_interpolate(args, den, device) -> None:
-    size = int(den.config["image_size"])
+    size = den.card.image_size
     steps = step_grid(den.schedule.T, args.steps, args.spacing)
     imgs = _images(args, size)
     seed_pairs = _pairs(list(args.seeds), "seeds") if args.seeds else []
     image_pairs = _pairs(list(imgs), "images") if imgs is not None else []
     if not seed_pairs and not image_pairs:
         raise StageError("give --seeds, --images or --index")
-    grid = interpolation_grid(den, (3, size, size), args.n, steps, seed_pairs, image_pairs,
+    grid = interpolation_grid(den, args.n, steps, seed_pairs, image_pairs,
                               clip_noise=not args.no_clip, clip_images=args.clip, device=device)
     save_grid(grid, args.out, nrow=args.n, scale=args.scale or max(1, 64 // size))
     print(f"ddim_tools: {len(seed_pairs) + len(image_pairs)} row(s) x {args.n}, {len(steps)} DDIM steps -> {args.out}")
 
 
 def cmd_encode(args, den, device) -> None:
-    imgs = _images(args, int(den.config["image_size"]))
+    imgs = _images(args, den.card.image_size)
     if imgs is None:
         raise StageError("give --images or --index")
     steps = step_grid(den.schedule.T, args.steps, args.spacing)
     z = encode(den, imgs.to(device), steps[::-1], clip=args.clip, progress=not args.no_progress).float().cpu()
-    save_latents(args.out, z, den.config.get("weights_sha256"), steps, args.clip)
+    save_latents(args.out, z, den.card.weights_sha256, steps, args.clip)
     print(f"ddim_tools: encoded {len(z)} image(s) on {len(steps)} steps (latent std {float(z.std()):.3f}) -> {args.out}")
 
 
 def cmd_decode(args, den, device) -> None:
     z, enc = load_latents(args.latents)
-    if enc.weights_sha256 not in (None, str(den.config.get("weights_sha256"))):
+    if enc.weights_sha256 not in (None, str(den.card.weights_sha256)):
         print("ddim_tools: note: these latents were encoded with another model", file=sys.stderr)
     steps = step_grid(den.schedule.T, args.steps, args.spacing)
     if enc.steps is not None and enc.steps != steps:

@@ -31,15 +31,14 @@ def body(ctx: StageContext) -> None:
     name = a.round
     rp = p.distill.round(name)
     parent_dir, out_dir = Path(a.models) / rp.parent, Path(a.models) / name
-    result, meta = distill_round(parent_dir, out_dir, Path("checkpoints") / name, a.data, rp.steps, rp,
+    result, card = distill_round(parent_dir, out_dir, Path("checkpoints") / name, a.data, rp.steps, rp,
                                  p.base.seed, device, progress=ctx.progress)
-    size = p.base.image_size
     check = student_vs_parent(models.load_denoiser(parent_dir, device), models.load_denoiser(out_dir, device),
-                              rp.steps, rp.sample, (3, size, size), device)
+                              rp.steps, rp.sample, device)
     if not parallel.is_main():
         return
     write_loss_csv(Path("plots") / f"{name}_loss.csv", result.history)
-    save_grid(check.student_images, Path("samples") / f"{name}.png", scale=max(1, 64 // size))
+    save_grid(check.student_images, Path("samples") / f"{name}.png", scale=max(1, 64 // check.student_images.shape[-1]))
     metrics = {**check.metrics, "final_loss": result.history[-1][1] if result.history else None}
     if result.steps_run:
         metrics["seconds"] = result.seconds
@@ -47,7 +46,7 @@ def body(ctx: StageContext) -> None:
     ctx.record.log_metrics(metrics)
     ctx.record.log_history("loss", result.history)
     ctx.record.log_artifact(Path("samples") / f"{name}.png")
-    ctx.record.set_tags(weights_sha256=meta["weights_sha256"], parent=rp.parent)
+    ctx.record.set_tags(weights_sha256=card.weights_sha256, parent=rp.parent)
     S = rp.steps
     print(f"{ctx.name}: {2 * S}->{S} steps, RMSE to parent: student {metrics['rmse_student_vs_parent']:.4f} "
           f"vs parent at {S} steps {metrics['rmse_parent_half_steps_vs_parent']:.4f}")

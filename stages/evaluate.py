@@ -37,8 +37,7 @@ def body(ctx: StageContext) -> None:
     if ep.inception_weights:  # standard FID: the user's Inception weights, same FD/KID code
         inception = partial(inception_reference, ep.inception_weights, Path(a.data) / "train_images.npy",
                             p.evaluator.ref_subset, ep.seed, device)
-    size = p.base.image_size
-    done = run_evaluation(models_dir, Path(a.schedulers), ep, models_dir / "evaluator", (3, size, size), device,
+    done = run_evaluation(models_dir, Path(a.schedulers), ep, models_dir / "evaluator", device,
                           grid_dir=out / "grids", inception=inception,
                           log=lambda line: print(f"evaluate: {line}", flush=True))
     if done is None:  # another rank of a torchrun

@@ -31,8 +31,7 @@ def body(ctx: StageContext) -> None:
     a, p = ctx.args, ctx.params
     name, n = a.model, a.steps
     den = models.load_denoiser(Path(a.models) / name, ctx.device)
-    size = p.base.image_size
-    fit = fit_olss(den, name, Path(a.trajectories) / name, n, p.olss, p.base.seed, (3, size, size), ctx.device)
+    fit = fit_olss(den, name, Path(a.trajectories) / name, n, p.olss, p.base.seed, ctx.device)
     out = Path(a.out) / name
     write_schedulers(fit.schedulers, out)
     storage.write_json(Path(a.metrics) / f"{name}-{n}.json", fit.metrics)

@@ -33,9 +33,8 @@ def add_args(ap: argparse.ArgumentParser) -> None:
 def body(ctx: StageContext) -> None:
     a, p = ctx.args, ctx.params
     name = f"{a.variant}-p{a.patch_size}"
-    size = p.base.image_size
     out = objective_study(p, a.variant, a.patch_size, Path(a.data), Path(a.out) / name,
-                          Path("checkpoints") / f"objective-{name}", Path(a.evaluator), (3, size, size), ctx.device,
+                          Path("checkpoints") / f"objective-{name}", Path(a.evaluator), ctx.device,
                           progress=ctx.progress)
     storage.write_json(f"metrics/objective/{name}.json", out)
     fd = out.get("fd", math.nan)

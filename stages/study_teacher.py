@@ -35,15 +35,14 @@ def body(ctx: StageContext) -> None:
     result, meta = train_teacher(p.model_copy(update={"teacher": tp}), a.data, model_dir,
                                  Path(a.checkpoints) / name, device, progress=ctx.progress,
                                  extra_meta={"variant": f"p{P}", "study": "patch"})
-    size = p.base.image_size
     write_loss_csv(Path(f"plots/study/{name}_loss.csv"), result.history)
-    sample_grid(model_dir, Path(f"samples/{name}.png"), tp.sample, (3, size, size), device)
+    sample_grid(model_dir, Path(f"samples/{name}.png"), tp.sample, device)
     den = models.load_denoiser(model_dir, "cpu")
     metrics = {
         "patch_size": P, "channels": tp.net.channels, "channel_mult": tp.net.channel_mult,
         "steps": tp.steps, "final_loss": result.history[-1][1] if result.history else None,
         "params": sum(t.numel() for t in den.parameters()),
-        "gflops_per_call": gflops_per_call(den, (3, size, size)), "device": device.type,
+        "gflops_per_call": gflops_per_call(den, den.card.image_shape), "device": device.type,
     }
     if result.steps_run:
         metrics.update(train_seconds=result.seconds, images_per_s=result.steps_run * tp.batch_size / result.seconds)

@@ -31,17 +31,17 @@ def body(ctx: StageContext) -> None:
     if a.name not in p.split.models:
         raise StageError(f"split.models has no {a.name!r} (have {sorted(p.split.models)})")
     model_dir = Path(a.models) / a.name
-    results, meta = train_split(p, a.name, a.data, model_dir, Path(a.checkpoints) / a.name, device,
+    results, card = train_split(p, a.name, a.data, model_dir, Path(a.checkpoints) / a.name, device,
                                 progress=ctx.progress)
     for side, res in results.items():
         write_loss_csv(Path(f"plots/study/{a.name}-{side}_loss.csv"), res.history)
-    size = p.base.image_size
-    sample_grid(model_dir, Path(f"samples/{a.name}.png"), p.teacher.sample, (3, size, size), device)
+    sample_grid(model_dir, Path(f"samples/{a.name}.png"), p.teacher.sample, device)
     den = models.load_denoiser(model_dir, "cpu")
-    metrics = {"boundary_snr": meta["split"]["boundary_snr"], "t_boundary": meta["split"]["t_boundary"],
-               "gflops_per_call": gflops_per_net(den, (3, size, size))}
+    split = card.arch.split
+    metrics = {"boundary_snr": split.boundary_snr, "t_boundary": split.t_boundary,
+               "gflops_per_call": gflops_per_net(den, den.card.image_shape)}
     for side, res in results.items():
-        metrics[side] = {k: meta["split"][side][k] for k in ("t_range", "patch_size", "train_steps", "init")}
+        metrics[side] = {k: split.sides[side][k] for k in ("t_range", "patch_size", "train_steps", "init")}
         metrics[side]["final_loss"] = res.history[-1][1] if res.history else None
         if res.steps_run:
             metrics[side]["train_seconds"] = res.seconds

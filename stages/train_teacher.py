@@ -27,9 +27,8 @@ def add_args(ap: argparse.ArgumentParser) -> None:
 
 def body(ctx: StageContext) -> None:
     a, p, device = ctx.args, ctx.params, ctx.device
-    result, meta = train_teacher(p, a.data, a.model, a.checkpoints, device, progress=ctx.progress)
-    size = p.base.image_size
-    sample_grid(Path(a.model), Path(a.grid), p.teacher.sample, (3, size, size), device)
+    result, card = train_teacher(p, a.data, a.model, a.checkpoints, device, progress=ctx.progress)
+    sample_grid(Path(a.model), Path(a.grid), p.teacher.sample, device)
     if not parallel.is_main():
         return
     write_loss_csv(Path(a.loss_csv), result.history)
@@ -48,8 +47,8 @@ def body(ctx: StageContext) -> None:
     ctx.record.log_metrics(metrics)
     ctx.record.log_history("loss", result.history)
     ctx.record.log_artifact(a.grid)
-    ctx.record.set_tags(weights_sha256=meta["weights_sha256"])
-    print(f"train_teacher: loss {metrics['final_loss']}, {n_params} params, weights {meta['weights_sha256'][:12]}")
+    ctx.record.set_tags(weights_sha256=card.weights_sha256)
+    print(f"train_teacher: loss {metrics['final_loss']}, {n_params} params, weights {card.weights_sha256[:12]}")
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -57,16 +57,15 @@ def one_thread():
 
 
 def perturbed_student(teacher_dir: Path, out: Path, steps: int) -> None:
-    net, cfg = models.load_net(teacher_dir)
+    net, card = models.load_net(teacher_dir)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for p in net.parameters():
             p.add_(1e-3 * torch.randn(p.shape, generator=g))
-    meta = {k: v for k, v in cfg.items() if k not in ("net", "format_version", "weights_sha256")}
-    meta.update(role="student", sample_steps=steps, params_hash=storage.sha256_json({"student": steps}),
-                parent={"path": str(teacher_dir), "weights_sha256": cfg["weights_sha256"], "sample_steps": 2 * steps,
-                        "role": "teacher"})
-    models.save_model(out, net, meta)
+    student = card.updated(role="student", sample_steps=steps, params_hash=storage.sha256_json({"student": steps}),
+                           parent={"path": str(teacher_dir), "weights_sha256": card.weights_sha256,
+                                   "sample_steps": 2 * steps, "role": "teacher"})
+    models.save_model(out, net, student)
 
 
 def build_tree(tiny_teacher: Path, d: Path) -> None:
@@ -76,14 +75,14 @@ def build_tree(tiny_teacher: Path, d: Path) -> None:
         den = models.load_denoiser(d / "models" / name)
         t_path = timesteps(den.schedule.T, n_ref)
         tdir = d / "trajectories" / name
-        write_shards(tdir, den, range(100, 108), (3, 8, 8), t_path, 8, 8, torch.device("cpu"),
-                     {"model": name, "model_weights_sha256": den.config["weights_sha256"]}, progress=False)
+        write_shards(tdir, den, range(100, 108), den.card.image_shape, t_path, 8, 8, torch.device("cpu"),
+                     {"model": name, "model_weights_sha256": den.card.weights_sha256}, progress=False)
         X, E = load_subsample(tdir, 10**6)
         sched = fit_weights(X, E, uniform_path(n_ref, 2), t_path)
-        sched.meta = {"model": name, "model_weights_sha256": den.config["weights_sha256"], "variant": "open-loop",
+        sched.meta = {"model": name, "model_weights_sha256": den.card.weights_sha256, "variant": "open-loop",
                       "trajectories": f"trajectories/{name}", "reference_steps": n_ref}
         storage.atomic_write_bytes(d / "schedulers" / name / "olss-2.json", sched.to_json().encode())
-    tiny_evaluator(d / "models" / "evaluator", models.load_config(d / "models" / "teacher")["data_hash"])
+    tiny_evaluator(d / "models" / "evaluator", models.load_card(d / "models" / "teacher").lineage.data_hash)
     lock = {"schema": "2.0", "stages": {
         "distill@student-4": {"cmd": "python -m stages.distill --round student-4",
                               "outs": [{"path": "models/student-4", "md5": "aaaa.dir"}]},

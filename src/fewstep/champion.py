@@ -1,6 +1,7 @@
 """Which registered versions take the `champion` alias after an evaluation (stage promote).
 
-For every version that `register` wrote, the evaluation row of the same artifact gives its FD; the
+For every version that `register` wrote, the evaluation row of the same artifact gives its FD
+(row names from the sampler registry, ``fewstep.samplers.row_for_version``); the
 evaluation id is the hash of that evaluation (params, the evaluator's weights, the rows). Every
 version of a name is a candidate, oldest first; the decision itself (beat the current champion,
 re-measured in this same evaluation, by the margin) is ``fewstep.tracking.promote``, passed in.
@@ -14,19 +15,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from fewstep import storage
-
-
-def row_for(version: Mapping[str, Any]) -> str | None:
-    """The evaluate row of a registered version (row names from fewstep.evaluation.build_rows)."""
-    name, role, nfe = version["name"], version.get("role"), version.get("nfe")
-    if role == "teacher":  # the teacher, a patch-study teacher (teacher-p<P>) or a split model
-        return f"{version.get('model') or 'teacher'} ddim {nfe}"
-    if role == "student":
-        model = name.split("-", 1)[1].removesuffix("step")  # <dataset>-student-<k>step -> student-<k>
-        return f"{model} ddim {nfe}"
-    if role == "olss" and version.get("scheduler_file"):  # each variant is its own row
-        return f"{version['model']} {Path(version['scheduler_file']).stem}"
-    return None
+from fewstep.samplers import row_for_version
 
 
 def evaluation_id(evaluate_params: Mapping[str, Any], rows: Mapping[str, Any], evaluator_config: Path) -> str:
@@ -49,7 +38,7 @@ def promote_versions(versions: Sequence[Mapping[str, Any]], rows: Mapping[str, M
         by_name.setdefault(v["name"], []).append(v)
     decisions = []
     for name, vs in by_name.items():
-        fds = {v["version"]: rows.get(row_for(v), {}).get("fd") for v in vs}
+        fds = {v["version"]: rows.get(row_for_version(v), {}).get("fd") for v in vs}
         remeasured = {k: f for k, f in fds.items() if f is not None and math.isfinite(f)}
         for cand in sorted(vs, key=lambda v: int(v["version"])):
             res = promote(name, cand["version"], fds.get(cand["version"]), eval_id, margin=margin,

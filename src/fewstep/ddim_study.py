@@ -117,7 +117,7 @@ def consistency(den: Denoiser, seeds: Sequence[int], shape: tuple[int, int, int]
 
 
 @torch.no_grad()
-def interpolation_grid(den: Denoiser, shape: tuple[int, int, int], n: int, steps: Sequence[int],
+def interpolation_grid(den: Denoiser, n: int, steps: Sequence[int],
                        seed_pairs: Sequence[tuple[int, int]] = (), image_pairs: Sequence[tuple[torch.Tensor, torch.Tensor]] = (),
                        clip_noise: bool = True, clip_images: bool = False,
                        device: torch.device | str = "cpu") -> torch.Tensor:
@@ -125,7 +125,7 @@ def interpolation_grid(den: Denoiser, shape: tuple[int, int, int], n: int, steps
     pair (slerp between the encoded images), all decoded with DDIM on ``steps`` (descending)."""
     rows = []
     for a, b in seed_pairs:
-        z = PerImageNoise([a, b], device).randn(*shape)
+        z = PerImageNoise([a, b], device).randn(*den.card.image_shape)  # type: ignore[attr-defined]
         rows.append(interpolate_latents(den, z[0], z[1], n, steps, clip=clip_noise).float().cpu())
     for xa, xb in image_pairs:
         rows.append(interpolate_images(den, xa.to(device), xb.to(device), n, steps, clip=clip_images).float().cpu())
@@ -150,7 +150,7 @@ def load_split(data: Path, n: int, seed: int) -> tuple[torch.Tensor, str]:
     return from_uint8(np.asarray(arr[pick])), split
 
 
-def run_study(den: Denoiser, shape: tuple[int, int, int], data: Path, evaluator: Path, sp: Any,
+def run_study(den: Denoiser, data: Path, evaluator: Path, sp: Any,
               device: torch.device, samples: Path, plots: Path, progress: bool = False) -> dict[str, Any]:
     """The stage ddim_study: reconstruction, consistency and interpolation of ``den`` (images of
     ``shape``) with the ddim_study params ``sp`` on images of ``data``; feature distances in the
@@ -161,6 +161,7 @@ def run_study(den: Denoiser, shape: tuple[int, int, int], data: Path, evaluator:
     from fewstep.images import save_grid
     from fewstep.outputs import write_rows_csv
 
+    shape = den.card.image_shape  # type: ignore[attr-defined]
     T, size = den.schedule.T, shape[-1]
     images, split = load_split(data, sp.n_images, sp.seed)
     if images.shape[1:] != shape:
@@ -193,7 +194,7 @@ def run_study(den: Denoiser, shape: tuple[int, int, int], data: Path, evaluator:
     k = sp.interp_pairs
     seed_pairs = [(sp.seed + 2 * i, sp.seed + 2 * i + 1) for i in range(k)]
     image_pairs = [(images[2 * i], images[2 * i + 1]) for i in range(min(k, len(images) // 2))]
-    interp = interpolation_grid(den, shape, sp.interp_n, step_grid(T, sp.interp_steps, sp.spacing), seed_pairs,
+    interp = interpolation_grid(den, sp.interp_n, step_grid(T, sp.interp_steps, sp.spacing), seed_pairs,
                                 image_pairs, clip_noise=True, clip_images=sp.clip, device=device)
     out["seconds"]["interpolation"] = round(time.perf_counter() - t0, 2)
     out["interpolation"] = {"steps": min(sp.interp_steps, T), "n": sp.interp_n, "seed_pairs": seed_pairs,

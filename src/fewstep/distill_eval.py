@@ -27,10 +27,10 @@ def rmse(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def student_vs_parent(parent: Denoiser, student: Denoiser, steps: int, sp: SampleParams,
-                      shape: tuple[int, int, int], device: torch.device) -> StudentCheck:
+                      device: torch.device) -> StudentCheck:
     """Samples of seeds sp.seed.. (sharded over the ranks, gathered on rank 0): the parent at 2S and
-    S steps and the student at S steps; RMSE of the latter two to the first."""
-    T = parent.schedule.T
+    S steps and the student at S steps (in the student card's image shape); RMSE of the latter two to the first."""
+    T, shape = parent.schedule.T, student.card.image_shape  # type: ignore[attr-defined]
     seeds = range(sp.seed, sp.seed + sp.n)
 
     def sharded(den: Denoiser, n: int) -> torch.Tensor | None:

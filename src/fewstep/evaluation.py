@@ -237,16 +237,17 @@ def inception_reference(weights: str | Path, train_images_npy: Path, subset: int
         raise ParamsError(f"evaluate.inception_weights: {e}") from None
 
 
-def run_evaluation(models_dir: Path, schedulers_dir: Path, ep, evaluator_dir: Path, shape: tuple[int, int, int],
+def run_evaluation(models_dir: Path, schedulers_dir: Path, ep, evaluator_dir: Path,
                    device: torch.device, grid_dir: Path | None = None,
                    inception: Callable[[], tuple[Callable[[torch.Tensor], np.ndarray], dict]] | None = None,
                    log: Callable[[str], None] | None = None) -> tuple[dict[str, dict], int] | None:
     """Every row of :func:`build_rows` sampled on seeds ep.seed.. and scored (:func:`score`, plus
     standard FID with ``inception``) against the teacher's ``ep.reference_steps``-step DDIM images
-    from the same noise; one sample grid per row under ``grid_dir``. Returns (row name -> scores,
-    the reference's step count) on rank 0; None on the other ranks of a torchrun (they sample their
-    share, rank 0 scores). ``inception`` is called once the rows are built (e.g. a partial of
-    :func:`inception_reference`) and gives the feature function and reference statistics."""
+    from the same noise (the image shape is the teacher card's); one sample grid per row under
+    ``grid_dir``. Returns (row name -> scores, the reference's step count) on rank 0; None on the
+    other ranks of a torchrun (they sample their share, rank 0 scores). ``inception`` is called once
+    the rows are built (e.g. a partial of :func:`inception_reference`) and gives the feature function
+    and reference statistics."""
     from fewstep.images import save_grid
     from fewstep.reports import slug
     from fewstep.train.evaluator import features, load_evaluator
@@ -256,11 +257,12 @@ def run_evaluation(models_dir: Path, schedulers_dir: Path, ep, evaluator_dir: Pa
     inc = inception() if inception is not None else None
     teacher = dens["teacher"]
     seeds = list(range(ep.seed, ep.seed + ep.n_samples))
-    ref_steps = timesteps(teacher.schedule.T, min(ep.reference_steps, teacher.schedule.T))
-    ref_row = Row("reference", "ddim", "teacher", len(ref_steps),
-                  lambda x_T, noise: sample_ddim(teacher, x_T, ref_steps))
+    shape = teacher.card.image_shape
+    n_ref = min(ep.reference_steps, teacher.schedule.T)
+    ddim = samplers.get("ddim")
+    ref_row = Row("reference", ddim.family({}), "teacher", ddim.nfe(n_ref), ddim.bind(teacher, steps=n_ref))
     reference, ref_ips = run_row(ref_row, seeds, shape, ep.batch_size, device)
-    ref_name = f"teacher ddim {len(ref_steps)}"  # the same sampler, steps, seeds: its images are the reference
+    ref_name = samplers.row_name("teacher", "ddim", steps=n_ref)  # same sampler, steps, seeds: the reference images
     if grid_dir is not None:
         grid_dir.mkdir(parents=True, exist_ok=True)
     results = {}
@@ -287,4 +289,4 @@ def run_evaluation(models_dir: Path, schedulers_dir: Path, ep, evaluator_dir: Pa
             log(f"{row.name:32s} NFE {row.nfe:4d} FD {r['fd']:8.3f} RMSE {r['rmse']:.4f}")
     if not parallel.is_main():
         return None
-    return results, len(ref_steps)
+    return results, n_ref

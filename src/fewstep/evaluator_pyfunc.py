@@ -43,9 +43,9 @@ class FewstepEvaluator(mlflow.pyfunc.PythonModel):
     _skip_type_hint_validation = True
 
     def load_context(self, context) -> None:
-        cfg = dict(context.model_config or {})
+        device = dict(context.model_config or {}).get("device", "cpu")  # MLflow's model_config
         self.net, self.ref_stats = load_evaluator_files(context.artifacts["weights"], context.artifacts["config"],
-                                                        context.artifacts.get("ref_stats"), cfg.get("device", "cpu"))
+                                                        context.artifacts.get("ref_stats"), device)
 
     def predict(self, context, model_input, params=None):
         if isinstance(model_input, dict):

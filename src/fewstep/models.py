@@ -417,13 +417,6 @@ class ModelCard:
         except json.JSONDecodeError as e:
             raise ModelCardError(f"model config is not valid JSON: {e}") from None
 
-    # -- transition: dict-style reads of the on-disk keys, for callers not yet converted
-    def __getitem__(self, key: str) -> Any:
-        return self.to_dict()[key]
-
-    def get(self, key: str, default: Any = None) -> Any:
-        return self.to_dict().get(key, default)
-
 
 def _as_card(card: ModelCard | Mapping[str, Any], arch: Architecture) -> ModelCard:
     """A card for ``arch``: a ModelCard (whose arch must be ``arch``) or a format-1 style meta dict
@@ -482,30 +475,30 @@ def load_card(directory: str | Path) -> ModelCard:
         raise ModelCardError(f"{path}: {e}") from None
 
 
-def load_config(directory: str | Path) -> dict[str, Any]:
-    """Transition: the card as a plain dict (the on-disk keys; a format-1 file comes back upgraded).
-    A model dir that holds no denoiser (the evaluator: role "evaluator") has no card; its config
-    comes back as written."""
+def config_role(directory: str | Path) -> str | None:
+    """The role a model dir's config.json states (teacher, student: a card; evaluator: no denoiser,
+    no card), or None when the dir has no config.json."""
     path = Path(directory) / CONFIG
     if not path.exists():
-        raise FileNotFoundError(f"no model config at {path}")
+        return None
     raw = storage.read_json(path)
-    if isinstance(raw, dict) and raw.get("role") not in ROLES and raw.get("format_version") == 1:
-        return raw
-    return load_card(directory).to_dict()
+    return raw.get("role") if isinstance(raw, dict) else None
 
 
-def is_split(cfg: ModelCard | Mapping[str, Any]) -> bool:
-    return cfg.family == SplitUNetArch.family if isinstance(cfg, ModelCard) else "nets" in cfg
+def has_card(directory: str | Path) -> bool:
+    """Whether ``directory`` holds a denoiser described by a ModelCard (not the evaluator)."""
+    return config_role(directory) in ROLES
+
+
+def is_split(card: ModelCard) -> bool:
+    return card.family == SplitUNetArch.family
 
 
 def denoiser_from_card(card: ModelCard, state: Mapping[str, torch.Tensor],
                        device: str | torch.device = "cpu") -> NetDenoiser | SplitDenoiser:
-    """The denoiser a card describes, with weights ``state``; it carries ``.card`` (and, during the
-    transition, ``.config``: the card as a dict)."""
+    """The denoiser a card describes, with weights ``state``; it carries its ``.card``."""
     den = card.arch.build(card, state, device).eval().requires_grad_(False)
     den.card = card  # lineage travels with the object
-    den.config = card.to_dict()
     return den
 
 
@@ -544,13 +537,13 @@ def student_arch(net: UNet | SplitNet, parent: ModelCard) -> Architecture:
     return UNetArch(net.cfg)
 
 
-def load_net(directory: str | Path, device: str | torch.device = "cpu") -> tuple[UNet, dict[str, Any]]:
+def load_net(directory: str | Path, device: str | torch.device = "cpu") -> tuple[UNet, ModelCard]:
     card = load_card(directory)
     if not isinstance(card.arch, UNetArch):
         raise ValueError(f"{directory} is a {card.family} model, not one fewstep UNet; load it with load_denoiser")
     net = UNet(card.arch.net)
     net.load_state_dict(storage.load_tensors(Path(directory) / WEIGHTS))
-    return net.to(device).eval(), card.to_dict()
+    return net.to(device).eval(), card
 
 
 def load_denoiser(directory: str | Path, device: str | torch.device = "cpu") -> NetDenoiser | SplitDenoiser:

@@ -65,7 +65,8 @@ def fit_variants(den: Denoiser, model: str, traj_dir: Path, n: int, op: OLSSPara
                  device: torch.device) -> tuple[dict[str, OLSSScheduler], dict[str, Any]]:
     """Fit the four variants (module docstring) of ``model``'s ``n``-step scheduler on the
     trajectories in ``traj_dir``; returns them by file stem (olss-N first) and the fit's facts."""
-    weights_sha = den.config["weights_sha256"]  # type: ignore[attr-defined]
+    card = den.card  # type: ignore[attr-defined]
+    weights_sha = card.weights_sha256
     tmeta = storage.read_json(traj_dir / "meta.json")
     if tmeta["model_weights_sha256"] != weights_sha:
         raise StaleTrajectoriesError(f"{traj_dir} was collected from another version of {model}; "
@@ -80,7 +81,7 @@ def fit_variants(den: Denoiser, model: str, traj_dir: Path, n: int, op: OLSSPara
     lineage = {"model": model, "model_weights_sha256": weights_sha,
                "trajectories": str(traj_dir), "reference_steps": N, "fit_seeds": len(tmeta["seeds"]),
                "elements": int(X.shape[1]), "path_note": ps.note, "D": ps.D, "ridge": op.ridge,
-               "schedule": den.config["schedule"], "parameterization_basis": "x"}  # type: ignore[attr-defined]
+               "schedule": card.schedule.to_dict(), "parameterization_basis": "x"}
     open_loop.meta = {**lineage, "variant": "open-loop"}
     uni = fit_weights(X, E, uniform_path(N, min(n, N)), t_path, op.ridge)
     uni.meta = {**lineage, "variant": "olss-p", "path_note": "uniform"}
@@ -116,12 +117,13 @@ def holdout_rmse(den: Denoiser, schedulers: dict[str, OLSSScheduler], n: int, t_
 
 
 def fit_olss(den: Denoiser, model: str, traj_dir: Path, n: int, op: OLSSParams, seed: int,
-             shape: tuple[int, int, int], device: torch.device) -> OLSSFit:
+             device: torch.device) -> OLSSFit:
     """The stage fit_olss@<model>-<n>: every variant, validated, and the metrics (path, bound D, fit
     time, held-out RMSE of DDIM and each variant to the full-step reference)."""
     schedulers, f = fit_variants(den, model, traj_dir, n, op, seed, device)
     for sched in schedulers.values():
         sched.validate()
+    shape = den.card.image_shape  # type: ignore[attr-defined]
     res = holdout_rmse(den, schedulers, n, f["t_path"], op.n_holdout, shape, device)
     best, open_loop = schedulers[f"olss-{n}"], schedulers[f"olss-open-{n}"]
     metrics = {"model": model, "steps": n, "reference_steps": f["reference_steps"], "path": f["path"],

@@ -35,11 +35,12 @@ def write_rows_csv(path: str | Path, rows: Sequence[Mapping[str, Any]], keys: Se
     write_csv(path, keys, ([r[k] if isinstance(r[k], int) else f"{r[k]:.6g}" for k in keys] for r in rows))
 
 
-def sample_grid(model_dir: Path, out: Path, sp: SampleParams, shape: tuple[int, int, int],
-                device: torch.device) -> None:
+def sample_grid(model_dir: Path, out: Path, sp: SampleParams, device: torch.device) -> None:
     """DDIM samples of the model in ``model_dir`` (seeds sp.seed.., sp.steps steps, sp.spacing) as a
-    PNG grid at about 64 px per image. The seeds are sampled sharded over the ranks; rank 0 writes."""
+    PNG grid at about 64 px per image (the image shape is the card's). The seeds are sampled
+    sharded over the ranks; rank 0 writes."""
     den = models.load_denoiser(model_dir, device)
+    shape = den.card.image_shape
     steps = timesteps(den.schedule.T, min(sp.steps, den.schedule.T), sp.spacing)
     imgs = parallel.map_sharded(lambda s: generate(den, s, shape, steps, device=device),
                                 range(sp.seed, sp.seed + sp.n))

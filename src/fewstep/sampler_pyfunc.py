@@ -39,11 +39,6 @@ class Sampler:
     device: torch.device
 
     @property
-    def config(self) -> dict[str, Any]:
-        """Transition: the card as the config.json dict."""
-        return self.card.to_dict()
-
-    @property
     def shape(self) -> tuple[int, int, int]:
         return self.card.image_shape
 
@@ -122,13 +117,13 @@ class FewstepSampler(mlflow.pyfunc.PythonModel):
     _skip_type_hint_validation = True
 
     def load_context(self, context) -> None:
-        cfg = dict(context.model_config or {})
+        model_config = dict(context.model_config or {})  # MLflow's model_config: default_steps, device
         self.sampler = load_sampler(
             context.artifacts["weights"],
             context.artifacts["config"],
             context.artifacts.get("scheduler"),
-            default_steps=cfg.get("default_steps"),
-            device=cfg.get("device", "cpu"),
+            default_steps=model_config.get("default_steps"),
+            device=model_config.get("device", "cpu"),
         )
 
     def predict(self, context, model_input, params=None):

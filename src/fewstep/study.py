@@ -98,30 +98,21 @@ def images_from_uint8(arr: np.ndarray, n: int | None = None) -> torch.Tensor:
 
 # --- the redundancy analysis (stage redundancy) -------------------------------------------------
 
-def patch_sizes(cfg: dict) -> list[int]:
-    """The patch size of a model's net, or of its high and low nets for a split model."""
-    from fewstep import models
-
-    if models.is_split(cfg):
-        return [int(cfg["nets"][s]["patch_size"]) for s in ("high", "low")]
-    return [int(cfg["net"]["patch_size"])]
-
-
 def teacher_dirs(models_dir: Path) -> list[Path]:
     """Model dirs with role teacher, the finest patch size first."""
     from fewstep import models
 
-    found = []
-    for d in sorted(models_dir.iterdir()) if models_dir.is_dir() else []:
-        if (d / models.CONFIG).exists() and models.load_config(d).get("role") == "teacher":
-            found.append(d)
-    return sorted(found, key=lambda d: (min(patch_sizes(models.load_config(d))), d.name))
+    dirs = sorted(models_dir.iterdir()) if models_dir.is_dir() else []
+    cards = {d: models.load_card(d) for d in dirs if models.has_card(d)}
+    found = [d for d, c in cards.items() if c.role == "teacher"]
+    return sorted(found, key=lambda d: (min(cards[d].patch_sizes), d.name))
 
 
-def label(name: str, cfg: dict) -> str:
-    ps = patch_sizes(cfg)
+def label(name: str, card: Any) -> str:
+    """``name (P=.., N steps)`` for a model card (fewstep.models.ModelCard)."""
+    ps = card.patch_sizes
     p = f"P={ps[0]}" if len(ps) == 1 else f"P={ps[0]} high / {ps[1]} low"
-    return f"{name} ({p}, {cfg.get('train_steps')} steps)"
+    return f"{name} ({p}, {card.lineage.train_steps} steps)"
 
 
 class NoTeachersError(UserError):
@@ -139,13 +130,13 @@ def redundancy(models_dir: Path, images: torch.Tensor, rp: Any, device: torch.de
     results, boundary = {}, None
     for d in teacher_dirs(models_dir):
         den = models.load_denoiser(d, device)
-        cfg = den.config
+        card = den.card
         bins = x_error_by_logsnr(den, images, edges, seed=rp.seed, batch_size=rp.batch_size)
-        results[d.name] = {"patch_sizes": patch_sizes(cfg), "train_steps": cfg.get("train_steps"),
-                           "label": label(d.name, cfg), "bins": [b.to_dict() for b in bins],
+        results[d.name] = {"patch_sizes": card.patch_sizes, "train_steps": card.lineage.train_steps,
+                           "label": label(d.name, card), "bins": [b.to_dict() for b in bins],
                            "mean": mean_error(bins)}
-        if models.is_split(cfg):
-            boundary = float(cfg["split"]["boundary_logsnr"])
+        if models.is_split(card):
+            boundary = float(card.arch.split.boundary_logsnr)
         if log is not None:
             log(f"{d.name:16s} " + " ".join(f"{b.mse:.4f}" for b in bins if b.n))
         del den
@@ -169,10 +160,10 @@ def objective_scores(den: Denoiser, test_images: np.ndarray, n_test: int, rp: An
             "x_mse_low_noise": mean_error(lo_noise), "bins": [b.to_dict() for b in bins]}
 
 
-def sample_scores(den: Denoiser, evaluator_dir: Path, shape: tuple[int, int, int], n: int, steps: int, ep: Any,
+def sample_scores(den: Denoiser, evaluator_dir: Path, n: int, steps: int, ep: Any,
                   device: torch.device) -> dict[str, Any]:
-    """FD and KID (fewstep.evaluation.feature_scores) of ``n`` DDIM samples at ``steps`` steps on
-    the evaluate seeds, in the evaluator's features."""
+    """FD and KID (fewstep.evaluation.feature_scores) of ``n`` DDIM samples (the card's image shape)
+    at ``steps`` steps on the evaluate seeds, in the evaluator's features."""
     from fewstep.evaluation import feature_scores
     from fewstep.math.ddim import generate
     from fewstep.math.schedules import timesteps
@@ -180,7 +171,7 @@ def sample_scores(den: Denoiser, evaluator_dir: Path, shape: tuple[int, int, int
 
     ev, stats = load_evaluator(evaluator_dir, device)
     grid = timesteps(den.schedule.T, min(steps, den.schedule.T))
-    imgs = generate(den, range(ep.seed, ep.seed + n), shape, grid, batch_size=ep.batch_size, device=device)
+    imgs = generate(den, range(ep.seed, ep.seed + n), den.card.image_shape, grid, batch_size=ep.batch_size, device=device)
     s = feature_scores(features(ev, imgs.clamp(-1, 1)), stats, ep.kid_subsets, ep.seed)
     return {"fd": s["fd"], "kid": s["kid"], "fd_n": n, "fd_steps": len(grid)}
 
@@ -190,7 +181,7 @@ class ObjectiveVariantError(UserError):
 
 
 def objective_study(p: Any, variant: str, patch_size: int, data: Path, model_dir: Path, ckpt_dir: Path,
-                    evaluator_dir: Path, shape: tuple[int, int, int], device: torch.device,
+                    evaluator_dir: Path, device: torch.device,
                     progress: bool = False) -> dict[str, Any]:
     """One teacher of the objective study (stage objective@<variant>-p<P>): trained with the teacher
     params overridden by objective.teacher and objective.nets.p<P>, scored by its x-error per
@@ -204,14 +195,14 @@ def objective_study(p: Any, variant: str, patch_size: int, data: Path, model_dir
                                     f"objective.patch_sizes ({op.variants} x {op.patch_sizes})")
     tp = op.teacher_for(p.teacher, variant, patch_size)
     name = f"{variant}-p{patch_size}"
-    result, meta = train_teacher(p.model_copy(update={"teacher": tp}), data, model_dir, ckpt_dir, device,
+    result, card = train_teacher(p.model_copy(update={"teacher": tp}), data, model_dir, ckpt_dir, device,
                                  progress=progress, extra_meta={"study": "objective", "variant": name})
     den = models.load_denoiser(model_dir, device)
     test = storage.load_array(Path(data) / "test_images.npy")
-    out = {"variant": variant, "parameterization": tp.parameterization, "weighting": meta["weighting"],
+    out = {"variant": variant, "parameterization": tp.parameterization, "weighting": card.weighting,
            "patch_size": patch_size, "train_steps": tp.steps,
            "final_loss": result.history[-1][1] if result.history else None,
            **objective_scores(den, test, op.n_test, p.redundancy)}
     if op.n_samples and (evaluator_dir / "config.json").exists():
-        out.update(sample_scores(den, evaluator_dir, shape, op.n_samples, op.sample_steps, p.evaluate, device))
+        out.update(sample_scores(den, evaluator_dir, op.n_samples, op.sample_steps, p.evaluate, device))
     return out

@@ -113,16 +113,18 @@ def load_steps(directory: Path, indices: Sequence[int]) -> Iterator[torch.Tensor
         yield torch.cat([x[i] for x in loaded])
 
 
-def collect_model(den: Denoiser, name: str, tp, shape: tuple[int, int, int], out: Path, device: torch.device,
+def collect_model(den: Denoiser, name: str, tp, out: Path, device: torch.device,
                   progress: bool = True) -> int:
     """The trajectories of model ``name`` for OLSS (trajectories params ``tp``): deterministic DDIM on
     the trailing grid of min(tp.reference_steps, the model's own sample steps) steps, seeds
-    tp.seed_offset.., written to ``out`` with the model's weights hash. Returns the step count."""
-    cfg = den.config  # type: ignore[attr-defined]
-    n_ref = min(tp.reference_steps, int(cfg["sample_steps"]))
+    tp.seed_offset.., in the card's image shape, written to ``out`` with the model's weights hash.
+    Returns the step count."""
+    card = den.card  # type: ignore[attr-defined]
+    n_ref = min(tp.reference_steps, card.sample_steps)
     t_path = timesteps(den.schedule.T, n_ref, "trailing")
     seeds = range(tp.seed_offset, tp.seed_offset + tp.n_fit)
-    meta = {"model": name, "model_weights_sha256": cfg["weights_sha256"], "reference_steps": n_ref,
+    meta = {"model": name, "model_weights_sha256": card.weights_sha256, "reference_steps": n_ref,
             "sampler": "ddim eta=0 unclipped", "output": "x"}
-    write_shards(out, den, seeds, shape, t_path, tp.shard_size, tp.batch_size, device, meta, progress=progress)
+    write_shards(out, den, seeds, card.image_shape, t_path, tp.shard_size, tp.batch_size, device, meta,
+                 progress=progress)
     return n_ref

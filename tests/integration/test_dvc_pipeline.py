@@ -36,8 +36,7 @@ def test_dvc_repro_runs_the_stages_and_caches(repo):
     _run([sys.executable, "-m", "dvc", "repro"], repo)
     m = storage.read_json(repo / "data/prepared/manifest.json")
     assert m["splits"]["train"]["count"] == 48
-    cfg = models.load_config(repo / "models/teacher")
-    assert cfg["data_hash"] == m["content_hash"]
+    assert models.load_card(repo / "models/teacher").lineage.data_hash == m["content_hash"]
     assert (repo / "samples/teacher.png").exists() and (repo / "plots/teacher_loss.csv").exists()
     assert "metrics/teacher.json" in _run([sys.executable, "-m", "dvc", "metrics", "show"], repo)
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
@@ -72,11 +71,12 @@ def test_dvc_repro_runs_the_stages_and_caches(repo):
     from fewstep.math.olss import OLSSScheduler
 
     sched = OLSSScheduler.from_json((repo / "schedulers/teacher/olss-3.json").read_text())
-    assert sched.steps <= 3 and sched.meta["model_weights_sha256"] == models.load_config(repo / "models/teacher")["weights_sha256"]
+    assert sched.steps <= 3
+    assert sched.meta["model_weights_sha256"] == models.load_card(repo / "models/teacher").weights_sha256
     rmses = storage.read_json(repo / "metrics/olss/teacher-2.json")["rmse_vs_full_step"]
     assert set(rmses) == {"ddim", "olss", "olss_open", "olss_p", "olss_ridge"}
-    s1 = models.load_config(repo / "models/student-1")
-    assert s1["parent"]["weights_sha256"] == models.load_config(repo / "models/student-2")["weights_sha256"]
+    s1 = models.load_card(repo / "models/student-1")
+    assert s1.lineage.parent.weights_sha256 == models.load_card(repo / "models/student-2").weights_sha256
     assert storage.read_json(repo / "metrics/student-1.json")["student_steps"] == 1
 
     # the embedded default: every stage a FINISHED run in <repo>/mlflow.db, no server

@@ -20,8 +20,8 @@ def test_teacher_stage_under_torchrun_with_two_processes(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "torch.distributed.run --standalone --nproc-per-node 2" in r.stderr
     assert storage.read_json(tmp_path / "metrics.json")["world_size"] == 2
-    cfg = models.load_config(tmp_path / "model")
-    assert cfg["weights_sha256"] == storage.sha256_file(tmp_path / "model" / "model.safetensors")
+    weights = storage.sha256_file(tmp_path / "model" / "model.safetensors")
+    assert models.load_card(tmp_path / "model").weights_sha256 == weights
     assert (tmp_path / "loss.csv").read_text().splitlines()[0] == "step,loss"
     assert (tmp_path / "grid.png").stat().st_size > 0
     assert storage.read_json(tmp_path / "ckpt" / "latest.json")["step"] == 4

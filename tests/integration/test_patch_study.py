@@ -29,12 +29,12 @@ def test_study_stages_make_one_teacher_per_patch_size_and_the_redundancy_plot(tm
     assert "train_teacher" not in lock["stages"]  # the study does not need the main teacher
     gflops = {}
     for P in (1, 2):
-        cfg = models.load_config(repo / f"models/teacher-p{P}")
-        assert cfg["net"]["patch_size"] == P and cfg["variant"] == f"p{P}" and cfg["role"] == "teacher"
+        card = models.load_card(repo / f"models/teacher-p{P}")
+        assert card.patch_sizes == [P] and card.variant == f"p{P}" and card.role == "teacher"
         gflops[P] = storage.read_json(repo / f"metrics/study/teacher-p{P}.json")["gflops_per_call"]
     assert gflops[2] < gflops[1]
     split = models.load_denoiser(repo / "models/teacher-split")
-    assert isinstance(split, SplitDenoiser) and split.config["split"]["low"]["init"]["tensors_copied"] > 0
+    assert isinstance(split, SplitDenoiser) and split.card.arch.split.sides["low"]["init"]["tensors_copied"] > 0
     red = storage.read_json(repo / "metrics/redundancy.json")
     assert set(red["models"]) == {"teacher-p1", "teacher-p2", "teacher-split"}
     for r in red["models"].values():

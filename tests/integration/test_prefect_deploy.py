@@ -140,7 +140,7 @@ def _check_tracking_and_registry(tracking_uri: str, s3_endpoint: str, flow_run_i
     assert all(v.values()), {n: len(x) for n, x in v.items()}
     (teacher,), (student,), (evaluator,) = v["teacher"], v["student-1step"], v["evaluator"]
     assert teacher.tags["data_hash"] == evaluator.tags["data_hash"] == manifest["content_hash"]
-    assert teacher.tags["weights_sha256"] == models.load_config(repo / "models/teacher")["weights_sha256"]
+    assert teacher.tags["weights_sha256"] == models.load_card(repo / "models/teacher").weights_sha256
     assert (student.tags["parent_model"], student.tags["parent_version"]) == (f"{DATASET}-teacher", teacher.version)
     assert all(o.tags["parent_version"] == teacher.version for o in v["olss-teacher-2step"])
     assert teacher.run_id == by_stage["register"].info.run_id

@@ -34,9 +34,9 @@ def test_teacher_stage_writes_model_metrics_plot_and_grid(tmp_path):
     _setup(tmp_path)
     r = _run(tmp_path, tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
-    cfg = models.load_config(tmp_path / "model")
-    assert cfg["parameterization"] == "v" and cfg["data_hash"] and cfg["weights_sha256"]
-    assert cfg["weights_sha256"] == storage.sha256_file(tmp_path / "model" / "model.safetensors")
+    card = models.load_card(tmp_path / "model")
+    assert card.parameterization == "v" and card.lineage.data_hash and card.weights_sha256
+    assert card.weights_sha256 == storage.sha256_file(tmp_path / "model" / "model.safetensors")
     lines = (tmp_path / "loss.csv").read_text().splitlines()
     assert lines[0] == "step,loss" and len(lines) == 1 + 6
     losses = [float(l.split(",")[1]) for l in lines[1:]]

@@ -6,7 +6,8 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 from fewstep import storage
-from fewstep.champion import evaluation_id, promote_versions, row_for
+from fewstep.champion import evaluation_id, promote_versions
+from fewstep.samplers import row_for_version as row_for
 
 
 def test_every_registered_role_finds_its_row():

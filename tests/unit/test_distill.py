@@ -108,8 +108,8 @@ def test_student_beats_the_teacher_at_equal_steps(tmp_path, tiny_teacher):
     rp = validate(raw).distill.round("student-2")
     result, meta = distill_round(tt / "teacher", tmp_path / "student", tmp_path / "ck_s", tt / "data",
                                  2, rp, 0, dev, progress=False)
-    assert meta["parent"]["weights_sha256"] == models.load_config(tt / "teacher")["weights_sha256"]
-    assert meta["sample_steps"] == 2 and meta["role"] == "student"
+    assert meta.lineage.parent.weights_sha256 == models.load_card(tt / "teacher").weights_sha256
+    assert meta.sample_steps == 2 and meta.role == "student"
     teacher = models.load_denoiser(tt / "teacher")
     student = models.load_denoiser(tmp_path / "student")
     seeds = range(1000, 1064)  # not the seeds used in training

@@ -46,7 +46,7 @@ def test_save_then_load_gives_identical_outputs_and_an_identical_card(tmp_path):
     assert saved == card.with_weights(saved.weights_sha256)
     den = models.load_denoiser(tmp_path / "m")
     assert den.card == saved and models.load_card(tmp_path / "m") == saved
-    assert den.config == saved.to_dict()  # the transition view
+    assert not hasattr(den, "config") and not hasattr(saved, "get")  # no string-key view of the card
     assert torch.equal(_outputs(den), _outputs(models.UNetArch(net.cfg).build(card, net.state_dict(), "cpu")))
     assert models.ModelCard.from_json(saved.to_json()) == saved
     assert saved.family == "fewstep-unet" and saved.image_shape == (3, 8, 8)
@@ -97,8 +97,9 @@ def test_a_split_model_round_trips_through_its_family(tmp_path):
     den = models.load_denoiser(tmp_path / "s")
     assert isinstance(den, SplitDenoiser) and den.card == card.with_weights(sha)
     assert den.card.family == "fewstep-unet-split" and den.card.patch_sizes == [2, 1]
-    assert den.config["split"]["low"]["init"]["tensors_copied"] == 5 and den.config["split"]["t_boundary"] == 40
-    assert models.is_split(den.card) and models.is_split(den.config)
+    assert den.card.arch.split.sides["low"]["init"]["tensors_copied"] == 5 and den.card.arch.split.t_boundary == 40
+    assert den.card.to_dict()["split"]["low"]["init"]["tensors_copied"] == 5  # on disk as the trainer wrote it
+    assert models.is_split(den.card) and not models.is_split(_card(_net()))
 
 
 def test_a_family_is_registered_by_name_and_bad_cards_fail_clearly(tmp_path):
@@ -117,7 +118,8 @@ def test_a_family_is_registered_by_name_and_bad_cards_fail_clearly(tmp_path):
     evaluator = {"format_version": 1, "role": "evaluator", "net": {"widths": [8]}, "weights_sha256": "e"}
     (tmp_path / "ev").mkdir()
     storage.write_json(tmp_path / "ev" / models.CONFIG, evaluator)
-    assert models.load_config(tmp_path / "ev") == evaluator  # no denoiser, no card: as written
+    assert models.config_role(tmp_path / "ev") == "evaluator" and not models.has_card(tmp_path / "ev")
+    assert models.has_card(tmp_path / "x") is False and models.config_role(tmp_path / "x") is None  # no config
     with pytest.raises(models.ModelCardError, match="unknown model role 'evaluator'"):
         models.load_card(tmp_path / "ev")
     with pytest.raises(ValueError, match="not the network being saved"):

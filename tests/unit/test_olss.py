@@ -235,7 +235,7 @@ def test_fit_olss_stage_writes_exactly_the_outputs_dvc_declares(tmp_path, tiny_t
     (tmp_path / "models").mkdir()
     (tmp_path / "models" / "teacher").symlink_to(tiny_teacher / "teacher")
     den = models.load_denoiser(tmp_path / "models" / "teacher")
-    collect_model(den, "teacher", validate(p).trajectories, (3, 8, 8), tmp_path / "trajectories" / "teacher",
+    collect_model(den, "teacher", validate(p).trajectories, tmp_path / "trajectories" / "teacher",
                   torch.device("cpu"), progress=False)
     fit_olss.main(["--params", str(tmp_path / "params.yaml"), "--model", "teacher", "--steps", "4", "--no-progress"])
 

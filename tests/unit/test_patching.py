@@ -109,7 +109,7 @@ def test_split_model_dir_saves_and_loads_with_identical_outputs(tmp_path):
     sha = models.save_split(tmp_path / "m", {"high": den.high.net, "low": den.low.net}, meta)
     loaded = models.load_denoiser(tmp_path / "m")
     assert isinstance(loaded, SplitDenoiser) and loaded.t_boundary == den.t_boundary and loaded.kind == "x"
-    assert loaded.config["weights_sha256"] == sha
+    assert loaded.card.weights_sha256 == sha
     z = torch.randn(5, 3, 8, 8)
     t = torch.tensor([64, 2, den.t_boundary, den.t_boundary + 1, 30])
     with torch.no_grad():
@@ -271,7 +271,7 @@ def test_a_split_teacher_distils_into_a_split_student_that_loads_back(tmp_path):
             "image_size": 8, "dataset": "toy", "class_names": ["a", "b"], "data_hash": "d", "sample_steps": 64,
             "parent": None, "split": {"boundary_logsnr": LAM, "boundary_snr": 0.25}}
     models.save_split(tmp_path / "split", {"high": den.high.net, "low": den.low.net}, meta)
-    assert model_registry_name(models.load_config(tmp_path / "split")) == "toy-teacher-split"
+    assert model_registry_name(models.load_card(tmp_path / "split")) == "toy-teacher-split"
     rp = DistillRoundParams(parent="teacher-split", steps=4, train_steps=2, batch_size=4, checkpoint_every=2,
                             log_every=1)
     result, card = distill_round(tmp_path / "split", tmp_path / "student", tmp_path / "ckpt", tmp_path / "data", 4,
@@ -296,7 +296,7 @@ def test_a_split_teacher_distils_into_a_split_student_that_loads_back(tmp_path):
     assert isinstance(s.denoiser, SplitDenoiser) and s.shape == (3, 8, 8)
     imgs = s.sample(2, seed=3)
     assert imgs.shape == (2, 8, 8, 3) and imgs.dtype == np.uint8
-    assert storage.sha256_file(tmp_path / "student" / models.WEIGHTS) == s.config["weights_sha256"]
+    assert storage.sha256_file(tmp_path / "student" / models.WEIGHTS) == s.card.weights_sha256
 
 
 def test_study_split_and_objective_params_are_validated_with_clear_messages():

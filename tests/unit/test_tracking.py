@@ -71,10 +71,10 @@ def test_registry_lineage_teacher_student_olss(registry, tree, monkeypatch):
     use_env(monkeypatch, env)
     teacher, student = regs["cifar10-teacher"], regs["cifar10-student-4step"]
     olss_s, olss_t = regs["cifar10-olss-student-4-2step"], regs["cifar10-olss-teacher-2step"]
-    tcfg, scfg = models.load_config(tree / "models" / "teacher"), models.load_config(tree / "models" / "student-4")
-    for r, cfg in ((teacher, tcfg), (student, scfg), (olss_s, scfg), (olss_t, tcfg)):
+    tcard, scard = models.load_card(tree / "models" / "teacher"), models.load_card(tree / "models" / "student-4")
+    for r, card in ((teacher, tcard), (student, scard), (olss_s, scard), (olss_t, tcard)):
         assert r.created
-        assert r.tags["data_hash"] == tcfg["data_hash"] and r.tags["weights_sha256"] == cfg["weights_sha256"]
+        assert r.tags["data_hash"] == tcard.lineage.data_hash and r.tags["weights_sha256"] == card.weights_sha256
         assert r.tags["git_commit"] == "c0ffee" * 6 + "c0ff" and r.tags["params_hash"]
     assert teacher.tags["role"] == "teacher" and "parent_version" not in teacher.tags
     assert student.tags["role"] == "student" and student.tags["nfe"] == "4"
@@ -100,9 +100,9 @@ def test_evaluator_is_registered_and_loads_as_a_feature_pyfunc(registry, tree, m
     env, regs = registry
     use_env(monkeypatch, env)
     ev = regs["cifar10-evaluator"]
-    cfg = models.load_config(tree / "models" / "evaluator")
+    cfg = storage.read_json(tree / "models" / "evaluator" / models.CONFIG)  # the evaluator's own config: no card
     assert ev.created and ev.tags["role"] == "evaluator" and ev.tags["weights_sha256"] == cfg["weights_sha256"]
-    assert ev.tags["data_hash"] == models.load_config(tree / "models" / "teacher")["data_hash"]
+    assert ev.tags["data_hash"] == models.load_card(tree / "models" / "teacher").lineage.data_hash
     assert ev.tags["test_accuracy"] == "0.5" and ev.tags["git_commit"] == "c0ffee" * 6 + "c0ff"
     configure_env(env)  # points mlflow's registry URI at the store
     m = mlflow.pyfunc.load_model(f"models:/cifar10-evaluator/{ev.version}")

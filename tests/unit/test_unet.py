@@ -59,4 +59,4 @@ def test_save_load_gives_bitwise_identical_outputs(tmp_path):
         a, b = ref(z, t), den(z, t)
     assert a.abs().max() > 0
     assert torch.equal(a, b)
-    assert den.config["weights_sha256"] == models.load_config(tmp_path / "m")["weights_sha256"]
+    assert den.card.weights_sha256 == models.load_card(tmp_path / "m").weights_sha256 is not None

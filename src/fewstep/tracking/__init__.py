@@ -32,8 +32,8 @@ _WHERE = {
     "fewstep.tracking.store": ("Tracking", "configure", "default_tracking_uri", "default_artifact_root",
                                "registry_lock", "store_lock", "DEFAULT_EXPERIMENT"),
     "fewstep.tracking.runs": ("StageRun", "stage_run", "record_stage", "pipeline_run", "metric_key", "run_tags"),
-    "fewstep.tracking.names": ("model_registry_name", "scheduler_registry_name", "evaluator_registry_name",
-                               "CHAMPION"),
+    "fewstep.tracking.names": ("model_name", "model_registry_name", "scheduler_registry_name",
+                               "evaluator_registry_name", "CHAMPION"),
     "fewstep.tracking.registration": ("LineageError", "Registered", "Source", "find_version", "register_model_dir",
                                       "register_evaluator", "register_scheduler", "register_all", "lineage",
                                       "SAMPLER_ARTIFACT"),
@@ -61,7 +61,8 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:
     from fewstep.provenance import dvc_lock_entry, dvc_lock_hash, dvc_producer, flatten_params, git_commit
     from fewstep.tracking.decision import ChampionState, Decision, decide
-    from fewstep.tracking.names import CHAMPION, evaluator_registry_name, model_registry_name, scheduler_registry_name
+    from fewstep.tracking.names import (
+        CHAMPION, evaluator_registry_name, model_name, model_registry_name, scheduler_registry_name)
     from fewstep.tracking.promotion import Promotion, champion, promote
     from fewstep.tracking.registration import (
         SAMPLER_ARTIFACT, LineageError, Registered, Source, find_version, lineage, register_all, register_evaluator,

@@ -8,18 +8,26 @@ student or OLSS name is a budget (one step count), so the OLSS variants of a mod
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from fewstep.models import ModelCard
 
 CHAMPION = "champion"
 
 
-def model_registry_name(cfg: Mapping[str, Any]) -> str:
-    """The registered name of a teacher or student model config."""
-    if cfg["role"] == "teacher":
-        return f"{cfg['dataset']}-teacher" + (f"-{cfg['variant']}" if cfg.get("variant") else "")
-    if cfg["role"] == "student":
-        return f"{cfg['dataset']}-student-{int(cfg['sample_steps'])}step"
-    raise ValueError(f"unknown model role {cfg['role']!r}")
+def model_name(dataset: str | None, role: str, sample_steps: int, variant: str | None = None) -> str:
+    """The registered name of a teacher or student of ``dataset`` (also a student's parent)."""
+    if role == "teacher":
+        return f"{dataset}-teacher" + (f"-{variant}" if variant else "")
+    if role == "student":
+        return f"{dataset}-student-{int(sample_steps)}step"
+    raise ValueError(f"unknown model role {role!r}")
+
+
+def model_registry_name(card: "ModelCard") -> str:
+    """The registered name of a teacher or student model card."""
+    return model_name(card.lineage.dataset, card.role, card.sample_steps, card.variant)
 
 
 def scheduler_registry_name(dataset: str, model: str, steps: int) -> str:

@@ -17,15 +17,19 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import mlflow
 from mlflow.exceptions import MlflowException
 
 from fewstep import provenance
 from fewstep.errors import UserError
-from fewstep.tracking.names import evaluator_registry_name, model_registry_name, scheduler_registry_name
+from fewstep.tracking.names import (evaluator_registry_name, model_name, model_registry_name,
+                                    scheduler_registry_name)
 from fewstep.tracking.store import Tracking, configure, store_lock
+
+if TYPE_CHECKING:
+    from fewstep.models import ModelCard
 
 # fewstep.models / fewstep.storage import torch: they are imported where needed.
 
@@ -164,16 +168,23 @@ def _clean(tags: Mapping[str, Any]) -> dict[str, str]:
     return {k: str(v) for k, v in tags.items() if v is not None and v != ""}
 
 
-def _verified(model_dir: Path) -> tuple[dict[str, Any], str]:
-    """(config, weights sha256) of a model dir whose weights match its config."""
+def _verified_weights(model_dir: Path, recorded: str | None) -> str:
+    """The weights' sha256 of a model dir, which must be the one its config.json records."""
     from fewstep import models, storage
 
-    cfg = models.load_config(model_dir)
     weights = model_dir / models.WEIGHTS
     sha = storage.sha256_file(weights)
-    if sha != cfg["weights_sha256"]:
-        raise LineageError(f"{weights}: sha256 {sha[:12]} does not match config.json ({cfg['weights_sha256'][:12]})")
-    return cfg, sha
+    if sha != recorded:
+        raise LineageError(f"{weights}: sha256 {sha[:12]} does not match config.json ({str(recorded)[:12]})")
+    return sha
+
+
+def _verified(model_dir: Path) -> tuple[ModelCard, str]:
+    """(card, weights sha256) of a model dir whose weights match its card."""
+    from fewstep import models
+
+    card = models.load_card(model_dir)
+    return card, _verified_weights(model_dir, card.weights_sha256)
 
 
 def _model_artifacts(model_dir: Path) -> dict[str, str]:
@@ -210,23 +221,25 @@ def register_model_dir(
     sample_steps)."""
     t = tracking or configure()
     src, model_dir = _source(repo, dvc_lock, git_commit), Path(model_dir)
-    cfg, sha = _verified(model_dir)
-    steps = int(default_steps or cfg["sample_steps"])
+    card, sha = _verified(model_dir)
+    lin = card.lineage
+    steps = int(default_steps or card.sample_steps)
 
     def tags() -> dict[str, Any]:
-        out = {"role": cfg["role"], "model": model_dir.name, "dataset": cfg["dataset"],
-               "data_hash": cfg.get("data_hash"), "weights_sha256": sha, "params_hash": cfg.get("params_hash"),
-               "run_hash": cfg.get("run_hash"), "parameterization": cfg.get("parameterization"),
-               "image_size": cfg.get("image_size"), "sample_steps": cfg["sample_steps"], "nfe": steps}
-        if cfg["role"] == "student":
-            p = cfg["parent"]
-            pname = model_registry_name({"dataset": cfg["dataset"], "role": p["role"],
-                                         "sample_steps": p["sample_steps"], "variant": p.get("variant")})
-            pver = _registered_parent(pname, p["weights_sha256"], f"parent {p.get('path')}", t)
-            out.update(parent_model=pname, parent_version=pver, parent_weights_sha256=p["weights_sha256"])
+        out = {"role": card.role, "model": model_dir.name, "dataset": lin.dataset,
+               "data_hash": lin.data_hash, "weights_sha256": sha, "params_hash": lin.params_hash,
+               "run_hash": lin.run_hash, "parameterization": card.parameterization,
+               "image_size": card.image_size, "sample_steps": card.sample_steps, "nfe": steps}
+        if card.role == "student":
+            p = lin.parent
+            if p is None:
+                raise LineageError(f"{model_dir}: a student's config.json needs its parent")
+            pname = model_name(lin.dataset, p.role, p.sample_steps, p.variant)
+            pver = _registered_parent(pname, p.weights_sha256, f"parent {p.path}", t)
+            out.update(parent_model=pname, parent_version=pver, parent_weights_sha256=p.weights_sha256)
         return {**out, **src.tags(model_dir)}
 
-    return _register(t, _Version(model_registry_name(cfg), {"weights_sha256": sha}, tags,
+    return _register(t, _Version(model_registry_name(card), {"weights_sha256": sha}, tags,
                                  _model_artifacts(model_dir), {"default_steps": steps}), run_id)
 
 
@@ -245,7 +258,10 @@ def register_evaluator(
     tagged with the data it was trained on and its test accuracy. Idempotent by weights_sha256."""
     t = tracking or configure()
     src, model_dir = _source(repo, dvc_lock, git_commit), Path(model_dir)
-    cfg, sha = _verified(model_dir)
+    from fewstep import models, storage
+
+    cfg = storage.read_json(model_dir / models.CONFIG)  # the evaluator's own config (no denoiser, no card)
+    sha = _verified_weights(model_dir, cfg.get("weights_sha256"))
     artifacts = _model_artifacts(model_dir)
     if (model_dir / "ref_stats.safetensors").exists():
         artifacts["ref_stats"] = str(model_dir / "ref_stats.safetensors")
@@ -278,29 +294,30 @@ def register_scheduler(
     src, path, model_dir = _source(repo, dvc_lock, git_commit), Path(scheduler_path), Path(model_dir)
     with storage.open_read(path) as f:
         sched = OLSSScheduler.from_json(f.read().decode())
-    cfg = models.load_config(model_dir)
+    card = models.load_card(model_dir)
+    wsha, dataset = card.weights_sha256, card.lineage.dataset
     meta = sched.meta or {}
-    if meta.get("model_weights_sha256") not in (None, cfg["weights_sha256"]):
+    if meta.get("model_weights_sha256") not in (None, wsha):
         raise LineageError(f"{path} was fitted on weights {meta['model_weights_sha256'][:12]}, but {model_dir} has "
-                           f"{cfg['weights_sha256'][:12]}; re-run fit_olss")
+                           f"{str(wsha)[:12]}; re-run fit_olss")
     model = meta.get("model") or model_dir.name
     ssha = storage.sha256_file(path)
 
     def tags() -> dict[str, Any]:
-        pname = model_registry_name(cfg)
-        pver = _registered_parent(pname, cfg["weights_sha256"], f"the model of {path}", t)
+        pname = model_registry_name(card)
+        pver = _registered_parent(pname, wsha, f"the model of {path}", t)
         return {
-            "role": "olss", "model": model, "dataset": cfg["dataset"], "data_hash": cfg.get("data_hash"),
-            "weights_sha256": cfg["weights_sha256"], "params_hash": storage.sha256_json(meta),
+            "role": "olss", "model": model, "dataset": dataset, "data_hash": card.lineage.data_hash,
+            "weights_sha256": wsha, "params_hash": storage.sha256_json(meta),
             "scheduler_sha256": ssha, "scheduler_file": path.name, "olss_variant": meta.get("variant"),
             "sample_steps": sched.steps, "nfe": sched.steps, "timesteps": json.dumps(sched.timesteps),
             "reference_steps": meta.get("reference_steps"), "parent_model": pname, "parent_version": pver,
-            "parent_weights_sha256": cfg["weights_sha256"], "trajectories_path": meta.get("trajectories"),
+            "parent_weights_sha256": wsha, "trajectories_path": meta.get("trajectories"),
             "trajectories_hash": provenance.trajectories_hash(meta, src.repo, src.lock), **src.tags(path),
         }
 
-    name = scheduler_registry_name(cfg["dataset"], model, sched.steps)
-    key = {"scheduler_sha256": ssha, "weights_sha256": cfg["weights_sha256"]}
+    name = scheduler_registry_name(dataset, model, sched.steps)
+    key = {"scheduler_sha256": ssha, "weights_sha256": wsha}
     artifacts = {**_model_artifacts(model_dir), "scheduler": str(path)}
     return _register(t, _Version(name, key, tags, artifacts, {"default_steps": sched.steps}), run_id)
 
@@ -327,13 +344,13 @@ def register_all(
     root = Path(models_root)
     found = [d for d in sorted(root.iterdir()) if not d.name.startswith(".") and (d / models.CONFIG).exists()] \
         if root.is_dir() else []
-    roles = {d: _read_role(d / models.CONFIG) for d in found}
+    roles = {d: models.config_role(d) for d in found}
     dirs = [d for d in found if roles[d] in ("teacher", "student")]  # samplers
-    cfgs = {d: models.load_config(d) for d in dirs}
-    dirs.sort(key=lambda d: (cfgs[d]["role"] != "teacher", -int(cfgs[d]["sample_steps"]), d.name))
+    cards = {d: models.load_card(d) for d in dirs}
+    dirs.sort(key=lambda d: (cards[d].role != "teacher", -cards[d].sample_steps, d.name))
     out = [register_model_dir(d, default_steps=(default_steps or {}).get(d.name), **kw) for d in dirs]
     for d in (d for d in found if roles[d] == "evaluator"):
-        ds = dataset or next((c["dataset"] for c in cfgs.values() if c.get("dataset")), None)
+        ds = dataset or next((c.lineage.dataset for c in cards.values() if c.lineage.dataset), None)
         if ds is None:
             raise LineageError(f"{d}: no dataset name for the evaluator (pass dataset=, or register a teacher)")
         out.append(register_evaluator(d, ds, **kw))
@@ -341,10 +358,6 @@ def register_all(
     for f in sorted(sroot.glob("*/olss-*.json")) if sroot.is_dir() else []:
         out.append(register_scheduler(f, root / f.parent.name, **kw))
     return out
-
-
-def _read_role(config: Path) -> str | None:
-    return json.loads(config.read_text()).get("role")
 
 
 def lineage(name: str, version: str | int, tracking: Tracking | None = None) -> list[tuple[str, str, dict[str, str]]]:
