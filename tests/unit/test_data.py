@@ -1,6 +1,4 @@
 import io
-import subprocess
-import sys
 import tarfile
 
 import numpy as np
@@ -10,7 +8,6 @@ from PIL import Image
 
 from fewstep import storage
 from fewstep.data import DataError, UnsafeArchiveError, load_images, parse_cifar10_binary
-from tests.helpers import subprocess_env
 
 
 def _png(color, size=8):
@@ -115,7 +112,21 @@ def test_cifar_binary_parser_needs_no_pickle():
     assert (imgs[1, :, :, 0] == 255).all() and (imgs[1, :, :, 1] == 0).all()
 
 
-def test_prepare_stage_writes_arrays_and_manifest(tmp_path, root):
+def _prepare(params_path, out, capsys) -> tuple[int, str]:
+    """stages.prepare_data in-process (no MLflow run): its exit code and stderr."""
+    from stages import prepare_data
+
+    capsys.readouterr()
+    try:
+        prepare_data.main(["--params", str(params_path), "--out", str(out), "--no-progress"])
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    return code, capsys.readouterr().err
+
+
+def test_prepare_stage_writes_arrays_and_manifest(tmp_path, root, capsys, monkeypatch):
+    monkeypatch.setenv("FEWSTEP_TRACKING", "off")
     make_folder(tmp_path / "train", per_class=40, corrupt=1)
     make_folder(tmp_path / "test", per_class=4, corrupt=0)
     params = yaml.safe_load((root / "params.yaml").read_text())
@@ -123,10 +134,8 @@ def test_prepare_stage_writes_arrays_and_manifest(tmp_path, root):
     params["prepare"].update(train_source=str(tmp_path / "train"), test_source=str(tmp_path / "test"), classes=None,
                              max_corrupt_fraction=0.05)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    r = subprocess.run([sys.executable, "-m", "stages.prepare_data", "--params", str(tmp_path / "params.yaml"),
-                        "--out", str(tmp_path / "out"), "--no-progress"], cwd=tmp_path, env=subprocess_env(),
-                       capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
+    code, err = _prepare(tmp_path / "params.yaml", tmp_path / "out", capsys)
+    assert code == 0, err
     m = storage.read_json(tmp_path / "out" / "manifest.json")
     assert m["splits"]["train"]["count"] == 80 and m["splits"]["train"]["corrupt"] == 1
     assert m["splits"]["test"]["count"] == 8
@@ -137,7 +146,5 @@ def test_prepare_stage_writes_arrays_and_manifest(tmp_path, root):
     # a missing source is one clear line and rc 2, and nothing is written
     params["prepare"]["train_source"] = str(tmp_path / "nope")
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    r = subprocess.run([sys.executable, "-m", "stages.prepare_data", "--params", str(tmp_path / "params.yaml"),
-                        "--out", str(tmp_path / "out2"), "--no-progress"], cwd=tmp_path, env=subprocess_env(),
-                       capture_output=True, text=True)
-    assert r.returncode == 2 and "not found" in r.stderr and not (tmp_path / "out2").exists()
+    code, err = _prepare(tmp_path / "params.yaml", tmp_path / "out2", capsys)
+    assert code == 2 and "not found" in err and not (tmp_path / "out2").exists()

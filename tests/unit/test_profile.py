@@ -4,8 +4,6 @@ stage kept) that dry-runs a GPU profile on a CPU."""
 from __future__ import annotations
 
 import shutil
-import subprocess
-import sys
 
 import pytest
 import yaml
@@ -13,7 +11,7 @@ import yaml
 from fewstep import budget
 from fewstep.config import deep_merge, load_params, validate
 from fewstep.profiles import smoke
-from tests.helpers import ROOT, subprocess_env
+from tests.helpers import ROOT
 
 
 def _structure(p):
@@ -44,20 +42,29 @@ def test_smoke_keeps_every_stage_and_shrinks_every_size(profile):
     assert work_small < 1e-3 * work_full  # minutes on a CPU instead of GPU-hours
 
 
-def test_profile_cli_writes_validated_params(tmp_path):
+def test_profile_cli_writes_validated_params(tmp_path, capsys):
+    from stages import profile
+
     (tmp_path / "profiles").mkdir()
     shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
     shutil.copy(ROOT / "profiles" / "gpu.yaml", tmp_path / "profiles" / "gpu.yaml")
-    run = lambda *a: subprocess.run([sys.executable, "-m", "stages.profile", *a, "--params",  # noqa: E731
-                                     str(tmp_path / "params.yaml")], cwd=tmp_path, env=subprocess_env(),
-                                    capture_output=True, text=True)
-    r = run("gpu", "--smoke")
-    assert r.returncode == 0, r.stderr
+
+    def run(*a):  # in-process: the CLI's exit code and its stderr
+        capsys.readouterr()
+        try:
+            profile.main([*a, "--params", str(tmp_path / "params.yaml")])
+            code = 0
+        except SystemExit as e:
+            code = e.code
+        return code, capsys.readouterr().err
+
+    code, err = run("gpu", "--smoke")
+    assert code == 0, err
     p = load_params(tmp_path / "params.yaml")
     assert p.base.image_size == 32 and p.teacher.steps == 4 and "student-1" in p.distill.rounds
     assert "smoke sizes" in (tmp_path / "params.yaml").read_text().splitlines()[0]
-    r = run("nope")
-    assert r.returncode != 0 and "does not exist" in r.stderr
+    code, err = run("nope")
+    assert code == 2 and "does not exist" in err
     (tmp_path / "profiles" / "bad.yaml").write_text("teacher: {steps: -1}\n")
-    r = run("bad")
-    assert r.returncode != 0 and "teacher.steps" in r.stderr
+    code, err = run("bad")
+    assert code == 2 and "teacher.steps" in err
