@@ -93,7 +93,38 @@ class SampleParams(_Strict):
     seed: int = Field(0, ge=0)
 
 
+SOURCE_KINDS: tuple[str, ...] = ("diffusers",)
+SHA256_HEX = r"^[0-9a-f]{64}$"
+
+
+class TeacherSource(_Strict):
+    """A pretrained teacher imported instead of trained (stage train_teacher; issue 16).
+
+    ``kind``: ``diffusers`` = a ``save_pretrained`` dir of an unconditional ``UNet2DModel`` with its
+    scheduler config (fewstep.interop.unet2d.import_teacher). ``path``: a local dir or any fsspec URL
+    (s3://...); ``$FEWSTEP_DDPM_SOURCE``-style variables are expanded. ``sha256``: optional pin of the
+    source's digest (the one the card records as ``source.sha256``): the import refuses a source
+    that does not match, and, being a param, a new pin is what tells DVC the source changed."""
+
+    kind: Literal["diffusers"]
+    path: str = Field(min_length=1)
+    sha256: Optional[str] = Field(None, pattern=SHA256_HEX, description="expected source digest (lowercase hex)")
+
+    def resolved_path(self) -> str:
+        """``path`` with environment variables expanded; a ParamsError names an unset one."""
+        out = os.path.expandvars(self.path)
+        if "$" in out:
+            raise ParamsError(f"teacher.source.path {self.path!r}: environment variable not set "
+                              f"({out[out.index('$'):].split('/')[0]})")
+        return out
+
+
 class TeacherParams(_Strict):
+    # not a training hyperparameter: left out of model_dump, so the trained teacher's run and params
+    # hashes (its card, checkpoints) and the study/split/objective teachers derived from this section
+    # are the same with or without the key; DVC still sees it in params.yaml (stage train_teacher)
+    source: Optional[TeacherSource] = Field(None, exclude=True, description="null: train the teacher; "
+                                            "{kind: diffusers, path: DIR_OR_URL}: import it instead")
     parameterization: Parameterization = "v"
     weighting: Optional[Weighting] = None
     net: NetParams = NetParams()
@@ -415,11 +446,15 @@ class Params(_Strict):
 
     @model_validator(mode="after")
     def _distill_grid(self) -> "Params":
+        """A round's teacher samples 2N trailing steps of the T grid (fewstep.train.distill), so 2N <= T.
+        An imported teacher brings its own T: checked when the round starts."""
+        if self.teacher.source is not None:
+            return self
         for name in self.distill.rounds:
             r = self.distill.round(name)
-            if self.schedule.T % (2 * r.steps):
-                raise ValueError(f"distill round {name}: schedule.T={self.schedule.T} is not divisible by its "
-                                 f"teacher's {2 * r.steps} steps")
+            if 2 * r.steps > self.schedule.T:
+                raise ValueError(f"distill round {name}: its teacher's {2 * r.steps} steps exceed "
+                                 f"schedule.T={self.schedule.T}")
         return self
 
 

@@ -91,9 +91,45 @@ def test_distill_params_validate_the_chain():
     p["distill"]["rounds"] = {"s2": {"parent": "nope", "steps": 2}}
     with pytest.raises(ValueError, match="neither"):
         validate(p)
-    p["distill"]["rounds"] = {"s3": {"parent": "teacher", "steps": 3}}
-    with pytest.raises(ValueError, match="not divisible"):
+    p["distill"]["rounds"] = {"s3": {"parent": "teacher", "steps": 3}}  # 6 trailing steps of T=64: allowed
+    validate(p)
+    p["distill"]["rounds"] = {"s40": {"parent": "teacher", "steps": 40}}  # 80 teacher steps > T=64
+    with pytest.raises(ValueError, match="exceed"):
         validate(p)
+
+
+@pytest.mark.parametrize("T,N", [(1000, 16), (1000, 20), (1024, 16), (64, 6)])
+def test_the_halving_rule_puts_the_student_on_its_own_trailing_grid(T, N):
+    """The teacher's N trailing steps of T; every other point is the N/2-step student's own trailing
+    grid (what it samples on); uniform dt = T/N exactly when N divides T (the paper's rule)."""
+    from fewstep.train.distill import teacher_grid
+
+    g = teacher_grid(T, N)
+    assert g[0] == 0 and g[-1] == T and len(g) == N + 1 and g == sorted(set(g))
+    assert g[2::2] == sorted(timesteps(T, N // 2, "trailing"))
+    steps = {b - a for a, b in zip(g, g[1:])}
+    assert steps == ({T // N} if T % N == 0 else {T // N, T // N + 1})
+
+
+def test_the_target_on_an_uneven_grid_equals_two_teacher_ddim_steps():
+    """T = 1000 (a diffusers model), student 8 steps, teacher 16: t' is not the midpoint."""
+    from fewstep.math.distill import distill_target_path
+    from fewstep.math.schedules import linear_schedule
+    from fewstep.train.distill import teacher_grid
+
+    sch = linear_schedule(1000)
+    mu = torch.linspace(-0.5, 0.5, 12, dtype=torch.float64).view(1, 3, 2, 2)
+    teacher = _Converted(GaussianDenoiser(sch, mu, torch.full((1, 3, 2, 2), 0.4)), "eps")
+    g = teacher_grid(1000, 16)
+    for i in (1, 3, 8):
+        t, t1, t2 = g[2 * i], g[2 * i - 1], g[2 * i - 2]
+        assert t - t1 != t1 - t2 or i == 8
+        z = torch.randn(3, 3, 2, 2, generator=torch.Generator().manual_seed(i), dtype=torch.float64)
+        x_tilde = distill_target_path(teacher, z, *(torch.full((3,), k) for k in (t, t1, t2)))
+        tail = [t2] if t2 > 0 else []
+        z2 = _ddim_latent(teacher, z, [t, t1, *tail], 2)
+        one = _ddim_latent(_Fixed(sch, x_tilde), z, [t, *tail], 1)
+        torch.testing.assert_close(one, z2, rtol=1e-9, atol=1e-9)
 
 
 def _eps_teacher(path):

@@ -24,13 +24,21 @@ def ddim_to(x_hat: torch.Tensor, z: torch.Tensor, a_t, s_t, a_s, s_s) -> torch.T
 
 @torch.no_grad()
 def distill_target(teacher: Denoiser, z_t: torch.Tensor, t: torch.Tensor, dt: int) -> torch.Tensor:
-    """x target for the student at indices ``t`` (B,), teacher step size ``dt`` (grid indices).
+    """x target for the student at indices ``t`` (B,), teacher step size ``dt`` (grid indices):
+    t' = t - dt, t'' = t - 2 dt (a grid that T divides; see :func:`distill_target_path`)."""
+    return distill_target_path(teacher, z_t, t, t - dt, t - 2 * dt)
 
-    t' = t - dt, t'' = t - 2 dt. Inverting one DDIM step t -> t'':
+
+@torch.no_grad()
+def distill_target_path(teacher: Denoiser, z_t: torch.Tensor, t: torch.Tensor, t1: torch.Tensor,
+                        t2: torch.Tensor) -> torch.Tensor:
+    """x target for the student stepping t -> t'' (= ``t2``) where the teacher takes two DDIM steps
+    t -> t' (= ``t1``) -> t'' (indices, (B,) each, t > t' > t'' >= 0; any spacing).
+
+    Inverting one DDIM step t -> t'':
         x~ = (z_t'' - (s_t''/s_t) z_t) / (a_t'' - (s_t''/s_t) a_t)      (PD eq. in Alg. 2)
     """
     sch = teacher.schedule
-    t1, t2 = t - dt, t - 2 * dt
     if t2.device.type == "cpu" and (t2 < 0).any():  # free on the CPU; on a GPU it would sync every step
         raise ValueError("student index below 2*dt: t'' would be negative")
     a_t, s_t = sch.at(t, torch.float64)

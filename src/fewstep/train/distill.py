@@ -2,8 +2,14 @@
 
 The student starts as a copy of the teacher (dropout off), learns the two-step target of
 fewstep.math.distill, with lr annealed linearly to 0 within the round, optional EMA, grad clip.
-Student step i (1..N/2) sits at grid index t = 2 i T / N, so the student's N/2-step trailing
-DDIM grid starts at T (zero SNR end), exactly as it is trained. A split teacher's student is a split
+The halving rule, for any T (1024, or a diffusers model's 1000): the teacher takes the N trailing
+steps of the T grid, tau_k = round(k T / N) (k = 0..N, numpy's round half to even), and student step
+i (1..N/2) is trained at t = tau_2i to land where the teacher's two steps tau_2i -> tau_2i-1 ->
+tau_2i-2 land. tau_2i = round(i T / (N/2)) is exactly the student's own N/2-step trailing grid, so the
+student samples on the grid it was trained on, starting at T (the zero-SNR end), and the next round
+halves again from there. When N divides T (T = 1024, or T = 1000 with N = 20, 10, 8, 4, 2) the steps
+are the uniform dt = T/N of the paper; otherwise (T = 1000, N = 16: 62.5) the teacher's two steps
+differ by one index at most. A round needs N <= T. A split teacher's student is a split
 model started from both nets, routed at the teacher's boundary (fewstep.math.split.SplitNet).
 
 The student's parameterisation is its teacher's, so a round is refused (before any work) where that
@@ -20,7 +26,8 @@ import torch
 
 from fewstep import models, storage
 from fewstep.parallel import BatchPart
-from fewstep.math.distill import distill_target
+from fewstep.math.distill import distill_target_path
+from fewstep.math.schedules import timesteps
 from fewstep.errors import UserError
 from fewstep.math.losses import DEFAULT_WEIGHTING, divergence, weighted_x_loss
 from fewstep.math.param import NetDenoiser
@@ -49,26 +56,34 @@ def check_round(parent: models.ModelCard, parent_dir: str | Path, student_steps:
                                 f"{DEFAULT_WEIGHTING[parent.parameterization]}")
 
 
+def teacher_grid(T: int, N: int) -> list[int]:
+    """[tau_0 = 0, tau_1, ..., tau_N = T]: the N-step trailing grid of a round's teacher, ascending
+    (the halving rule in the module docstring); tau_2i is the N/2-step student's own grid."""
+    if not 1 <= N <= T:
+        raise DistillSetupError(f"a round's teacher takes {N} steps, more than the schedule's T={T}")
+    grid = [0] + sorted(timesteps(T, N, "trailing"))
+    if len(grid) != N + 1:  # cannot happen for N <= T (consecutive points are >= 1 index apart)
+        raise DistillSetupError(f"the {N}-step trailing grid of T={T} has repeated indices")
+    return grid
+
+
 def distill_loss(
     teacher: NetDenoiser, data: torch.Tensor, student_steps: int, weighting: str, batch_size: int, hflip: bool
 ) -> Callable[[torch.nn.Module, torch.Generator], torch.Tensor]:
     sch, kind = teacher.schedule, teacher.kind
     T = sch.T
-    N = 2 * student_steps
-    if T % N:
-        raise ValueError(f"schedule T={T} is not divisible by the teacher's step count {N}")
-    dt = T // N
     dev = data.device
+    grid = torch.tensor(teacher_grid(T, 2 * student_steps), device=dev)  # tau_0..tau_N (module docstring)
 
     def loss_fn(student: torch.nn.Module, gen: torch.Generator, part: BatchPart = BatchPart()) -> torch.Tensor:
         rows = part.rows(batch_size)  # this rank's rows of the global batch (fewstep.train.loop)
         x = sample_batch(data, batch_size, hflip, gen, rows)
         i = torch.randint(1, student_steps + 1, (batch_size,), generator=gen, device=dev)[rows]
-        t = 2 * dt * i
+        t = grid[2 * i]
         eps = draw_like(batch_size, tuple(x.shape[1:]), rows, gen, dev)
         alpha, sigma = sch.at(t, torch.float32)
         z = alpha[:, None, None, None] * x + sigma[:, None, None, None] * eps
-        x_tgt = distill_target(teacher, z, t, dt)
+        x_tgt = distill_target_path(teacher, z, t, grid[2 * i - 1], grid[2 * i - 2])
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda"):
             pred = student(z, t.float() / T)
         return weighted_x_loss(pred.float(), kind, z, x_tgt, alpha, sigma, weighting).sum() / batch_size
@@ -90,6 +105,7 @@ def distill_round(
     parent = models.load_card(parent_dir)
     check_round(parent, parent_dir, student_steps, rp.weighting)
     parent_steps = 2 * student_steps
+    teacher_grid(parent.schedule.T, parent_steps)  # refused before any work when 2N > T
     teacher = models.load_denoiser(parent_dir, device).requires_grad_(False)
     images = storage.load_array(Path(data_dir) / "train_images.npy")
     data = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2))).to(device)
