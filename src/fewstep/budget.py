@@ -77,11 +77,56 @@ def evaluator_gflops(p: Params, num_classes: int = 10) -> float:
     return model_gflops(Evaluator(cfg).eval(), (3, p.base.image_size, p.base.image_size))
 
 
+@lru_cache(maxsize=1)
 def peer_gflops() -> float:
     """Model GFLOPs of one forward pass of diffusers' DDPM CIFAR-10 UNet at 32x32 (needs diffusers)."""
     from fewstep.peers import ddpm_cifar10_unet
 
     return model_gflops(ddpm_cifar10_unet().eval(), (3, 32, 32), torch.ones(1))
+
+
+DDPM_T = 1000  # google/ddpm-cifar10-32's num_train_timesteps
+
+
+@lru_cache(maxsize=8)
+def _source_cost(path: str) -> tuple[float, int]:
+    """(GFLOPs per call, T) of an imported teacher's source: its own UNet config and scheduler config
+    when ``path`` is a local dir that has them, else the DDPM CIFAR-10 UNet's (the peer) and T=1000."""
+    import json
+    from pathlib import Path
+
+    from fewstep import storage
+
+    local = None if storage.is_remote(path) else Path(path)
+    cfg = local / "config.json" if local else None
+    if cfg is not None and cfg.exists():
+        from fewstep.interop.standin import unet_from_config
+
+        unet = unet_from_config(cfg).eval()
+        c, size = unet.config.in_channels, unet.config.sample_size
+        g = model_gflops(unet, (c, size, size), torch.ones(1))
+    else:
+        g = peer_gflops()
+    T = DDPM_T
+    for sc in ([local / "scheduler_config.json", local / "scheduler" / "scheduler_config.json"] if local else []):
+        if sc.exists():
+            T = int(json.loads(sc.read_text()).get("num_train_timesteps", DDPM_T))
+            break
+    return g, T
+
+
+def teacher_cost(p: Params) -> tuple[float, int]:
+    """(GFLOPs per call, T) of the teacher: the trained net at base.image_size and schedule.T, or an
+    imported one's (teacher.source: :func:`_source_cost`)."""
+    if p.teacher.source is None:
+        return unet_gflops(p.teacher, p.base.image_size), p.schedule.T
+    from fewstep.config import ParamsError
+
+    try:
+        path = p.teacher.source.resolved_path()
+    except ParamsError:  # an unset $VARIABLE: the DDPM CIFAR-10 figures
+        path = ""
+    return _source_cost(path) if path else (peer_gflops(), DDPM_T)
 
 
 def rate_from_peer(peer_train_images_per_s: float, gflops: float | None = None) -> float:
@@ -101,12 +146,16 @@ def _ddim_nfe(steps: int) -> int:
 
 def project(p: Params) -> list[Work]:
     """Every stage's work for params ``p`` (what `dvc repro` runs from scratch)."""
-    size, T = p.base.image_size, p.schedule.T
+    size = p.base.image_size
     out: list[Work] = []
-    tg = unet_gflops(p.teacher, size)
+    tg, T = teacher_cost(p)
     tp = p.teacher
-    out.append(Work("train_teacher", f"teacher P={tp.net.patch_size}", tg, train=tp.steps * tp.batch_size,
-                    forward=tp.sample.n * _grid_steps(tp.sample, 64)))
+    if tp.source is None:
+        out.append(Work("train_teacher", f"teacher P={tp.net.patch_size}", tg, train=tp.steps * tp.batch_size,
+                        forward=tp.sample.n * _grid_steps(tp.sample, 64)))
+    else:  # imported: its sample grid only
+        out.append(Work("train_teacher", f"imported {tp.source.kind} teacher", tg,
+                        forward=tp.sample.n * _grid_steps(tp.sample, 64)))
     nets = {"teacher": tg}  # the net each model dir holds (students copy their parent's)
     steps_of = {"teacher": T}
     rounds = sorted(p.distill.rounds, key=lambda n: -p.distill.round(n).steps)  # pipeline order

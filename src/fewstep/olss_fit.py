@@ -31,6 +31,7 @@ from fewstep.math.ddim import PerImageNoise, sample_ddim
 from fewstep.math.olss import OLSSScheduler, fit_weights, refit_closed_loop, sample_olss, search_path, uniform_path
 from fewstep.math.param import Denoiser
 from fewstep.math.schedules import timesteps
+from fewstep.teacher_source import card_source_sha256
 from fewstep.trajectories import load_steps, load_subsample
 
 HOLDOUT_SEED = 2_000_000
@@ -82,6 +83,9 @@ def fit_variants(den: Denoiser, model: str, traj_dir: Path, n: int, op: OLSSPara
                "trajectories": str(traj_dir), "reference_steps": N, "fit_seeds": len(tmeta["seeds"]),
                "elements": int(X.shape[1]), "path_note": ps.note, "D": ps.D, "ridge": op.ridge,
                "schedule": card.schedule.to_dict(), "parameterization_basis": "x"}
+    source = card_source_sha256(card)
+    if source:  # the model descends from an imported teacher: the scheduler names its source too
+        lineage["source_sha256"] = source
     open_loop.meta = {**lineage, "variant": "open-loop"}
     uni = fit_weights(X, E, uniform_path(N, min(n, N)), t_path, op.ridge)
     uni.meta = {**lineage, "variant": "olss-p", "path_note": "uniform"}

@@ -75,13 +75,23 @@ def load_diffusers():
     return diffusers
 
 
+def _schedule_config(name: str, den: NetDenoiser) -> dict:
+    """The peer's num_train_timesteps and betas. Our alpha table as trained_betas (diffusers index i =
+    our i + 1; a truncated table is a prefix of ours: index i keeps its noise level, _time_map is
+    unchanged); for an imported diffusers model (card schedule kind "diffusers") its own beta config,
+    so diffusers recomputes exactly the alphas_cumprod the model was trained with (our table is that,
+    widened to float64) and the peers run as a diffusers user runs them."""
+    sch = den.schedule
+    spec = getattr(getattr(den, "card", None), "schedule", None)
+    if name != "heun" and spec is not None and spec.kind == "diffusers" and spec.T == sch.T:
+        return dict(num_train_timesteps=sch.T, **spec.kwargs())
+    T = truncated_T(den, HEUN_SIGMA_MAX) if name == "heun" else sch.T
+    return dict(num_train_timesteps=T, trained_betas=_betas(sch.alpha)[:T])
+
+
 def make_scheduler(name: str, den: NetDenoiser):
     d = load_diffusers()
-
-    sch = den.schedule
-    T = truncated_T(den, HEUN_SIGMA_MAX) if name == "heun" else sch.T
-    # a truncated table is a prefix of ours: index i keeps its noise level, _time_map is unchanged
-    base = dict(num_train_timesteps=T, trained_betas=_betas(sch.alpha)[:T], prediction_type=_PRED[den.kind])
+    base = dict(**_schedule_config(name, den), prediction_type=_PRED[den.kind])
     if name == "ddim":
         return d.DDIMScheduler(**base, clip_sample=False, set_alpha_to_one=True, timestep_spacing="trailing")
     if name == "pndm":

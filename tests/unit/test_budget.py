@@ -81,3 +81,18 @@ def test_gpu_profile_fits_an_hour_of_h100_at_the_peer_rate():
     assert minutes < 45, f"profiles/gpu.yaml projects to {minutes:.0f} min of H100 time"
     full = load_params(ROOT / "params.yaml", "gpu-full")
     assert sum(budget.by_stage(budget.project(full)).values()) / rate / 60 > minutes
+
+
+def test_the_ddpm_profile_counts_the_imported_teacher_and_fits_45_minutes_of_h100():
+    """profiles/ddpm-cifar10.yaml: no teacher training, the DDPM UNet's FLOPs and T = 1000 (no source
+    dir here: the DDPM CIFAR-10 figures), under the same margin as the GPU profile."""
+    pytest.importorskip("diffusers")
+    p = load_params(ROOT / "params.yaml", "ddpm-cifar10")
+    work = budget.project(p)
+    g = budget.peer_gflops()
+    teacher = [w for w in work if w.stage == "train_teacher"]
+    assert len(teacher) == 1 and teacher[0].train == 0 and teacher[0].gflops == g
+    ddim = [w for w in work if w.stage == "ddim_study"][0]
+    assert ddim.forward > 2 * p.ddim_study.n_images * 1000  # the 1000-step grid is counted (T = 1000, not 1024)
+    minutes = sum(budget.by_stage(work).values()) / budget.rate_from_peer(budget.H100_PEER_TRAIN_IMAGES_PER_S, g) / 60
+    assert 10 < minutes < 45, f"profiles/ddpm-cifar10.yaml projects to {minutes:.0f} min of H100 time"

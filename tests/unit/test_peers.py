@@ -71,3 +71,23 @@ def test_heun_converges_to_many_step_ddim_on_analytic_optima():
             if nfe >= min_nfe:
                 assert err[nfe] <= 1.2 * float((ddim - ref).pow(2).mean().sqrt()), (type(net).__name__, nfe, err)
         assert err[3] > err[7] > err[19] > err[39] > err[99] and err[99] < 5e-3, (type(net).__name__, err)
+
+
+@pytest.mark.parametrize("kind", ["eps", "v"])
+def test_on_a_1000_step_linear_schedule_the_ddim_peer_reproduces_fewstep_ddim(kind):
+    """T = 1000, DDPM linear betas (a diffusers model's grid, not a power of two): the trained_betas
+    handed to diffusers give back our alpha table, and the DDIM peer walks our trailing grid at every
+    step count that divides T (diffusers' DDIM steps by T // N, so only those are the same grid)."""
+    from fewstep.math.schedules import linear_schedule
+
+    base = _den(kind)
+    den = NetDenoiser(base.net, linear_schedule(1000), kind).requires_grad_(False)
+    sched = peers.make_scheduler("ddim", den)
+    torch.testing.assert_close(sched.alphas_cumprod.double(), torch.from_numpy(den.schedule.alpha[1:] ** 2),
+                               rtol=1e-5, atol=1e-7)
+    x_T = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(3))
+    for n in (4, 5, 8, 10):
+        ours = sample_ddim(den, x_T, timesteps(1000, n), clip=False).clamp(-1, 1)
+        theirs, nfe = peers.sample_peer("ddim", den, x_T, n)
+        assert nfe == n
+        torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=2e-4)

@@ -28,7 +28,7 @@ def _structure(p):
     }
 
 
-@pytest.mark.parametrize("profile", ["gpu", "gpu-full"])
+@pytest.mark.parametrize("profile", ["gpu", "gpu-full", "ddpm-cifar10"])
 def test_smoke_keeps_every_stage_and_shrinks_every_size(profile):
     raw = deep_merge(yaml.safe_load((ROOT / "params.yaml").read_text()),
                      yaml.safe_load((ROOT / "profiles" / f"{profile}.yaml").read_text()))

@@ -187,6 +187,17 @@ def _verified(model_dir: Path) -> tuple[ModelCard, str]:
     return card, _verified_weights(model_dir, card.weights_sha256)
 
 
+def _source_tags(card: ModelCard) -> dict[str, Any]:
+    """family, and for an imported teacher or anything made from one (its students, their OLSS
+    schedulers) the source it descends from: source_sha256 (searchable: every version made from one
+    source), source_kind and source_url."""
+    from fewstep.teacher_source import card_source_sha256
+
+    source = getattr(card.lineage, "source", None) or {}
+    return {"family": card.family, "source_sha256": card_source_sha256(card), "source_kind": source.get("kind"),
+            "source_url": source.get("url") or source.get("path")}
+
+
 def _model_artifacts(model_dir: Path) -> dict[str, str]:
     from fewstep import models
 
@@ -229,7 +240,8 @@ def register_model_dir(
         out = {"role": card.role, "model": model_dir.name, "dataset": lin.dataset,
                "data_hash": lin.data_hash, "weights_sha256": sha, "params_hash": lin.params_hash,
                "run_hash": lin.run_hash, "parameterization": card.parameterization,
-               "image_size": card.image_size, "sample_steps": card.sample_steps, "nfe": steps}
+               "image_size": card.image_size, "sample_steps": card.sample_steps, "nfe": steps,
+               **_source_tags(card)}
         if card.role == "student":
             p = lin.parent
             if p is None:
@@ -313,7 +325,8 @@ def register_scheduler(
             "sample_steps": sched.steps, "nfe": sched.steps, "timesteps": json.dumps(sched.timesteps),
             "reference_steps": meta.get("reference_steps"), "parent_model": pname, "parent_version": pver,
             "parent_weights_sha256": wsha, "trajectories_path": meta.get("trajectories"),
-            "trajectories_hash": provenance.trajectories_hash(meta, src.repo, src.lock), **src.tags(path),
+            "trajectories_hash": provenance.trajectories_hash(meta, src.repo, src.lock), **_source_tags(card),
+            **src.tags(path),
         }
 
     name = scheduler_registry_name(dataset, model, sched.steps)
