@@ -113,15 +113,22 @@ def diffusers_betas(T: int, beta_schedule: str = "linear", beta_start: float = 1
     raise ValueError(f"unknown beta_schedule {beta_schedule!r}; expected one of {BETA_SCHEDULES} or trained_betas")
 
 
+def diffusers_alphas_cumprod(T: int, beta_schedule: str = "linear", beta_start: float = 1e-4, beta_end: float = 0.02,
+                             trained_betas: Sequence[float] | None = None) -> torch.Tensor:
+    """diffusers' ``alphas_cumprod`` (float32, diffusers indices 0..T-1): prod_{j<=k} (1 - beta_j),
+    accumulated in float32 as diffusers does."""
+    betas = diffusers_betas(T, beta_schedule, beta_start, beta_end, trained_betas)
+    if not bool(((betas > 0) & (betas < 1)).all()):
+        raise ValueError("diffusers betas must lie in (0, 1)")
+    return torch.cumprod(1.0 - betas, dim=0)
+
+
 def diffusers_schedule(T: int, beta_schedule: str = "linear", beta_start: float = 1e-4, beta_end: float = 0.02,
                        trained_betas: Sequence[float] | None = None) -> Schedule:
     """An imported diffusers model's schedule: abar_i (i = 1..T) is diffusers' float32
     ``alphas_cumprod[i-1]`` bit for bit (cumprod of 1 - beta in float32, as diffusers does), widened to
     float64; index 0 is clean. alpha_i = sqrt(abar_i), sigma_i = sqrt(1 - abar_i) in float64."""
-    betas = diffusers_betas(T, beta_schedule, beta_start, beta_end, trained_betas)
-    if not bool(((betas > 0) & (betas < 1)).all()):
-        raise ValueError("diffusers betas must lie in (0, 1)")
-    abar = torch.cumprod(1.0 - betas, dim=0).double().numpy()
+    abar = diffusers_alphas_cumprod(T, beta_schedule, beta_start, beta_end, trained_betas).double().numpy()
     abar = np.concatenate([[1.0], abar])
     return Schedule(DIFFUSERS_KIND, T, np.sqrt(abar), np.sqrt(1.0 - abar))
 
