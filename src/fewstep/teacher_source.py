@@ -31,7 +31,7 @@ def source_sha256(source: Mapping[str, Any] | None) -> str | None:
         return None
     if source.get("sha256"):
         return str(source["sha256"])
-    files = source.get("files") or source.get("sha256s") or source.get("file_sha256")
+    files = source.get("files")
     return storage.sha256_json(files) if files else None
 
 

@@ -81,3 +81,31 @@ def test_the_ddpm_profile_imports_and_halves_on_1000():
         teacher_grid(1000, 2 * r.steps)  # every round's teacher grid exists on T = 1000
     assert {p.distill.round(n).steps for n in p.distill.rounds} >= {4, 5, 8, 10}
     assert set(p.olss.steps) == {4, 5, 8, 10} and set(p.evaluate.peer_steps) == {4, 5, 8, 10}
+
+
+def test_the_import_checks_the_pin_and_the_image_size_and_writes_nothing_on_a_mismatch(tmp_path):
+    pytest.importorskip("diffusers")
+    from fewstep import models
+    from fewstep.interop.standin import write_standin
+    from fewstep.teacher_source import SourceMismatchError, card_source_sha256, import_source
+
+    src = write_standin(tmp_path / "src", image_size=8, channels=8)
+    p = tiny_params()  # base.image_size 8
+    p["teacher"]["source"] = {"kind": "diffusers", "path": str(src)}
+    card = import_source(validate(p), tmp_path / "models" / "teacher")
+    digest = card_source_sha256(card)
+    assert card.family == "diffusers-unet2d" and card.schedule.T == 1000 and card.lineage.dataset == "cifar10"
+    assert models.load_card(tmp_path / "models" / "teacher") == card and len(digest) == 64
+
+    bad = [({"sha256": "0" * 64}, "not the pinned"), ({}, "base.image_size is 16")]
+    for extra, words in bad:
+        q = tiny_params()
+        q["teacher"]["source"] = {"kind": "diffusers", "path": str(src), **extra}
+        if not extra:
+            q["base"]["image_size"] = 16
+            q["teacher"]["net"]["attn_resolutions"] = []
+        with pytest.raises(SourceMismatchError, match=words):
+            import_source(validate(q), tmp_path / "other" / "teacher")
+        assert not (tmp_path / "other" / "teacher").exists()
+    p["teacher"]["source"]["sha256"] = digest  # the right pin imports
+    assert card_source_sha256(import_source(validate(p), tmp_path / "pinned")) == digest
