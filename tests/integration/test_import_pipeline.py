@@ -107,16 +107,24 @@ def test_dvc_repro_of_an_imported_teacher_registers_everything_with_the_source_s
     assert all(t["source_sha256"] == digest for _, t in chain) and chain[-1][1]["family"] == "diffusers-unet2d"
     assert (repo / "registry/promotions.json").exists()
 
-    # the registered pyfunc sampler of a diffusers-family student draws the stage's own samples
-    import mlflow
+    # the registered pyfunc sampler of a diffusers-family student (loaded in a fresh process, from the
+    # registry, with the fewstep code it carries) draws the stage's own samples
+    import json
+    import os
+    import subprocess
 
     from fewstep.images import to_uint8
     from fewstep.math.ddim import generate
     from fewstep.math.schedules import timesteps
+    from tests.mlflow_helpers import LOAD_SAMPLER
 
-    local = mlflow.artifacts.download_artifacts(artifact_uri="models:/cifar10-student-4step/1", tracking_uri=uri,
-                                                dst_path=str(tmp_path / "pyfunc"))
-    got = mlflow.pyfunc.load_model(local).predict({"n": 2, "seed": 5})
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "MLFLOW_REGISTRY_URI": uri}
+    r = subprocess.run([sys.executable, "-c", LOAD_SAMPLER, json.dumps({"s4": "models:/cifar10-student-4step/1"}),
+                        str(tmp_path / "out.npz")], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
     student = models.load_denoiser(repo / "models/student-4")
-    want = to_uint8(generate(student, range(5, 7), student.card.image_shape, timesteps(1000, 4)))
-    np.testing.assert_array_equal(got, want)
+    want = to_uint8(generate(student, range(5, 8), student.card.image_shape, timesteps(1000, 4)))
+    np.testing.assert_array_equal(np.load(tmp_path / "out.npz")["s4"], want)
+    reqs = [f.read_text() for f in (repo / "mlartifacts").rglob("requirements.txt")]
+    assert len(reqs) == 8  # 3 models, 4 OLSS variants, the evaluator
+    assert sum("diffusers==" in r for r in reqs) == 7  # served elsewhere, every sampler needs diffusers

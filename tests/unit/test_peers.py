@@ -91,3 +91,24 @@ def test_on_a_1000_step_linear_schedule_the_ddim_peer_reproduces_fewstep_ddim(ki
         theirs, nfe = peers.sample_peer("ddim", den, x_T, n)
         assert nfe == n
         torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=2e-4)
+
+
+def test_an_imported_diffusers_schedule_is_handed_to_the_peers_as_its_own_beta_config():
+    """A card schedule of kind "diffusers": the peers get the model's own beta spec, so diffusers'
+    alphas_cumprod is bit for bit the float32 table the model was trained with (= ours, widened)."""
+    import types
+
+    from fewstep.math.schedules import diffusers_schedule
+    from fewstep.models import ScheduleSpec
+
+    spec = ScheduleSpec("diffusers", 1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    den = NetDenoiser(_den("eps").net, diffusers_schedule(1000, **spec.kwargs()), "eps").requires_grad_(False)
+    den.card = types.SimpleNamespace(schedule=spec)
+    d = peers.load_diffusers()
+    own = d.DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    for name in ("ddim", "dpmpp_2m", "unipc"):
+        sched = peers.make_scheduler(name, den)
+        assert torch.equal(sched.alphas_cumprod, own.alphas_cumprod)
+        torch.testing.assert_close(sched.alphas_cumprod.double(), torch.from_numpy(den.schedule.alpha[1:] ** 2),
+                                   rtol=1e-12, atol=0)
+    assert peers.make_scheduler("heun", den).config.trained_betas is not None  # Heun keeps its (cut) table

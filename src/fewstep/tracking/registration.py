@@ -88,6 +88,7 @@ class _Version:
     model_config: Mapping[str, Any]
     module: str = SAMPLER_MODULE
     kind: str = "sampler"
+    requires: tuple[str, ...] = ()  # distributions the pyfunc needs beyond _pip_requirements' own
 
 
 def _register(t: Tracking, v: _Version, run_id: str | None) -> Registered:
@@ -96,7 +97,7 @@ def _register(t: Tracking, v: _Version, run_id: str | None) -> Registered:
         if existing is not None:
             return Registered(v.name, str(existing.version), False, dict(existing.tags))
         tags = _clean(v.tags())
-        model_id = _log_pyfunc(t, dict(v.artifacts), dict(v.model_config), run_id, tags, v.module)
+        model_id = _log_pyfunc(t, dict(v.artifacts), dict(v.model_config), run_id, tags, v.module, v.requires)
         mv = _create_version(t, v.name, model_id, run_id, tags, v.kind)
     return Registered(v.name, str(mv.version), True, tags)
 
@@ -119,10 +120,10 @@ def find_version(name: str, tags: Mapping[str, str], tracking: Tracking | None =
     return min(found, key=lambda mv: int(mv.version)) if found else None
 
 
-def _pip_requirements() -> list[str]:
+def _pip_requirements(extra: tuple[str, ...] = ()) -> list[str]:
     """Explicit pins (requirement inference is slow and adds stray packages: mlops.md 4a)."""
     reqs = []
-    for dist in ("mlflow", "torch", "numpy", "safetensors", "tqdm", "pillow"):
+    for dist in ("mlflow", "torch", "numpy", "safetensors", "tqdm", "pillow", *extra):
         try:
             reqs.append(f"{dist}=={importlib.metadata.version(dist).split('+')[0]}")
         except importlib.metadata.PackageNotFoundError:
@@ -131,7 +132,7 @@ def _pip_requirements() -> list[str]:
 
 
 def _log_pyfunc(t: Tracking, artifacts: dict[str, str], model_config: dict[str, Any], run_id: str | None,
-                tags: dict[str, str], module: str) -> str:
+                tags: dict[str, str], module: str, requires: tuple[str, ...] = ()) -> str:
     """Save the pyfunc (models from code: ``module``'s file, with fewstep as code_paths), upload it
     as a logged model; returns its model id."""
     code_file = importlib.util.find_spec(module).origin
@@ -141,7 +142,7 @@ def _log_pyfunc(t: Tracking, artifacts: dict[str, str], model_config: dict[str, 
         shutil.copytree(pkg_dir, pkg_copy, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         local = Path(tmp) / SAMPLER_ARTIFACT
         mlflow.pyfunc.save_model(path=str(local), python_model=code_file, artifacts=artifacts,
-                                 code_paths=[str(pkg_copy)], pip_requirements=_pip_requirements(),
+                                 code_paths=[str(pkg_copy)], pip_requirements=_pip_requirements(requires),
                                  model_config=model_config)
         lm = t.client.create_logged_model(t.experiment_id, name=SAMPLER_ARTIFACT, source_run_id=run_id,
                                           tags={k: v for k, v in tags.items() if not k.startswith("mlflow.")})
@@ -198,6 +199,11 @@ def _source_tags(card: ModelCard) -> dict[str, Any]:
             "source_url": source.get("url") or source.get("path")}
 
 
+def _requires(card: ModelCard) -> tuple[str, ...]:
+    """A diffusers-family network needs diffusers where the pyfunc is served."""
+    return ("diffusers",) if card.family.startswith("diffusers") else ()
+
+
 def _model_artifacts(model_dir: Path) -> dict[str, str]:
     from fewstep import models
 
@@ -252,7 +258,8 @@ def register_model_dir(
         return {**out, **src.tags(model_dir)}
 
     return _register(t, _Version(model_registry_name(card), {"weights_sha256": sha}, tags,
-                                 _model_artifacts(model_dir), {"default_steps": steps}), run_id)
+                                 _model_artifacts(model_dir), {"default_steps": steps}, requires=_requires(card)),
+                     run_id)
 
 
 def register_evaluator(
@@ -332,7 +339,8 @@ def register_scheduler(
     name = scheduler_registry_name(dataset, model, sched.steps)
     key = {"scheduler_sha256": ssha, "weights_sha256": wsha}
     artifacts = {**_model_artifacts(model_dir), "scheduler": str(path)}
-    return _register(t, _Version(name, key, tags, artifacts, {"default_steps": sched.steps}), run_id)
+    return _register(t, _Version(name, key, tags, artifacts, {"default_steps": sched.steps}, requires=_requires(card)),
+                     run_id)
 
 
 def register_all(
