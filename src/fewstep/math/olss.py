@@ -25,8 +25,8 @@ reference's intermediate steps and is not in span{x_T, E[p_0..p_{j-1}]}. So the 
 problems differ with the basis, and so do the searched paths and the weights; which one samples
 better is measured (fewstep.olss_fit fits both and keeps the better on held-out seeds as olss-N),
 not assumed. Measured on the analytic 8-mode mixture of tests/unit/test_olss.py (64-step
-reference, float64, 32 fitting and 64 held-out seeds): n = 4 paths [0, 14, 29, 42] (x) vs
-[0, 13, 29, 42] (eps), held-out RMSE 0.075 (x) vs 0.118 (eps).
+reference, float64, 32 fitting and 64 held-out seeds; `python benchmarks/olss_variants.py mixture`):
+n = 4 paths [0, 14, 29, 42] (x) vs [0, 13, 29, 42] (eps), held-out RMSE 0.075 (x) vs 0.118 (eps).
 
 Conditioning: the cosine table's first index has alpha_T = sqrt(sigmoid(logsnr_min = -20)) =
 4.5e-5, so 1/alpha_T = 2.2e4. In the eps basis eps_0 ~ x_T (nearly collinear) and the fitted
