@@ -8,7 +8,9 @@ sha256). Loading never unpickles: weights are safetensors, the card is JSON.
 On disk the card is one flat JSON object (the keys of format 1 plus ``family``, ``channels`` and
 ``conditioning``); format 1 files (no ``family``) still load. A new architecture family is one
 class with ``family``, ``to_dict``/``from_dict``, ``channels``, ``patch_sizes`` and ``build``,
-registered with :func:`register_family` (next: a diffusers ``UNet2DModel``).
+registered with :func:`register_family`; a family defined in another module is named in
+:data:`LAZY_FAMILIES` and imported on first use (``diffusers-unet2d``: fewstep.interop.unet2d, a
+diffusers ``UNet2DModel``; importing it does not import diffusers).
 """
 
 from __future__ import annotations
@@ -141,7 +143,8 @@ def family_class(family: str) -> type:
     if family not in FAMILIES and family in LAZY_FAMILIES:
         importlib.import_module(LAZY_FAMILIES[family])
     if family not in FAMILIES:
-        raise ModelCardError(f"unknown architecture family {family!r}; known: {sorted(set(FAMILIES) | set(LAZY_FAMILIES))}")
+        known = sorted(set(FAMILIES) | set(LAZY_FAMILIES))
+        raise ModelCardError(f"unknown architecture family {family!r}; known: {known}")
     return FAMILIES[family]
 
 

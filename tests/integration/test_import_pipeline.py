@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from fewstep import models, storage
+from fewstep.olss_fit import variant_files
 from tests.integration.conftest import build_tiny_repo, run
 
 pytest.importorskip("diffusers")
@@ -85,7 +86,7 @@ def test_dvc_repro_of_an_imported_teacher_registers_everything_with_the_source_s
     assert sched["meta"]["source_sha256"] == digest
     rows = storage.read_json(repo / "metrics/evaluate.json")["rows"]
     for name in ("teacher ddim 4", "teacher ddim 16", "student-4 ddim 4", "student-8 ddim 8", "teacher olss-4",
-                 "diffusers ddim 4"):
+                 "teacher olss-paper-4", "diffusers ddim 4"):
         assert name in rows and np.isfinite(rows[name]["fd"]), sorted(rows)
 
     # the registry: every version made from the source is found by its sha256, with lineage to it
@@ -97,7 +98,8 @@ def test_dvc_repro_of_an_imported_teacher_registers_everything_with_the_source_s
     names = sorted({v.name for v in found})
     assert names == ["cifar10-olss-teacher-4step", "cifar10-student-4step", "cifar10-student-8step",
                      "cifar10-teacher"], names
-    assert sum(v.name == "cifar10-olss-teacher-4step" for v in found) == 4  # the four OLSS variants
+    n_olss = len(variant_files(4))  # every OLSS variant and the headline olss-4
+    assert sum(v.name == "cifar10-olss-teacher-4step" for v in found) == n_olss
     chain, cur = [], ("cifar10-student-4step", "1")
     while cur:  # parent_model / parent_version tags, as fewstep.tracking.lineage follows them
         tags = c.get_model_version(*cur).tags
@@ -126,5 +128,5 @@ def test_dvc_repro_of_an_imported_teacher_registers_everything_with_the_source_s
     want = to_uint8(generate(student, range(5, 8), student.card.image_shape, timesteps(1000, 4)))
     np.testing.assert_array_equal(np.load(tmp_path / "out.npz")["s4"], want)
     reqs = [f.read_text() for f in (repo / "mlartifacts").rglob("requirements.txt")]
-    assert len(reqs) == 8  # 3 models, 4 OLSS variants, the evaluator
-    assert sum("diffusers==" in r for r in reqs) == 7  # served elsewhere, every sampler needs diffusers
+    assert len(reqs) == 3 + n_olss + 1  # 3 models, the OLSS files, the evaluator
+    assert sum("diffusers==" in r for r in reqs) == 3 + n_olss  # served elsewhere, every sampler needs diffusers

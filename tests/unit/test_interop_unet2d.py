@@ -223,10 +223,20 @@ def test_prediction_types_and_beta_schedules(tmp_path, prediction_type, betas):
     den = models.load_denoiser(tmp_path / "teacher")
     assert torch.equal(torch.from_numpy(den.schedule.alpha[1:] ** 2).float(), sched.alphas_cumprod)
     x_T = _noise(5)
-    for k in (4, 10):
-        ours = sample_ddim(den, x_T, timesteps(T, k), clip=False)
-        theirs = _ddim_loop(unet, sched.config, x_T, k)
-        _assert_same_samples(ours, theirs)
+    ours = sample_ddim(den, x_T, timesteps(T, 5), clip=False)  # 5 steps: T/k = 200 (k=4 and 10: the trained teacher)
+    theirs = _ddim_loop(unet, sched.config, x_T, 5)
+    _assert_same_samples(ours, theirs)
+
+
+def test_the_diffusers_peers_run_on_an_imported_teacher(trained):
+    peers = pytest.importorskip("fewstep.peers")
+    den = models.load_denoiser(trained["teacher"])
+    x_T = _noise(11)
+    theirs, nfe = peers.sample_peer("ddim", den, x_T, 4)  # our table handed back to diffusers, fractional-safe times
+    ours = sample_ddim(den, x_T, timesteps(T, 4), clip=False).clamp(-1, 1)
+    assert nfe == 4 and (theirs - ours).abs().max().item() <= 1e-4
+    x, nfe = peers.sample_peer("dpmpp_2m", den, x_T, 4)
+    assert nfe == 4 and torch.isfinite(x).all()
 
 
 def test_import_from_an_fsspec_url(trained, tmp_path):
@@ -267,7 +277,8 @@ BAD = {
     "class_embed_type": (lambda d: _write_json(d / "unet" / "config.json", class_embed_type="timestep"),
                          "conditional UNet"),
     "scheduler_class": (lambda d: _write_json(d / "scheduler" / "scheduler_config.json",
-                                              _class_name="ScoreSdeVeScheduler"), "scheduler class 'ScoreSdeVeScheduler'"),
+                                              _class_name="ScoreSdeVeScheduler"),
+                        "scheduler class 'ScoreSdeVeScheduler' is not supported; supported: DDPMScheduler"),
     "beta_schedule": (lambda d: _write_json(d / "scheduler" / "scheduler_config.json", beta_schedule="sigmoid"),
                       "beta_schedule 'sigmoid' is not supported; supported: linear, scaled_linear, squaredcos_cap_v2"),
     "prediction_type": (lambda d: _write_json(d / "scheduler" / "scheduler_config.json", prediction_type="flow"),
@@ -299,6 +310,12 @@ def test_a_bad_source_gives_one_clear_line_and_writes_nothing(good_src, tmp_path
         unet2d.import_teacher(src, out_parent / "teacher")
     assert message in str(e.value) and "\n" not in str(e.value), str(e.value)
     assert list(out_parent.iterdir()) == []  # no model dir, no temp dir
+
+
+def test_a_missing_source_dir_is_refused(tmp_path):
+    with pytest.raises(unet2d.DiffusersSourceError, match="is not a directory; expected a diffusers save_pretrained"):
+        unet2d.import_teacher(tmp_path / "nope", tmp_path / "teacher")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_bad_import_keeps_an_earlier_model_dir(good_src, tmp_path):

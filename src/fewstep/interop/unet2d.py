@@ -80,7 +80,8 @@ def _diffusers():
     try:
         import diffusers
     except ImportError:
-        raise DiffusersMissingError("the diffusers-unet2d family needs diffusers: pip install 'fewstep[peers]'") from None
+        raise DiffusersMissingError("the diffusers-unet2d family needs diffusers: "
+                                    "pip install 'fewstep[peers]'") from None
     return diffusers
 
 
@@ -131,7 +132,8 @@ class UNet2DAdapter(torch.nn.Module):
     def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:  # type: ignore[override]
         return self.unet.state_dict(*args, **kwargs)
 
-    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):  # type: ignore[override]
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True,  # type: ignore[override]
+                        assign: bool = False):
         return self.unet.load_state_dict(state_dict, strict=strict, assign=assign)
 
     def trainable_copy(self) -> "UNet2DAdapter":
@@ -254,8 +256,8 @@ def _layout(src: _Source) -> tuple[str, str]:
     for rel in ("scheduler/" + SCHEDULER_CONFIG, unet + SCHEDULER_CONFIG, SCHEDULER_CONFIG):
         if src.exists(rel):
             return unet, rel
-    raise DiffusersSourceError(f"{src.url} has no scheduler config (scheduler/{SCHEDULER_CONFIG} or {SCHEDULER_CONFIG}); "
-                               f"expected {SUPPORTED}")
+    raise DiffusersSourceError(f"{src.url} has no scheduler config (scheduler/{SCHEDULER_CONFIG} or "
+                               f"{SCHEDULER_CONFIG}); expected {SUPPORTED}")
 
 
 def _check_unet_config(cfg: Mapping[str, Any], where: str) -> None:
@@ -263,9 +265,9 @@ def _check_unet_config(cfg: Mapping[str, Any], where: str) -> None:
     conditional = cls == "UNet2DConditionModel" or cfg.get("class_embed_type") is not None \
         or cfg.get("num_class_embeds") is not None
     if conditional:
-        raise DiffusersSourceError(f"{where}: a conditional UNet ({cls}, class_embed_type={cfg.get('class_embed_type')!r}, "
-                                   f"num_class_embeds={cfg.get('num_class_embeds')!r}) is not supported yet; "
-                                   f"supported: {SUPPORTED}")
+        raise DiffusersSourceError(f"{where}: a conditional UNet ({cls}, class_embed_type="
+                                   f"{cfg.get('class_embed_type')!r}, num_class_embeds="
+                                   f"{cfg.get('num_class_embeds')!r}) is not supported yet; supported: {SUPPORTED}")
     if cls != UNET_CLASS:
         raise DiffusersSourceError(f"{where}: model class {cls!r} is not supported; supported: {SUPPORTED}")
     if cfg.get("time_embedding_type", "positional") != "positional":
@@ -273,7 +275,8 @@ def _check_unet_config(cfg: Mapping[str, Any], where: str) -> None:
                                    f"supported: 'positional' (DDPM-style timesteps)")
     if cfg.get("in_channels", 3) != cfg.get("out_channels", 3):
         raise DiffusersSourceError(f"{where}: out_channels {cfg.get('out_channels')} != in_channels "
-                                   f"{cfg.get('in_channels')} (learned variance?); supported: one prediction per channel")
+                                   f"{cfg.get('in_channels')} (learned variance?); "
+                                   f"supported: one prediction per channel")
     _square_size(cfg)
 
 
@@ -281,17 +284,19 @@ def _schedule_spec(cfg: Mapping[str, Any], where: str) -> tuple[models.ScheduleS
     """(the schedule, our parameterisation) from a scheduler config."""
     cls = cfg.get("_class_name")
     if cls not in SCHEDULERS:
-        raise DiffusersSourceError(f"{where}: scheduler class {cls!r} is not supported; supported: {', '.join(SCHEDULERS)}")
+        raise DiffusersSourceError(f"{where}: scheduler class {cls!r} is not supported; "
+                                   f"supported: {', '.join(SCHEDULERS)}")
     c = {**SCHEDULER_DEFAULTS, **cfg}
     pt = c["prediction_type"]
     if pt not in PREDICTION:
-        raise DiffusersSourceError(f"{where}: prediction_type {pt!r} is not supported; supported: {', '.join(PREDICTION)}")
+        raise DiffusersSourceError(f"{where}: prediction_type {pt!r} is not supported; "
+                                   f"supported: {', '.join(PREDICTION)}")
     if c.get("rescale_betas_zero_snr"):
         raise DiffusersSourceError(f"{where}: rescale_betas_zero_snr=true is not supported; supported: "
                                    f"beta_schedule {', '.join(BETA_SCHEDULES)} or trained_betas, without rescaling")
     if str(c.get("variance_type") or "fixed_small").startswith("learned"):
-        raise DiffusersSourceError(f"{where}: variance_type {c['variance_type']!r} (a learned variance) is not supported; "
-                                   f"supported: fixed variances")
+        raise DiffusersSourceError(f"{where}: variance_type {c['variance_type']!r} (a learned variance) is not "
+                                   f"supported; supported: fixed variances")
     T = c["num_train_timesteps"]
     if not isinstance(T, int) or T < 2:
         raise DiffusersSourceError(f"{where}: num_train_timesteps {T!r} must be an int >= 2")
@@ -316,9 +321,10 @@ def _load_unet(src: _Source, unet_dir: str, cfg: Mapping[str, Any]) -> torch.nn.
     """Build the UNet from its config and load its safetensors weights strictly (never unpickles)."""
     if not src.exists(unet_dir + UNET_WEIGHTS):
         if src.exists(unet_dir + UNET_PICKLE):
-            raise DiffusersSourceError(f"{src.url}/{unet_dir}{UNET_PICKLE}: only pickled .bin weights, which fewstep never "
-                                       f"unpickles; supported: {UNET_WEIGHTS} (convert it where you trust the file: "
-                                       f"UNet2DModel.from_pretrained(dir).save_pretrained(dir, safe_serialization=True))")
+            raise DiffusersSourceError(f"{src.url}/{unet_dir}{UNET_PICKLE}: only pickled .bin weights, which fewstep "
+                                       f"never unpickles; supported: {UNET_WEIGHTS} (convert it where you trust the "
+                                       f"file: UNet2DModel.from_pretrained(dir).save_pretrained(dir, "
+                                       f"safe_serialization=True))")
         raise DiffusersSourceError(f"{src.url} has no {unet_dir}{UNET_WEIGHTS}; expected {SUPPORTED}")
     d = _diffusers()
     try:
@@ -329,12 +335,15 @@ def _load_unet(src: _Source, unet_dir: str, cfg: Mapping[str, Any]) -> torch.nn.
     try:
         state = storage.load_tensors(src.local(unet_dir + UNET_WEIGHTS))
     except Exception as e:  # safetensors' own error types
-        raise DiffusersSourceError(f"{src.url}/{unet_dir}{UNET_WEIGHTS} is not a readable safetensors file: {e}") from None
+        raise DiffusersSourceError(f"{src.url}/{unet_dir}{UNET_WEIGHTS} is not a readable safetensors file: "
+                                   f"{' '.join(str(e).split())}") from None
     try:
         unet.load_state_dict(state, strict=True)
     except RuntimeError as e:
-        first = str(e).splitlines()[0] + " " + " ".join(str(e).split()[1:12])
-        raise DiffusersSourceError(f"{src.url}/{unet_dir}{UNET_WEIGHTS} does not match its config.json: {first}...") from None
+        detail = " ".join(str(e).split())
+        detail = detail if len(detail) <= 240 else detail[:240] + "..."
+        raise DiffusersSourceError(f"{src.url}/{unet_dir}{UNET_WEIGHTS} does not match its config.json: "
+                                   f"{detail}") from None
     return unet.eval()
 
 
