@@ -153,14 +153,18 @@ def project(p: Params) -> list[Work]:
 
     ref = Planned("ddim", min(ev.reference_steps, T))  # the reference row: sampled once, reused by its row
     plan = [r for r in teacher_plan(ev, T) if r != ref]
-    nfe_teacher = ref.nfe + sum(r.nfe for r in plan)
+    # ranked rows (evaluation.is_headline) at n_headline: the reference, DDIM at the students' steps, OLSS, students
+    ranked = {steps_of[name] for name in rounds}
+    n, n_h = ev.n_samples, ev.headline_n
+    fwd_teacher = n_h * ref.nfe + sum((n_h if r.sampler == "ddim" and not r.options and r.steps in ranked else n)
+                                      * r.nfe for r in plan)
     for m in op_.models:
         if m == "teacher":
-            nfe_teacher += variants * sum(op_.steps)
-    out.append(Work("evaluate", "teacher rows", tg, forward=ev.n_samples * nfe_teacher))
+            fwd_teacher += n_h * variants * sum(op_.steps)
+    out.append(Work("evaluate", "teacher rows", tg, forward=fwd_teacher))
     for name in rounds:
         k = _ddim_nfe(steps_of[name]) + (variants * sum(op_.steps) if name in op_.models else 0)
-        out.append(Work("evaluate", f"{name} rows", nets[name], forward=ev.n_samples * k))
+        out.append(Work("evaluate", f"{name} rows", nets[name], forward=n_h * k))
     for name, (g, _) in study.items():
         k = sum(_ddim_nfe(n) for n in ev.study_steps if n <= T)
         out.append(Work("evaluate", f"{name} rows", g, forward=ev.n_samples * k))
@@ -168,7 +172,10 @@ def project(p: Params) -> list[Work]:
               + len(ev.study_steps) * len(study))
     eg = evaluator_gflops(p)
     out.append(Work("train_evaluator", "evaluator CNN", eg, train=p.evaluator.steps * p.evaluator.batch_size))
-    out.append(Work("evaluate", "evaluator features", eg, forward=ev.n_samples * n_rows + p.evaluator.ref_subset))
+    n_ranked = 1 + len(rounds) + variants * len(op_.steps) * len(op_.models) + sum(
+        r.sampler == "ddim" and not r.options and r.steps in ranked for r in plan)
+    out.append(Work("evaluate", "evaluator features", eg, forward=n * n_rows + (n_h - n) * n_ranked
+                    + p.evaluator.ref_subset + (len(ev.blur_sigmas) + 1) * n))  # + the FD sensitivity check
     rp = p.redundancy
     out.append(Work("redundancy", f"{1 + len(study)} models", sum([tg] + [g for g, _ in study.values()]),
                     forward=rp.n_images * rp.bins))

@@ -212,6 +212,24 @@ class EvaluateParams(_Strict):
                                    description="DDIM rows for every models/teacher-* (patch study, split)")
     inception_weights: str | None = Field(None, description="a user's FID Inception-v3 weight file (safetensors or "
                                           "a weights-only .pth): adds standard FID/KID beside the evaluator's")
+    n_headline: int = Field(0, ge=0, description="samples of the ranked rows (teacher DDIM at the reference and the "
+                            "students' steps, students, OLSS); at most n_samples (e.g. 0) = no second block")
+    fd_resamples: int = Field(200, ge=0, description="bootstrap resamples of each FD and RMSE interval (0 = none)")
+    dup_quantile: float = Field(0.01, gt=0.0, lt=1.0, description="duplicate threshold: this quantile of real-real "
+                                "nearest-neighbour distances in evaluator features")
+    blur_sigmas: list[float] = Field(default_factory=lambda: [0.5, 1.0],
+                                     description="FD sensitivity: Gaussian blurs (pixels) of the test split")
+
+    @model_validator(mode="after")
+    def _sigmas(self) -> "EvaluateParams":
+        if any(s <= 0 for s in self.blur_sigmas):
+            raise ValueError(f"evaluate.blur_sigmas must be positive, got {self.blur_sigmas}")
+        return self
+
+    @property
+    def headline_n(self) -> int:
+        """Samples of a ranked (headline) row."""
+        return max(self.n_headline, self.n_samples)
 
 
 class StudyParams(_Strict):

@@ -67,7 +67,10 @@ def test_the_reference_row_is_counted_once():
     without = _params(evaluate={"ddim_steps": [4]})
     ev = lambda q: sum(w.forward for w in budget.project(q) if w.net == "teacher rows")  # noqa: E731
     assert ev(with_ref) == ev(without)
-    assert ev(_params(evaluate={"ddim_steps": [4, 8]})) == ev(without) + 8 * p.evaluate.n_samples
+    # DDIM at a student's step count is a ranked row (n_headline samples); at another count, n_samples
+    assert ev(_params(evaluate={"ddim_steps": [4, 8]})) == ev(without) + 8 * p.evaluate.headline_n
+    assert ev(_params(evaluate={"ddim_steps": [4, 16]})) == ev(without) + 16 * p.evaluate.n_samples
+    assert p.evaluate.headline_n > p.evaluate.n_samples
 
 
 def test_gpu_profile_fits_an_hour_of_h100_at_the_peer_rate():
