@@ -240,8 +240,10 @@ def fd_sensitivity(feature_fn: Callable[[torch.Tensor], np.ndarray], stats: dict
                    sigmas: list[float], n: int, kid_subsets: int, seed: int, resamples: int) -> dict:
     """What FD can see: ``fd_floor``, the scores of n held-out real images (the test split) against
     the training reference (the noise floor at that n), and ``fd_blur``, the same images blurred
-    by each sigma (str(sigma) -> scores). n = min(n, test images)."""
-    x = test_images[:n]
+    by each sigma (str(sigma) -> scores): n = min(n, test images) drawn at random with ``seed`` (a
+    prepared split is ordered by class: its first n would be a different distribution)."""
+    pick = torch.randperm(len(test_images), generator=torch.Generator().manual_seed(seed))[:n]
+    x = test_images[pick.sort().values]
     floor = {"n": len(x), **feature_scores(feature_fn(x), stats, kid_subsets, seed, resamples)}
     blur = {f"{s:g}": {"n": len(x), **feature_scores(feature_fn(gaussian_blur(x, s)), stats, kid_subsets, seed,
                                                        resamples)} for s in sigmas}

@@ -107,7 +107,7 @@ def kid(x: np.ndarray, y: np.ndarray, subsets: int = 50, subset_size: int = 1000
 
 def _kth_radius(f: np.ndarray, k: int) -> np.ndarray:
     d = _pdist(f, f)
-    return np.sort(d, axis=1)[:, k]  # column 0 is the point itself
+    return np.partition(d, k, axis=1)[:, k]  # the k+1-th smallest: column 0 of a sort is the point itself
 
 
 def _pdist(a: np.ndarray, b: np.ndarray) -> np.ndarray:
