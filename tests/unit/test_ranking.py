@@ -105,3 +105,28 @@ def test_blur_is_visible_to_fd_and_the_rmse_interval_covers_rmse():
     a = np.random.default_rng(0).normal(size=(64, 3, 4, 4))
     lo, hi = M.rmse_interval(a, 0 * a, resamples=200)
     assert lo < M.rmse(a, 0 * a) < hi < 1.2
+
+
+def test_the_report_ranks_at_one_n_and_states_what_fd_can_see():
+    from fewstep.reports import evaluation_markdown
+
+    def row(nfe, fd, lo, hi, **kw):
+        block = {"n": 2000, "fd": fd, "fd_lo": lo, "fd_hi": hi, "kid": 0.1, "kid_se": 0.01, "precision": 0.7,
+                 "recall": 0.6, "dup_rate": 0.01, "rmse": 0.1, "rmse_lo": 0.09, "rmse_hi": 0.11, "psnr": 20.0}
+        return {**block, "n": 500, "headline": block, "nfe": nfe, "gflops": 1.0, "images_per_s": 1.0, **kw}
+
+    results = {"teacher ddim 64": row(64, 30.4, 29.5, 31.3, is_reference=True),
+               "student-4 ddim 4": row(4, 30.9, 29.9, 31.9), "teacher ddim 4": row(4, 53.6, 51.0, 56.0),
+               "diffusers unipc 4": {**row(4, 40.0, 39.0, 41.0)}}
+    del results["diffusers unipc 4"]["headline"]
+    meta = {"fd_floor": {"n": 500, "fd": 1.0, "fd_lo": 0.5, "fd_hi": 1.5, "kid": 0.0, "kid_se": 0.001},
+            "fd_blur": {"0.5": {"n": 500, "fd": 9.0, "fd_lo": 8.0, "fd_hi": 10.0, "kid": 0.1, "kid_se": 0.01}},
+            "dup_threshold": {"500": 1.0, "2000": 0.9}, "dup_quantile": 0.01}
+    md = evaluation_markdown(results, [], 500, "0.8", 64, meta)
+    ranked = md.split("## Ranked rows (2000 samples each)")[1].split("## FD sensitivity")[0]
+    assert "diffusers unipc 4" not in ranked  # not a ranked row: only in the table at n=500
+    line = lambda name: next(ln for ln in ranked.splitlines() if ln.startswith(f"| {name} |"))  # noqa: E731
+    assert "within noise of teacher ddim 64" in line("student-4 ddim 4")
+    assert "1.76x teacher ddim 64's FD (worse)" in line("teacher ddim 4")
+    assert "student-4 ddim 4 < teacher ddim 4" in ranked and "30.900 [29.900, 31.900]" in ranked
+    assert "| blurred, sigma 0.5 px | 9.000 [8.000, 10.000]" in md and "## All rows (500 samples each)" in md
