@@ -140,7 +140,7 @@ def ranking(root: Path) -> str:
     body = []
     for name, r in sorted(ranked.items(), key=lambda kv: (-kv[1]["nfe"], _scored(kv[1], n)["fd"])):
         h = _scored(r, n)
-        kid = f"{1e3 * h['kid']:.0f} ± {1e3 * h['kid_se']:.0f}" if h.get("kid_se") is not None else f"{1e3 * h['kid']:.0f}"
+        kid = f"{1e3 * h['kid']:.0f}" + (f" ± {1e3 * h['kid_se']:.0f}" if h.get("kid_se") is not None else "")
         dup = _g(h["dup_rate"], 2) if "dup_rate" in h else "-"
         vs = "reference" if name == ref_name else _vs(h, ref, "the teacher's DDIM-" + str(rows[ref_name]["nfe"]))
         body.append([name, str(r["nfe"]), str(h["n"]), _ci(h), kid, _g(h["recall"], 2), dup, vs])
@@ -284,7 +284,8 @@ def ddim_study(root: Path) -> str:
 
 SECTIONS: dict[str, Callable[[Path], str]] = {
     "evaluation": evaluation, "grids": grids, "pareto": pareto, "teacher": teacher, "distill": distill,
-    "ranking": ranking, "olss": olss, "study-rows": study_rows, "redundancy": redundancy, "objective": objective, "ddim-study": ddim_study,
+    "ranking": ranking, "olss": olss, "study-rows": study_rows, "redundancy": redundancy, "objective": objective,
+    "ddim-study": ddim_study,
 }
 
 

@@ -35,8 +35,8 @@ def _tree(root):
     d = root / "evaluator"
     d.mkdir()
     storage.save_tensors(d / WEIGHTS, ev.state_dict())
-    storage.save_tensors(d / STATS, {"mu": torch.from_numpy(f.mean(0)), "sigma": torch.from_numpy(np.cov(f, rowvar=False)),
-                                     "subset": torch.from_numpy(f)})
+    storage.save_tensors(d / STATS, {"mu": torch.from_numpy(f.mean(0)),
+                                     "sigma": torch.from_numpy(np.cov(f, rowvar=False)), "subset": torch.from_numpy(f)})
     storage.write_json(d / CONFIG, {"net": ev.cfg.to_dict()})
     return torch.rand(30, 3, 8, 8) * 2 - 1
 
