@@ -150,8 +150,11 @@ def ranking(root: Path) -> str:
         blur = ", ".join(f"sigma {s} px {_ci(b)}" for s, b in ev.get("fd_blur", {}).items())
         sens = (f"\nWhat FD can see (test split, n={floor['n']}): held-out real images score {_ci(floor)} (the floor), "
                 f"the same images blurred: {blur}.\n")
-    return ("FD with its 95% bootstrap interval, KID ± its standard error (x1e3), recall, the duplicate rate; an "
-            "order against the reference is stated only where the intervals separate, else \"within noise\".\n\n"
+    acc_file = root / "metrics/evaluator.json"
+    acc = f" (test accuracy {_read(root, 'metrics/evaluator.json')['test_accuracy']:.4f})" if acc_file.exists() else ""
+    return ("FD with its 95% bootstrap interval, KID ± its standard error (x1e3), recall, the duplicate rate, all in "
+            f"the pipeline's own evaluator features{acc}: an order holds in that feature space only. An order "
+            "against the reference is stated only where the intervals separate, else \"within noise\".\n\n"
             + _table(["row", "NFE", "n", "FD [95% CI]", "KID x1e3", "recall", "dup", "FD vs reference"],
                      list("lrrrrrrl"), body) + sens)
 
