@@ -33,20 +33,27 @@ HEADLINE = [
     ("teacher ddim 16", "teacher DDIM"),
     ("teacher ddim 8", "teacher DDIM"),
     ("student-8 ddim 8", "**student-8** (distilled)"),
-    ("teacher olss-8", "**OLSS on teacher** (closed loop)"),
+    ("teacher olss-8", None),
     ("diffusers unipc 8", "diffusers UniPC"),
     ("diffusers dpmpp_2m 8", "diffusers DPM-Solver++(2M)"),
     ("teacher ddim 4", "teacher DDIM"),
     ("student-4 ddim 4", "**student-4** (distilled)"),
-    ("teacher olss-4", "**OLSS on teacher** (closed loop)"),
-    ("teacher olss-open-4", "OLSS open loop (paper)"),
-    ("teacher olss-p-4", "OLSS-P"),
-    ("teacher olss-ridge-4", "OLSS, ridge 1e-4"),
+    ("teacher olss-4", None),
+    ("teacher olss-paper-4", None),
+    ("teacher olss-p-4", None),
+    ("teacher olss-open-4", None),
+    ("teacher olss-closed-4", None),
+    ("teacher olss-ridge-4", None),
     ("diffusers unipc 4", "diffusers UniPC"),
     ("diffusers dpmpp_2m 4", "diffusers DPM-Solver++(2M)"),
     ("teacher ddim 2", "teacher DDIM"),
     ("student-2 ddim 2", "**student-2** (distilled)"),
 ]
+# OLSS rows (label None above) are labelled from metrics/olss/<model>-<N>.json (fit_olss: each variant's
+# label, paper or beyond paper, and which variant olss-N is); metrics written before those fields
+# (every file then used the x-hat basis, olss-N was the closed loop) get these
+OLSS_LEGACY = {"olss": "**OLSS on {model}** (x-hat, closed loop)", "olss-open": "OLSS x-hat, open loop (beyond paper)",
+               "olss-p": "OLSS-P, x-hat basis (beyond paper)", "olss-ridge": "OLSS x-hat, ridge 1e-4 (beyond paper)"}
 # (grid file under reports/grids, caption) of the headline picture row
 GRIDS = [("teacher-ddim-64", "teacher DDIM 64"), ("teacher-ddim-4", "DDIM 4"), ("teacher-olss-4", "OLSS 4"),
          ("student-4-ddim-4", "student 4"), ("diffusers-unipc-4", "UniPC 4")]
@@ -115,12 +122,25 @@ def _rows(root: Path) -> dict[str, dict]:
     return _read(root, "metrics/evaluate.json")["rows"]
 
 
+def olss_label(root: Path, row: str) -> str:
+    """The label of OLSS row "<model> <stem>" (stem olss-N or <variant prefix>-N) from its fit's metrics."""
+    model, stem = row.split(" ", 1)
+    n = stem.rsplit("-", 1)[1]
+    rel = f"metrics/olss/{model}-{n}.json"
+    m = _read(root, rel) if (root / rel).exists() else {}
+    if "variants" in m:
+        if stem == f"olss-{n}":
+            return f"**OLSS on {model}** (best held-out: {m['chosen_label']})"
+        return next(v["label"] for v in m["variants"].values() if v["file"] == f"{stem}.json")
+    return OLSS_LEGACY[stem.rsplit("-", 1)[0]].format(model=model)
+
+
 def evaluation(root: Path) -> str:
     ev = _read(root, "metrics/evaluate.json")
     acc = _read(root, "metrics/evaluator.json")["test_accuracy"]
     rows = ev["rows"]
-    body = [[label, str(r["nfe"]), _ci(r), f"{1e3 * r['kid']:.0f}", _g(r["rmse"]), _g(r["psnr"])]
-            for name, label in HEADLINE if (r := rows.get(name))]
+    body = [[label or olss_label(root, name), str(r["nfe"]), _ci(r), f"{1e3 * r['kid']:.0f}", _g(r["rmse"]),
+             _g(r["psnr"])] for name, label in HEADLINE if (r := rows.get(name))]
     return (f"{ev['n_samples']} samples per row, {len(rows)} rows in `reports/evaluation.md`; FD/KID in the pipeline's "
             f"own evaluator features (test accuracy {acc:.4f}), RMSE against the teacher's full-step DDIM sample "
             "from the same noise.\n\n"
@@ -159,14 +179,23 @@ def ranking(root: Path) -> str:
                      list("lrrrrrrl"), body) + sens)
 
 
-OLSS_LABELS = {"ddim": "DDIM on the same steps (no fit)", "olss": "registered `olss-N`",
-               "olss_paper": "paper: model-output basis, teacher-forced", "olss_open": "x-hat basis, teacher-forced",
-               "olss_p": "OLSS-P", "olss_ridge": "x-hat basis, ridge"}
+OLSS_LABELS = {"ddim": "DDIM on the same steps (no fit)", "olss": "registered `olss-N` (x-hat, closed loop)",
+               "olss_open": "OLSS x-hat, open loop (beyond paper)", "olss_p": "OLSS-P, x-hat basis (beyond paper)",
+               "olss_ridge": "OLSS x-hat, ridge (beyond paper)"}  # metrics/olss files without a variants table
 
 
-def _olss_variants(m: Mapping[str, Any]) -> dict[str, float]:
-    """variant key -> held-out RMSE of a metrics/olss file (``holdout_rmse`` when the file has it)."""
-    return dict(m.get("holdout_rmse") or m.get("rmse_vs_full_step") or {})
+def _olss_variants(m: Mapping[str, Any], model: str, n: int) -> list[tuple[str, str, float]]:
+    """(evaluation row, label, held-out RMSE) for DDIM, the registered olss-N and every variant a
+    metrics/olss file lists: its ``variants`` table (fit_olss: file, label, paper or beyond paper),
+    else (older files) the keys of ``rmse_vs_full_step`` (olss_x_y -> row olss-x-y-N)."""
+    held = m.get("rmse_vs_full_step") or {}
+    out = [(f"{model} ddim {n}", OLSS_LABELS["ddim"], held.get("ddim"))]
+    if "variants" in m:
+        out.append((f"{model} olss-{n}", f"registered `olss-N` = {m.get('chosen_label', m.get('chosen'))}",
+                    held.get("olss")))
+        out += [(f"{model} {Path(v['file']).stem}", v["label"], v.get("holdout_rmse")) for v in m["variants"].values()]
+        return out
+    return out + [(f"{model} {k.replace('_', '-')}-{n}", OLSS_LABELS.get(k, k), v) for k, v in held.items() if k != "ddim"]
 
 
 def olss(root: Path) -> str:
@@ -180,16 +209,13 @@ def olss(root: Path) -> str:
                                                                           int(p.stem.rsplit("-", 1)[1]))):
         m = json.loads(f.read_text())
         model, n = m.get("model", f.stem.rsplit("-", 1)[0]), int(m.get("steps", f.stem.rsplit("-", 1)[1]))
-        reg = m.get("registered_variant")
         body = []
-        for key, held in _olss_variants(m).items():
-            name = f"{model} ddim {n}" if key == "ddim" else f"{model} {key.replace('_', '-')}-{n}"
+        for name, label, held in _olss_variants(m, model, n):
             r = rows.get(name)
             h = _scored(r, ev["n_samples"]) if r else None
-            label = OLSS_LABELS.get(key, key) + (" (registered)" if reg == key else "")
             body.append([f"`{name.split(' ', 1)[1]}`", label, _g(held),
                          _ci(h, "rmse") if h else "-", _ci(h) if h else "-", str(h.get("n", "-")) if h else "-"])
-        out.append(f"{model}, {n} steps (path {m.get('path')}; held-out RMSE on {m.get('holdout_seeds', '-')} seeds "
+        out.append(f"{model}, {n} steps (olss-N's path {m.get('path')}; held-out RMSE on {m.get('holdout_seeds', '-')} seeds "
                    "against the full-step DDIM sample):\n\n"
                    + _table(["variant", "what", "held-out RMSE", "eval RMSE [95% CI]", "FD [95% CI]", "n"],
                             list("llrrrr"), body))

@@ -92,6 +92,11 @@ def _ci(r: Mapping[str, Any], key: str, fmt: str) -> str:
     return f"{v} [{r[key + '_lo']:{fmt}}, {r[key + '_hi']:{fmt}}]" if key + "_lo" in r else v
 
 
+def _note(r: Mapping[str, Any]) -> str:
+    """A row's note after its name (OLSS: paper / beyond paper / which variant olss-N is)."""
+    return f" ({r['note']})" if r.get("note") else ""
+
+
 def _dup(r: Mapping[str, Any]) -> str:
     return f"{r['dup_rate']:.3f}" if "dup_rate" in r else "-"
 
@@ -113,7 +118,8 @@ def headline_markdown(results: Mapping[str, Mapping[str, Any]]) -> list[str]:
              "|---|---:|---:|---:|---:|---:|---:|---|"]
     for name, h in sorted(heads.items(), key=lambda kv: (results[kv[0]]["nfe"], kv[1]["fd"])):
         vs = "reference" if name == ref else (claim(h, heads[ref], ref) if ref else "-")
-        lines.append(f"| {name} | {results[name]['nfe']} | {_ci(h, 'fd', '.3f')} | {1e3 * h['kid']:.2f} ± "
+        lines.append(f"| {name}{_note(results[name])} | {results[name]['nfe']} | {_ci(h, 'fd', '.3f')} | "
+                     f"{1e3 * h['kid']:.2f} ± "
                      f"{1e3 * h['kid_se']:.2f} | {h['recall']:.2f} | {_dup(h)} | {_ci(h, 'rmse', '.4f')} | {vs} |")
     by_nfe: dict[int, dict[str, Mapping[str, Any]]] = {}
     for name, h in heads.items():
@@ -142,7 +148,8 @@ def sensitivity_markdown(meta: Mapping[str, Any]) -> list[str]:
 def evaluation_markdown(results: dict[str, dict[str, Any]], pngs: list[str], n: int, acc: str, ref_steps: int,
                         meta: Mapping[str, Any] | None = None) -> str:
     """reports/evaluation.md: the ranked rows at their own n, the FD sensitivity check, the table
-    sampler x NFE at n (sorted by NFE, then FD), standard FID when scored, and the plots."""
+    sampler x NFE at n (sorted by NFE, then FD), standard FID when scored, and the plots. A row's
+    note (OLSS: paper / beyond paper / which variant olss-N is) follows its name."""
     meta = meta or {}
     lines = [f"# Evaluation ({n} samples per row, evaluator test accuracy {acc})", ""]
     lines += headline_markdown(results) + sensitivity_markdown(meta)
@@ -155,7 +162,7 @@ def evaluation_markdown(results: dict[str, dict[str, Any]], pngs: list[str], n: 
               "| sampler | NFE | FD | KID (x1e3) | prec | rec | dup | RMSE | PSNR | GFLOPs/img | img/s |",
               "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, r in sorted(results.items(), key=lambda kv: (kv[1]["nfe"], kv[1]["fd"])):
-        lines.append(f"| {name}{' *' if r.get('pareto') else ''} | {r['nfe']} | {_ci(r, 'fd', '.3f')} | "
+        lines.append(f"| {name}{_note(r)}{' *' if r.get('pareto') else ''} | {r['nfe']} | {_ci(r, 'fd', '.3f')} | "
                      f"{1e3 * r['kid']:.2f} ± {1e3 * r['kid_se']:.2f} | {r['precision']:.2f} | {r['recall']:.2f} | "
                      f"{_dup(r)} | {r['rmse']:.4f} | {r['psnr']:.1f} | {r['gflops']:.3f}{_per_net(r)} | "
                      f"{r['images_per_s']:.0f} |")

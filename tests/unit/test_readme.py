@@ -75,10 +75,16 @@ def _synthetic_metrics(root):
                                                                                 "fd_hi": 10}}}))
     (root / "metrics/olss/teacher-4.json").write_text(json.dumps({
         "model": "teacher", "steps": 4, "path": [0, 11, 31, 53], "holdout_seeds": 64,
-        "rmse_vs_full_step": {"ddim": 0.19, "olss": 0.042, "olss_paper": 0.073}, "registered_variant": "olss"}))
+        "rmse_vs_full_step": {"ddim": 0.19, "olss": 0.042, "olss_paper": 0.073, "olss_closed": 0.042},
+        "chosen": "olss-closed", "chosen_label": "OLSS x-hat, closed loop (beyond paper)",
+        "variants": {"olss-paper": {"file": "olss-paper-4.json", "label": "OLSS (paper)", "holdout_rmse": 0.073},
+                     "olss-closed": {"file": "olss-closed-4.json", "label": "OLSS x-hat, closed loop (beyond paper)",
+                                     "holdout_rmse": 0.042}}}))
 
 
 def test_generated_rankings_claim_an_order_only_where_intervals_separate(tmp_path):
+    import json
+
     from benchmarks import readme
 
     _synthetic_metrics(tmp_path)
@@ -90,5 +96,11 @@ def test_generated_rankings_claim_an_order_only_where_intervals_separate(tmp_pat
     # the OLSS table lists every variant the metrics file has, the paper's included, with intervals
     table = readme.olss(tmp_path)
     paper = next(ln for ln in table.splitlines() if "`olss-paper-4`" in ln)
-    assert "paper" in paper and "0.0730" in paper and "31.0 [30.0, 32.0]" in paper and "| 2000 |" in paper
-    assert "(registered)" in next(ln for ln in table.splitlines() if "`olss-4`" in ln)
+    assert "OLSS (paper)" in paper and "0.0730" in paper and "31.0 [30.0, 32.0]" in paper and "| 2000 |" in paper
+    assert "registered `olss-N` = OLSS x-hat, closed loop" in next(ln for ln in table.splitlines() if "`olss-4`" in ln)
+    assert "`olss-closed-4`" in table and "| - | - | - |" in table  # a variant without an evaluation row
+    # an older metrics file (no variants table): the variants are the keys of its held-out RMSE
+    m = json.loads((tmp_path / "metrics/olss/teacher-4.json").read_text())
+    del m["variants"]
+    (tmp_path / "metrics/olss/teacher-4.json").write_text(json.dumps(m))
+    assert "`olss-paper-4` | olss_paper | 0.0730" in readme.olss(tmp_path)
