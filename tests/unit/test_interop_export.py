@@ -5,7 +5,6 @@ exported files and compares with fewstep's own samplers from the same x_T."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch

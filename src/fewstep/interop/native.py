@@ -22,12 +22,11 @@ iff t > t_boundary, per sample) happens inside its forward, as in fewstep.math.s
 On CUDA fewstep runs its network under bf16 autocast; this wrapper runs in the model's own dtype,
 so GPU samples match fewstep's to bf16 precision, CPU samples to float32 rounding.
 
-diffusers is imported lazily: the class is built on first access (module ``__getattr__``).
+diffusers is imported lazily: the classes are built on first access (module ``__getattr__``).
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -222,10 +221,11 @@ def export_info(card: "ModelCard", model_dir: Path, kind: str, **extra: Any) -> 
 
 def export_native(model_dir: str | Path, out: str | Path) -> Path:
     """Write a DDIMPipeline directory for the fewstep-unet (or fewstep-unet-split) model in
-    ``model_dir``: unet/ (FewstepUNet2DModel or FewstepSplitUNet2DModel, safetensors), scheduler/ (DDIMScheduler on fewstep's schedule, trailing
-    spacing, no clipping, set_alpha_to_one) and model_index.json, plus fewstep_export.json. A DDIM
-    loop with it at the model's step count reproduces fewstep's DDIM samples (sampled with
-    clip=False; with per-step clipping see the README) from the same x_T. Returns ``out``."""
+    ``model_dir``: unet/ (FewstepUNet2DModel or FewstepSplitUNet2DModel, safetensors), scheduler/
+    (DDIMScheduler on fewstep's schedule, trailing spacing, no clipping, set_alpha_to_one) and
+    model_index.json, plus fewstep_export.json. A DDIM loop with it at the model's step count
+    reproduces fewstep's DDIM samples (sampled with clip=False; per-step clipping is
+    clip_sample=True with use_clipped_model_output=True) from the same x_T. Returns ``out``."""
     from diffusers import DDIMPipeline, DDIMScheduler
 
     from fewstep import models, storage
@@ -243,7 +243,3 @@ def export_native(model_dir: str | Path, out: str | Path) -> Path:
         DDIMPipeline(unet=unet, scheduler=scheduler).save_pretrained(tmp, safe_serialization=True)
         storage.write_json(tmp / EXPORT_INFO, export_info(card, model_dir, card.family, note=note))
     return out
-
-
-def read_model_index(out: Path) -> dict[str, Any]:
-    return json.loads((Path(out) / MODEL_INDEX).read_text())
