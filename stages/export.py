@@ -6,7 +6,7 @@
     python -m stages.export --version models:/cifar10-olss-teacher-4step@champion --out export/olss-4
 
 A model dir is exported by its card's family (fewstep-unet: unet/ is a FewstepUNet2DModel wrapper;
-diffusers-unet2d: a UNet2DModel) with a DDIMScheduler on the model's own schedule and a DDIMPipeline
+fewstep-unet-split: a FewstepSplitUNet2DModel; diffusers-unet2d: a UNet2DModel) with a DDIMScheduler on the model's own schedule and a DDIMPipeline
 model_index.json. An OLSS scheduler is exported with its model: scheduler/ holds an
 OLSSDiffusersScheduler and model_index.json names a DDPMPipeline. ``--version`` takes a registered
 MLflow version (NAME/VERSION, NAME@ALIAS or models:/...), downloads its model (and scheduler) and
