@@ -201,7 +201,7 @@ def test_olss_scheduler_in_a_ddpm_pipeline_and_the_export_command(setup, tmp_pat
     index = json.loads((tmp_path / "olss" / "model_index.json").read_text())
     assert index["_class_name"] == "DDPMPipeline"
     assert index["scheduler"] == ["fewstep.interop.olss_scheduler", "OLSSDiffusersScheduler"]
-    info = json.loads((tmp_path / "olss" / "fewstep_export.json").read_text())
+    info = json.loads((tmp_path / "olss" / "fewstep.json").read_text())
     assert info["kind"] == "olss" and info["scheduler_sha256"] == storage.sha256_file(setup["sched_path"])
 
     pipe = DDPMPipeline.from_pretrained(tmp_path / "olss", use_safetensors=True)
@@ -320,7 +320,7 @@ def test_a_registered_version_exports_by_name_and_version(registry, tree, tmp_pa
     r = regs["cifar10-olss-teacher-2step"]
     params = str(write_params(tmp_path / "params.yaml", tiny_params()))
     export.main(["--params", params, "--version", f"models:/{r.name}/{r.version}", "--out", str(tmp_path / "o")])
-    info = json.loads((tmp_path / "o" / "fewstep_export.json").read_text())
+    info = json.loads((tmp_path / "o" / "fewstep.json").read_text())
     sfile = tree / "schedulers" / "teacher" / "olss-2.json"
     assert info["kind"] == "olss" and info["scheduler_sha256"] == storage.sha256_file(sfile)
     assert info["model_version"] == r.version
@@ -336,3 +336,44 @@ def test_a_registered_version_exports_by_name_and_version(registry, tree, tmp_pa
     with pytest.raises(SystemExit) as e:
         export.main(["--params", params, "--version", "cifar10-teacher/99", "--out", str(tmp_path / "x")])
     assert e.value.code == 2 and not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_olss_export_of_an_imported_diffusers_teacher(tmp_path, prediction_type):
+    """An OLSS scheduler of a diffusers-unet2d teacher (cosine betas, T = 1000) exports beside its
+    UNet2DModel (export_unet2d) and a DDPMPipeline reproduces sample_olss."""
+    unet2d = pytest.importorskip("fewstep.interop.unet2d")  # branch import
+    import diffusers
+
+    import fewstep.interop.olss_scheduler  # noqa: F401
+    from fewstep.interop.export import export_olss
+
+    torch.manual_seed(0)
+    u = diffusers.UNet2DModel(sample_size=16, in_channels=3, out_channels=3, block_out_channels=(16, 32),
+                              layers_per_block=1, norm_num_groups=8,
+                              down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                              up_block_types=("AttnUpBlock2D", "UpBlock2D")).eval()
+    with torch.no_grad():
+        for p in u.parameters():
+            p.add_(0.02 * torch.randn_like(p))  # zero-initialised output layers would make every output 0
+    diffusers.DDPMPipeline(unet=u, scheduler=diffusers.DDPMScheduler(
+        num_train_timesteps=1000, prediction_type=prediction_type, beta_schedule="squaredcos_cap_v2")
+    ).save_pretrained(tmp_path / "src")
+    card = unet2d.import_teacher(str(tmp_path / "src"), tmp_path / "teacher")
+    den = models.load_denoiser(tmp_path / "teacher")
+    t_path = timesteps(den.schedule.T, 20)
+    X, E = collect(den, range(100, 104), card.image_shape, t_path)
+    sched = fit_weights(X.flatten(1), E.flatten(1), search_path(X.flatten(1), E.flatten(1), N, iters=10).path,
+                        t_path)
+    sched.meta = {"model": "teacher", "model_weights_sha256": card.weights_sha256}
+    (tmp_path / "olss-4.json").write_text(sched.to_json())
+    out = export_olss(tmp_path / "olss-4.json", tmp_path / "teacher", tmp_path / "out")
+    index = json.loads((out / "model_index.json").read_text())
+    assert index["unet"] == ["diffusers", "UNet2DModel"] and index["_class_name"] == "DDPMPipeline"
+    pipe = diffusers.DDPMPipeline.from_pretrained(out, use_safetensors=True)
+    pipe.set_progress_bar_config(disable=True)
+    seeds = SEEDS[:2]
+    img = pipe(batch_size=2, generator=[torch.Generator().manual_seed(s) for s in seeds], num_inference_steps=N,
+               output_type="pt").images
+    ref = sample_olss(den, PerImageNoise(seeds).randn(*card.image_shape), sched)
+    assert (img - (ref / 2 + 0.5)).abs().max() <= 1e-4

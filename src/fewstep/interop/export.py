@@ -55,7 +55,7 @@ def export_olss(scheduler_path: str | Path, model_dir: str | Path, out: str | Pa
                 model_name: str | None = None, model_version: str | None = None) -> Path:
     """The model's export plus scheduler/ = the OLSS scheduler in ``scheduler_path`` (a fit_olss
     JSON fitted on this model's weights) as an OLSSDiffusersScheduler, model_index.json of a
-    DDPMPipeline, provenance in fewstep_export.json. Returns ``out``."""
+    DDPMPipeline, provenance in fewstep.json. Returns ``out``."""
     from fewstep import models, storage
     from fewstep.interop.olss_scheduler import config_from_olss, scheduler_from_config
     from fewstep.math.olss import OLSSScheduler
@@ -78,7 +78,8 @@ def export_olss(scheduler_path: str | Path, model_dir: str | Path, out: str | Pa
         index.update({"_class_name": "DDPMPipeline", "scheduler": [OLSS_MODULE, OLSS_CLASS]})
         storage.write_json(tmp / MODEL_INDEX, index)
         info: dict[str, Any] = storage.read_json(tmp / EXPORT_INFO) if (tmp / EXPORT_INFO).exists() else {}
-        info.update({"kind": "olss", "scheduler_file": str(scheduler_path), "scheduler_sha256": sha,
+        info.update({"kind": "olss", "pipeline": "DDPMPipeline", "scheduler_file": str(scheduler_path),
+                     "scheduler_sha256": sha,
                      "steps": sched.steps, "fewstep_timesteps": sched.timesteps, "basis": cfg["basis"],
                      "olss_variant": (sched.meta or {}).get("variant"), "model_version": model_version,
                      "source_model_dir": str(model_dir), "model_weights_sha256": card.weights_sha256})

@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     from fewstep.models import ModelCard
 
 UNET_DIR, SCHEDULER_DIR, MODEL_INDEX = "unet", "scheduler", "model_index.json"
-EXPORT_INFO = "fewstep_export.json"  # what was exported from what (provenance), beside model_index.json
+EXPORT_INFO = "fewstep.json"  # what was exported from what (provenance), beside model_index.json (as unet2d's)
 
 
 class NativeExportError(UserError, ValueError):
@@ -91,7 +91,8 @@ def ddim_scheduler_config(card: "ModelCard") -> dict[str, Any]:
     schedule = card.schedule.build()
     return {"num_train_timesteps": int(schedule.T), "trained_betas": _betas(schedule.alpha).tolist(),
             "beta_schedule": "linear", "prediction_type": PREDICTION_TYPE[card.parameterization],
-            "timestep_spacing": "trailing", "clip_sample": False, "set_alpha_to_one": True, "steps_offset": 0}
+            "timestep_spacing": "trailing", "clip_sample": False, "set_alpha_to_one": True, "steps_offset": 0,
+            "thresholding": False, "rescale_betas_zero_snr": False}
 
 
 # --------------------------------------------------------------------------------------------
@@ -210,7 +211,7 @@ def wrap(model_dir: str | Path):
 
 
 def export_info(card: "ModelCard", model_dir: Path, kind: str, **extra: Any) -> dict[str, Any]:
-    """The provenance written as fewstep_export.json beside model_index.json."""
+    """The provenance written as fewstep.json beside model_index.json."""
     import diffusers
 
     return {"kind": kind, "source_model_dir": str(model_dir), "model_family": card.family,
@@ -223,7 +224,7 @@ def export_native(model_dir: str | Path, out: str | Path) -> Path:
     """Write a DDIMPipeline directory for the fewstep-unet (or fewstep-unet-split) model in
     ``model_dir``: unet/ (FewstepUNet2DModel or FewstepSplitUNet2DModel, safetensors), scheduler/
     (DDIMScheduler on fewstep's schedule, trailing spacing, no clipping, set_alpha_to_one) and
-    model_index.json, plus fewstep_export.json. A DDIM loop with it at the model's step count
+    model_index.json, plus fewstep.json. A DDIM loop with it at the model's step count
     reproduces fewstep's DDIM samples (sampled with clip=False; per-step clipping is
     clip_sample=True with use_clipped_model_output=True) from the same x_T. Returns ``out``."""
     from diffusers import DDIMPipeline, DDIMScheduler
