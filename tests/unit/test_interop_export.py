@@ -21,6 +21,15 @@ SEEDS = [11, 12, 13]
 N = 4
 
 
+def stage_params() -> dict:
+    """The tiny params with one torch thread: the stage sets the thread count for the whole process."""
+    from tests.helpers import tiny_params
+
+    p = tiny_params()
+    p["base"]["threads"] = 1
+    return p
+
+
 def close(a, b):
     """Equal up to float32 rounding: weights that diffusers loads memory-mapped (unaligned) take other
     SIMD paths than freshly allocated ones (differences ~5e-7)."""
@@ -192,10 +201,10 @@ def test_olss_scheduler_in_a_ddpm_pipeline_and_the_export_command(setup, tmp_pat
     import fewstep.interop.native  # noqa: F401
     import fewstep.interop.olss_scheduler  # noqa: F401
     from stages import export
-    from tests.helpers import tiny_params, write_params
+    from tests.helpers import write_params
 
     monkeypatch.setenv("FEWSTEP_TRACKING", "off")
-    params = str(write_params(tmp_path / "params.yaml", tiny_params()))
+    params = str(write_params(tmp_path / "params.yaml", stage_params()))
     export.main(["--params", params, "--scheduler", str(setup["sched_path"]), "--model", str(setup["teacher"]),
                  "--out", str(tmp_path / "olss")])
     index = json.loads((tmp_path / "olss" / "model_index.json").read_text())
@@ -307,7 +316,7 @@ def test_a_registered_version_exports_by_name_and_version(registry, tree, tmp_pa
     import fewstep.interop.olss_scheduler  # noqa: F401
     from fewstep import tracking
     from stages import export
-    from tests.helpers import tiny_params, write_params
+    from tests.helpers import write_params
     from tests.mlflow_helpers import use_env
 
     env, regs = registry
@@ -318,7 +327,7 @@ def test_a_registered_version_exports_by_name_and_version(registry, tree, tmp_pa
     with pytest.raises(tracking.LineageError, match="bad model version"):
         tracking.parse_version_ref("a-b")
     r = regs["cifar10-olss-teacher-2step"]
-    params = str(write_params(tmp_path / "params.yaml", tiny_params()))
+    params = str(write_params(tmp_path / "params.yaml", stage_params()))
     export.main(["--params", params, "--version", f"models:/{r.name}/{r.version}", "--out", str(tmp_path / "o")])
     info = json.loads((tmp_path / "o" / "fewstep.json").read_text())
     sfile = tree / "schedulers" / "teacher" / "olss-2.json"
