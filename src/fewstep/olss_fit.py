@@ -11,7 +11,8 @@ Four variants, each an :class:`OLSSScheduler` with its lineage in ``meta``:
                   paper; 0 is plain least squares)
 
 The held-out check: RMSE of each variant's images, and of plain DDIM with N steps, to the
-full-step DDIM result from the same noise.
+full-step DDIM result from the same noise. The model runs in IEEE float32 throughout (the closed-loop
+refit and the check, as the trajectories were collected; ``full_precision``, issue 18.4).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from fewstep.errors import UserError
 from fewstep.math import metrics as M
 from fewstep.math.ddim import PerImageNoise, sample_ddim
 from fewstep.math.olss import OLSSScheduler, fit_weights, refit_closed_loop, sample_olss, search_path, uniform_path
-from fewstep.math.param import Denoiser
+from fewstep.math.param import Denoiser, full_precision
 from fewstep.math.schedules import timesteps
 from fewstep.trajectories import load_steps, load_subsample
 
@@ -89,7 +90,8 @@ def fit_variants(den: Denoiser, model: str, traj_dir: Path, n: int, op: OLSSPara
     if op.closed_loop:
         full = list(load_steps(traj_dir, ps.path[1:] + [N, 0]))
         targets, x_T = full[:-1], full[-1]
-        best = refit_closed_loop(den, x_T.to(device), [t.to(device) for t in targets], open_loop, op.ridge)
+        with full_precision(den):
+            best = refit_closed_loop(den, x_T.to(device), [t.to(device) for t in targets], open_loop, op.ridge)
         best.meta = {**lineage, "variant": "closed-loop"}
     # beyond the paper: the searched path, open loop, with a small ridge (0: plain least squares)
     ridged = fit_weights(X, E, ps.path, t_path, op.ridge_variant)
@@ -107,12 +109,13 @@ def holdout_rmse(den: Denoiser, schedulers: dict[str, OLSSScheduler], n: int, t_
     DDIM with ``n`` steps and every variant (keys ddim, olss, olss_open, olss_p, olss_ridge)."""
     noise = PerImageNoise(range(HOLDOUT_SEED, HOLDOUT_SEED + n_holdout), device)
     x_T = noise.randn(*shape)
-    ref = sample_ddim(den, x_T, t_path, clip=False)
-    res = {"ddim": rmse(sample_ddim(den, x_T, timesteps(den.schedule.T, n), clip=False), ref)}
-    for variant in VARIANTS:
-        sched = schedulers.get(f"{variant}-{n}")
-        if sched is not None:
-            res[variant.replace("-", "_")] = rmse(sample_olss(den, x_T, sched, clip=False), ref)
+    with full_precision(den):
+        ref = sample_ddim(den, x_T, t_path, clip=False)
+        res = {"ddim": rmse(sample_ddim(den, x_T, timesteps(den.schedule.T, n), clip=False), ref)}
+        for variant in VARIANTS:
+            sched = schedulers.get(f"{variant}-{n}")
+            if sched is not None:
+                res[variant.replace("-", "_")] = rmse(sample_olss(den, x_T, sched, clip=False), ref)
     return res
 
 

@@ -7,7 +7,8 @@ seeded subsample of elements from each shard (``load_subsample``) or a few steps
 
 Distributed (fewstep.parallel): shards are dealt to ranks in groups of one shard per rank, gathered
 on rank 0, which alone writes. A trajectory depends only on its seed, so the files are the same
-for any world size and batch size.
+for any world size and batch size. The model runs in IEEE float32 (``full_precision``) on every
+device: the trajectories are the data OLSS fits its weights to (issue 18.4).
 """
 
 from __future__ import annotations
@@ -21,14 +22,14 @@ from fewstep.progress import progress as progress_bar
 
 from fewstep import parallel, storage
 from fewstep.math.ddim import PerImageNoise, sample_ddim
-from fewstep.math.param import Denoiser
+from fewstep.math.param import Denoiser, full_precision
 from fewstep.math.schedules import timesteps
 
 
 @torch.no_grad()
 def collect(denoiser: Denoiser, seeds: Sequence[int], shape: tuple[int, int, int], t_path: Sequence[int],
             device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """Deterministic, unclipped DDIM over ``t_path``: (x (N+1, B, ...), e (N, B, ...)) on the CPU."""
+    """Deterministic, unclipped DDIM over ``t_path`` in float32: (x (N+1, B, ...), e (N, B, ...)) on the CPU."""
     noise = PerImageNoise(seeds, device)
     xs, es = [], []
 
@@ -36,7 +37,8 @@ def collect(denoiser: Denoiser, seeds: Sequence[int], shape: tuple[int, int, int
         xs.append(d["z"].float().cpu())
         es.append(d["x_hat"].float().cpu())
 
-    x0 = sample_ddim(denoiser, noise.randn(*shape), t_path, clip=False, callback=cb)
+    with full_precision(denoiser):
+        x0 = sample_ddim(denoiser, noise.randn(*shape), t_path, clip=False, callback=cb)
     return torch.stack(xs + [x0.float().cpu()]), torch.stack(es)
 
 
