@@ -12,6 +12,8 @@ student's forward may stay mixed precision (issue 18.4; ``benchmarks/fp32_target
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from fewstep.math.param import Denoiser, full_precision, predict_x_eps
@@ -27,11 +29,15 @@ def ddim_to(x_hat: torch.Tensor, z: torch.Tensor, a_t, s_t, a_s, s_s) -> torch.T
 
 
 @torch.no_grad()
-def distill_target(teacher: Denoiser, z_t: torch.Tensor, t: torch.Tensor, dt: int) -> torch.Tensor:
+def distill_target(teacher: Denoiser, z_t: torch.Tensor, t: torch.Tensor, dt: int, *,
+                   fp32: bool = True) -> torch.Tensor:
     """x target for the student at indices ``t`` (B,), teacher step size ``dt`` (grid indices).
 
     t' = t - dt, t'' = t - 2 dt. Inverting one DDIM step t -> t'':
         x~ = (z_t'' - (s_t''/s_t) z_t) / (a_t'' - (s_t''/s_t) a_t)      (PD eq. in Alg. 2)
+
+    ``fp32=False`` leaves the teacher at its own precision (bf16 autocast on CUDA): only to measure
+    what float32 buys (benchmarks/fp32_targets.py); training always uses float32.
     """
     sch = teacher.schedule
     t1, t2 = t - dt, t - 2 * dt
@@ -41,7 +47,7 @@ def distill_target(teacher: Denoiser, z_t: torch.Tensor, t: torch.Tensor, dt: in
     a_1, s_1 = sch.at(t1, torch.float64)
     a_2, s_2 = sch.at(t2, torch.float64)
     z = z_t.double()
-    with full_precision(teacher):
+    with full_precision(teacher) if fp32 else contextlib.nullcontext():
         x1, _ = predict_x_eps(teacher, z_t, t)
         z1 = ddim_to(x1.double(), z, a_t, s_t, a_1, s_1)
         x2, _ = predict_x_eps(teacher, z1.to(z_t.dtype), t1)
