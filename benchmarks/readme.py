@@ -31,20 +31,27 @@ HEADLINE = [
     ("teacher ddim 16", "teacher DDIM"),
     ("teacher ddim 8", "teacher DDIM"),
     ("student-8 ddim 8", "**student-8** (distilled)"),
-    ("teacher olss-8", "**OLSS on teacher** (closed loop)"),
+    ("teacher olss-8", None),
     ("diffusers unipc 8", "diffusers UniPC"),
     ("diffusers dpmpp_2m 8", "diffusers DPM-Solver++(2M)"),
     ("teacher ddim 4", "teacher DDIM"),
     ("student-4 ddim 4", "**student-4** (distilled)"),
-    ("teacher olss-4", "**OLSS on teacher** (closed loop)"),
-    ("teacher olss-open-4", "OLSS open loop (paper)"),
-    ("teacher olss-p-4", "OLSS-P"),
-    ("teacher olss-ridge-4", "OLSS, ridge 1e-4"),
+    ("teacher olss-4", None),
+    ("teacher olss-paper-4", None),
+    ("teacher olss-p-4", None),
+    ("teacher olss-open-4", None),
+    ("teacher olss-closed-4", None),
+    ("teacher olss-ridge-4", None),
     ("diffusers unipc 4", "diffusers UniPC"),
     ("diffusers dpmpp_2m 4", "diffusers DPM-Solver++(2M)"),
     ("teacher ddim 2", "teacher DDIM"),
     ("student-2 ddim 2", "**student-2** (distilled)"),
 ]
+# OLSS rows (label None above) are labelled from metrics/olss/<model>-<N>.json (fit_olss: each variant's
+# label, paper or beyond paper, and which variant olss-N is); metrics written before those fields
+# (every file then used the x-hat basis, olss-N was the closed loop) get these
+OLSS_LEGACY = {"olss": "**OLSS on {model}** (x-hat, closed loop)", "olss-open": "OLSS x-hat, open loop (beyond paper)",
+               "olss-p": "OLSS-P, x-hat basis (beyond paper)", "olss-ridge": "OLSS x-hat, ridge 1e-4 (beyond paper)"}
 # (grid file under reports/grids, caption) of the headline picture row
 GRIDS = [("teacher-ddim-64", "teacher DDIM 64"), ("teacher-ddim-4", "DDIM 4"), ("teacher-olss-4", "OLSS 4"),
          ("student-4-ddim-4", "student 4"), ("diffusers-unipc-4", "UniPC 4")]
@@ -89,12 +96,25 @@ def _rows(root: Path) -> dict[str, dict]:
     return _read(root, "metrics/evaluate.json")["rows"]
 
 
+def olss_label(root: Path, row: str) -> str:
+    """The label of OLSS row "<model> <stem>" (stem olss-N or <variant prefix>-N) from its fit's metrics."""
+    model, stem = row.split(" ", 1)
+    n = stem.rsplit("-", 1)[1]
+    rel = f"metrics/olss/{model}-{n}.json"
+    m = _read(root, rel) if (root / rel).exists() else {}
+    if "variants" in m:
+        if stem == f"olss-{n}":
+            return f"**OLSS on {model}** (best held-out: {m['chosen_label']})"
+        return next(v["label"] for v in m["variants"].values() if v["file"] == f"{stem}.json")
+    return OLSS_LEGACY[stem.rsplit("-", 1)[0]].format(model=model)
+
+
 def evaluation(root: Path) -> str:
     ev = _read(root, "metrics/evaluate.json")
     acc = _read(root, "metrics/evaluator.json")["test_accuracy"]
     rows = ev["rows"]
-    body = [[label, str(r["nfe"]), _g(r["fd"]), f"{1e3 * r['kid']:.0f}", _g(r["rmse"]), _g(r["psnr"])]
-            for name, label in HEADLINE if (r := rows.get(name))]
+    body = [[label or olss_label(root, name), str(r["nfe"]), _g(r["fd"]), f"{1e3 * r['kid']:.0f}", _g(r["rmse"]),
+             _g(r["psnr"])] for name, label in HEADLINE if (r := rows.get(name))]
     return (f"{ev['n_samples']} samples per row, {len(rows)} rows in `reports/evaluation.md`; FD/KID in the pipeline's "
             f"own evaluator features (test accuracy {acc:.4f}), RMSE against the teacher's full-step DDIM sample "
             "from the same noise.\n\n"

@@ -1,10 +1,18 @@
-"""Stage fit_olss@MODEL-N: an OLSS scheduler with N steps for one model.
+"""Stage fit_olss@MODEL-N: the OLSS schedulers with N steps for one model.
 
-Writes schedulers/MODEL/olss-N.json (searched path; closed-loop refit when olss.closed_loop),
-olss-open-N.json (the paper's teacher-forced fit), olss-p-N.json (OLSS-P, uniform path),
-olss-ridge-N.json (open loop with ridge olss.ridge_variant; 0 = plain least squares), always all
-four (the outs dvc.yaml declares), and metrics/olss/MODEL-N.json: RMSE to the full-step DDIM result
-on held-out seeds for DDIM, every OLSS variant, with the path, the bound D and the fit time.
+Writes schedulers/MODEL/<variant>-N.json for every variant of fewstep.olss_fit.VARIANTS, always all
+of them (the outs dvc.yaml declares):
+
+    olss-paper-N   the paper's method: the network's own outputs as basis, teacher-forced search and fit
+    olss-p-N       OLSS-P (the paper's ablation): the same fit on the uniform path
+    olss-open-N    beyond the paper: x-hat basis, teacher-forced (open-loop) fit
+    olss-closed-N  beyond the paper: x-hat basis, weights refit closed loop on the sampler's own trajectory
+    olss-ridge-N   beyond the paper: olss-open with ridge olss.ridge_variant (0 = plain least squares)
+
+and olss-N, a copy of the variant with the lowest RMSE on held-out seeds (its meta says which:
+``chosen_from``). metrics/olss/MODEL-N.json: RMSE to the full-step DDIM result on held-out seeds for
+DDIM and every variant, which one olss-N is, the searched path of each basis, the bound D and the
+fit time.
 """
 
 from __future__ import annotations
@@ -38,8 +46,11 @@ def body(ctx: StageContext) -> None:
     ctx.record.log_metrics(fit.metrics)
     ctx.record.log_history("fit_error", list(enumerate(fit.best.fit_mse)))
     ctx.record.log_artifact(out / f"olss-{n}.json")
-    res = fit.metrics["rmse_vs_full_step"]
-    print(f"{ctx.name}: path {fit.metrics['path']} ({fit.metrics['path_note']}); held-out RMSE "
+    m = fit.metrics
+    ctx.record.set_tags(olss_chosen=f"{m['chosen']}-{n}")
+    res = m["rmse_vs_full_step"]
+    paths = ", ".join(f"{b} basis {s['path']}" for b, s in m["search"].items())
+    print(f"{ctx.name}: olss-{n} = {m['chosen']}-{n} ({m['chosen_label']}); searched paths: {paths}; held-out RMSE "
           + ", ".join(f"{k} {v:.4f}" for k, v in res.items()))
 
 

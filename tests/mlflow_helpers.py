@@ -80,6 +80,7 @@ def build_tree(tiny_teacher: Path, d: Path) -> None:
         X, E = load_subsample(tdir, 10**6)
         sched = fit_weights(X, E, uniform_path(n_ref, 2), t_path)
         sched.meta = {"model": name, "model_weights_sha256": den.card.weights_sha256, "variant": "open-loop",
+                      "method": "beyond-paper", "chosen_from": "olss-open-2",  # a headline olss-N, as fit_olss writes
                       "trajectories": f"trajectories/{name}", "reference_steps": n_ref}
         storage.atomic_write_bytes(d / "schedulers" / name / "olss-2.json", sched.to_json().encode())
     tiny_evaluator(d / "models" / "evaluator", models.load_card(d / "models" / "teacher").lineage.data_hash)

@@ -150,13 +150,15 @@ def project(p: Params) -> list[Work]:
         out.append(Work(f"collect_trajectories@{m}", f"{n} steps", nets.get(m, tg),
                         fp32_forward=p.trajectories.n_fit * n))
     op_ = p.olss
-    variants = 3 + (1 if op_.ridge_variant > 0 else 0)  # closed loop, open loop, OLSS-P, ridge
+    from fewstep.olss_variants import VARIANTS
+
+    variants = len(VARIANTS) + 1  # scheduler files (evaluation rows): every variant and the headline olss-N
     for m in op_.models:
         refn = min(ref, steps_of.get(m, T))
         for n in op_.steps:
-            closed = p.trajectories.n_fit * n if op_.closed_loop else 0
+            closed = p.trajectories.n_fit * n  # the closed-loop refit (always fitted)
             out.append(Work(f"fit_olss@{m}-{n}", f"{n} steps", nets.get(m, tg),
-                            fp32_forward=closed + op_.n_holdout * (refn + n + variants * n)))
+                            fp32_forward=closed + op_.n_holdout * (refn + n + len(VARIANTS) * n)))
     ev = p.evaluate
     from fewstep.evaluation import Planned, teacher_plan
 

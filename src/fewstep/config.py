@@ -189,9 +189,11 @@ class OLSSParams(_Strict):
     steps: list[int] = Field(default_factory=lambda: [4, 8], min_length=1)
     max_elements: int = Field(262_144, ge=1000, description="subsample of trajectory elements used by the fit")
     bisection_iters: int = Field(30, ge=1)
-    ridge: float = Field(0.0, ge=0.0)
+    ridge: float = Field(0.0, ge=0.0,
+                         description="ridge of the x-hat fits olss-open-N and olss-closed-N (the paper variants have none)")
     ridge_variant: float = Field(1e-4, ge=0.0, description="the ridge of the olss-ridge-N variant (always fitted); 0 = plain least squares")
-    closed_loop: bool = True
+    closed_loop: bool = Field(True,
+                              description="the closed-loop refit (olss-closed-N, always fitted) competes for olss-N")
     n_holdout: int = Field(64, ge=1, description="held-out seeds for the RMSE check in metrics")
 
     @model_validator(mode="after")

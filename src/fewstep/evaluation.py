@@ -23,19 +23,21 @@ from fewstep.math.ddim import PerImageNoise
 from fewstep.math.olss import OLSSScheduler
 from fewstep.math.param import NetDenoiser
 from fewstep.math.split import SIDES, SplitDenoiser
+from fewstep.olss_variants import variant_of
 from fewstep.samplers import SampleFn
 
 
 @dataclass
 class Row:
     name: str
-    family: str  # ddim | ddim-eta | olss | olss-open | olss-p | student | peer
+    family: str  # ddim | ddim-eta | olss | olss-paper | olss-p | olss-open | olss-closed | olss-ridge | student | peer
     model: str
     nfe: int
     fn: SampleFn = field(repr=False)
     gflops: float = 0.0
     nfe_by_net: dict[str, int] | None = None  # a split model: evaluations per image on each network
     gflops_by_net: dict[str, float] | None = None
+    note: str = ""  # what the row is beyond its name: an OLSS row says paper / beyond paper / which variant olss-N is
 
 
 def gflops_per_call(den: NetDenoiser, shape: tuple[int, int, int]) -> float:
@@ -99,6 +101,19 @@ def _row(model: str, den, plan: Planned, family: str | None = None, artifact: st
                plan.nfe, spec.bind(den, steps=plan.steps, **plan.options))
 
 
+def olss_note(artifact: str, sched: OLSSScheduler) -> str:
+    """The note of an OLSS row: "paper" or "beyond paper" for a variant; for the headline olss-N,
+    which variant it is (meta ``chosen_from``, fewstep.olss_fit) and that one's method."""
+    v = variant_of(artifact)
+    if v is not None:
+        return v.method.replace("-", " ")
+    src = sched.meta.get("chosen_from")
+    method = sched.meta.get("method")
+    if not src:
+        return ""
+    return f"= {src}" + (f", {method.replace('-', ' ')}" if method else "")
+
+
 def build_rows(models_dir: Path, schedulers_dir: Path, ep, device: torch.device) -> tuple[list[Row], dict]:
     """Rows for the teacher (DDIM, eta family, OLSS variants), students and OLSS on them, the
     patch-study teachers and split models (models/teacher-*), peers; every row a registered
@@ -123,7 +138,9 @@ def build_rows(models_dir: Path, schedulers_dir: Path, ep, device: torch.device)
         dens[model_dir.name] = den
         for f in sorted(model_dir.glob("olss*.json")):
             sched = OLSSScheduler.from_json(f.read_text())
-            rows.append(_row(model_dir.name, den, Planned("olss", sched.steps, {"scheduler": sched}), artifact=f.name))
+            row = _row(model_dir.name, den, Planned("olss", sched.steps, {"scheduler": sched}), artifact=f.name)
+            row.note = olss_note(f.name, sched)
+            rows.append(row)
     peer_rows = [r for r in plan if samplers.get(r.sampler).needs_diffusers]
     if peer_rows and samplers.get(peer_rows[0].sampler).available():  # diffusers is an optional extra
         from fewstep import peers
@@ -276,6 +293,8 @@ def run_evaluation(models_dir: Path, schedulers_dir: Path, ep, evaluator_dir: Pa
         feats = features(evaluator, images.to(device) if device.type == "cuda" else images)
         r = score(feats, images, reference, stats, ep.kid_subsets, ep.seed)
         r.update(family=row.family, model=row.model, nfe=row.nfe, gflops=row.gflops, images_per_s=ips)
+        if row.note:
+            r["note"] = row.note
         if row.name == ref_name:
             r["is_reference"] = True  # not sampled twice
         if row.gflops_by_net:  # a split model: the cost per network

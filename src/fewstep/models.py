@@ -8,12 +8,15 @@ sha256). Loading never unpickles: weights are safetensors, the card is JSON.
 On disk the card is one flat JSON object (the keys of format 1 plus ``family``, ``channels`` and
 ``conditioning``); format 1 files (no ``family``) still load. A new architecture family is one
 class with ``family``, ``to_dict``/``from_dict``, ``channels``, ``patch_sizes`` and ``build``,
-registered with :func:`register_family` (next: a diffusers ``UNet2DModel``).
+registered with :func:`register_family`; a family defined in another module is named in
+:data:`LAZY_FAMILIES` and imported on first use (``diffusers-unet2d``: fewstep.interop.unet2d, a
+diffusers ``UNet2DModel``; importing it does not import diffusers).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +28,7 @@ from fewstep import storage
 from fewstep.errors import UserError
 from fewstep.math.losses import WEIGHTINGS, Weighting
 from fewstep.math.param import KINDS, NetDenoiser, Parameterization
-from fewstep.math.schedules import SCHEDULE_KINDS, Schedule, ScheduleKind, make_schedule
+from fewstep.math.schedules import BETA_SCHEDULES, CARD_SCHEDULE_KINDS, DIFFUSERS_KIND, Schedule, make_schedule
 from fewstep.math.split import SIDES, SplitDenoiser, SplitNet
 from fewstep.nets.unet import UNet, UNetConfig
 
@@ -47,18 +50,38 @@ class ModelCardError(UserError, ValueError):
 
 @dataclass(frozen=True)
 class ScheduleSpec:
-    """The noise schedule by name: ``kind``, ``T`` and the cosine schedule's log-SNR range."""
+    """The noise schedule by name: ``kind``, ``T``, the cosine schedule's log-SNR range, and for kind
+    ``diffusers`` (an imported model) diffusers' beta spec: ``beta_schedule``, ``beta_start``,
+    ``beta_end`` or ``trained_betas`` (math.schedules.diffusers_schedule)."""
 
-    kind: ScheduleKind
+    kind: str
     T: int
     logsnr_min: float | None = None
     logsnr_max: float | None = None
+    beta_schedule: str | None = None
+    beta_start: float | None = None
+    beta_end: float | None = None
+    trained_betas: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
-        if self.kind not in SCHEDULE_KINDS:
-            raise ModelCardError(f"unknown schedule kind {self.kind!r}; expected one of {SCHEDULE_KINDS}")
+        if self.kind not in CARD_SCHEDULE_KINDS:
+            raise ModelCardError(f"unknown schedule kind {self.kind!r}; expected one of {CARD_SCHEDULE_KINDS}")
+        if self.trained_betas is not None and not isinstance(self.trained_betas, tuple):
+            object.__setattr__(self, "trained_betas", tuple(float(b) for b in self.trained_betas))
+        if self.kind == DIFFUSERS_KIND:
+            if self.trained_betas is None and self.beta_schedule not in BETA_SCHEDULES:
+                raise ModelCardError(f"a diffusers schedule needs beta_schedule in {BETA_SCHEDULES} or trained_betas, "
+                                     f"got {self.beta_schedule!r}")
+            if self.trained_betas is not None and len(self.trained_betas) != self.T:
+                raise ModelCardError(f"trained_betas has {len(self.trained_betas)} entries; T is {self.T}")
 
-    def kwargs(self) -> dict[str, float]:
+    def kwargs(self) -> dict[str, Any]:
+        if self.kind == DIFFUSERS_KIND:
+            if self.trained_betas is not None:
+                return {"trained_betas": list(self.trained_betas)}
+            d: dict[str, Any] = {"beta_schedule": self.beta_schedule}
+            return {**d, **{k: v for k, v in (("beta_start", self.beta_start), ("beta_end", self.beta_end))
+                            if v is not None}}
         if self.kind != "cosine":
             return {}
         return {k: v for k, v in (("logsnr_min", self.logsnr_min), ("logsnr_max", self.logsnr_max)) if v is not None}
@@ -71,7 +94,14 @@ class ScheduleSpec:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "ScheduleSpec":
-        cos = d.get("kind") == "cosine"
+        kind = d.get("kind")
+        if kind == DIFFUSERS_KIND:
+            tb = d.get("trained_betas")
+            return cls(kind, int(d["T"]), beta_schedule=d.get("beta_schedule"),
+                       beta_start=None if d.get("beta_start") is None else float(d["beta_start"]),
+                       beta_end=None if d.get("beta_end") is None else float(d["beta_end"]),
+                       trained_betas=None if tb is None else tuple(float(b) for b in tb))
+        cos = kind == "cosine"
         return cls(d["kind"], int(d["T"]), *(float(d[k]) if cos and k in d else None
                                              for k in ("logsnr_min", "logsnr_max")))
 
@@ -103,6 +133,19 @@ class Architecture(Protocol):
 
 
 FAMILIES: dict[str, type] = {}
+# families defined outside this module, imported on first use by name (so a card of that family loads
+# without the caller importing its module first, and without importing e.g. diffusers at import time)
+LAZY_FAMILIES: dict[str, str] = {"diffusers-unet2d": "fewstep.interop.unet2d"}
+
+
+def family_class(family: str) -> type:
+    """The registered class of an architecture family, importing a lazily known one on first use."""
+    if family not in FAMILIES and family in LAZY_FAMILIES:
+        importlib.import_module(LAZY_FAMILIES[family])
+    if family not in FAMILIES:
+        known = sorted(set(FAMILIES) | set(LAZY_FAMILIES))
+        raise ModelCardError(f"unknown architecture family {family!r}; known: {known}")
+    return FAMILIES[family]
 
 
 def register_family(cls: type) -> type:
@@ -288,10 +331,13 @@ class Lineage:
     train_steps: int | None = None
     parent: Parent | None = None
     weights_sha256: str | None = None
+    # an imported model's origin (interop.unet2d: kind, url, sha256 of every source file, the source's
+    # scheduler config); a student of it carries its teacher's source
+    source: Mapping[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"parent": self.parent.to_dict() if self.parent else None}
-        for k in ("dataset", "data_hash", "params_hash", "run_hash", "train_steps", "weights_sha256"):
+        for k in ("dataset", "data_hash", "params_hash", "run_hash", "train_steps", "weights_sha256", "source"):
             if getattr(self, k) is not None:
                 d[k] = getattr(self, k)
         if self.class_names is not None:
@@ -304,11 +350,11 @@ class Lineage:
         steps = d.get("train_steps")
         return cls(d.get("dataset"), None if names is None else tuple(names), d.get("data_hash"), d.get("params_hash"),
                    d.get("run_hash"), None if steps is None else int(steps), Parent.from_dict(d.get("parent")),
-                   d.get("weights_sha256"))
+                   d.get("weights_sha256"), d.get("source"))
 
 
 _LINEAGE_KEYS = ("dataset", "class_names", "data_hash", "params_hash", "run_hash", "train_steps", "parent",
-                 "weights_sha256")
+                 "weights_sha256", "source")
 _CARD_KEYS = ("format_version", "family", "role", "variant", "study", "parameterization", "weighting", "schedule",
               "image_size", "channels", "conditioning", "sample_steps")
 
@@ -388,10 +434,7 @@ class ModelCard:
             raise ModelCardError(f"unsupported model format_version {version!r}; this fewstep reads {READABLE_VERSIONS}")
         if "role" in d and d["role"] not in ROLES:  # e.g. the evaluator's config: no denoiser, no card
             raise ModelCardError(f"unknown model role {d['role']!r}; expected one of {ROLES}")
-        family = _family_of(d)
-        if family not in FAMILIES:
-            raise ModelCardError(f"unknown architecture family {family!r}; known: {sorted(FAMILIES)}")
-        arch_cls = FAMILIES[family]
+        arch_cls = family_class(_family_of(d))
         try:
             arch = arch_cls.from_dict(d)
             card = cls(arch=arch, role=d["role"], parameterization=d["parameterization"],
@@ -508,14 +551,17 @@ def denoiser_from_config(cfg: ModelCard | Mapping[str, Any], state: Mapping[str,
     return denoiser_from_card(card, state, device)
 
 
-def _copy_net(net: UNet) -> UNet:
-    """A trainable copy of ``net`` with dropout off (a distillation student)."""
+def _copy_net(net: torch.nn.Module) -> torch.nn.Module:
+    """A trainable copy of ``net`` with dropout off (a distillation student). A network of another
+    family (e.g. interop.unet2d's adapter) copies itself: ``net.trainable_copy()``."""
+    if not isinstance(net, UNet):
+        return net.trainable_copy().requires_grad_(True)
     copy = UNet(dataclasses.replace(net.cfg, dropout=0.0))
     copy.load_state_dict(net.state_dict())
     return copy.requires_grad_(True)
 
 
-def student_start(den: NetDenoiser | SplitDenoiser) -> UNet | SplitNet:
+def student_start(den: NetDenoiser | SplitDenoiser) -> torch.nn.Module:
     """The network a distillation student starts as: a copy of its teacher (PD Alg. 2), dropout
     off. A split teacher's student is a split net initialised from both nets and routed at the
     teacher's boundary, so on both sides of it the student begins equal to the teacher."""
@@ -524,9 +570,15 @@ def student_start(den: NetDenoiser | SplitDenoiser) -> UNet | SplitNet:
     return _copy_net(den.net)
 
 
-def student_arch(net: UNet | SplitNet, parent: ModelCard) -> Architecture:
+def student_arch(net: torch.nn.Module, parent: ModelCard) -> Architecture:
     """The card's architecture for a student network started by :func:`student_start` from ``parent``:
-    one UNet, or a split pair at the parent's boundary."""
+    one UNet, a split pair at the parent's boundary, or a network of another family (it states its
+    own: ``net.arch``, of the parent's family)."""
+    if not isinstance(net, (UNet, SplitNet)):
+        arch = net.arch
+        if arch.family != parent.family:
+            raise ValueError(f"a {arch.family} student needs a parent of that family, got a {parent.family} one")
+        return arch
     if isinstance(net, SplitNet):
         if not isinstance(parent.arch, SplitUNetArch):
             raise ValueError(f"a split student needs a split parent, got a {parent.family} one")

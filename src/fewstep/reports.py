@@ -87,14 +87,16 @@ def _per_net(r: Mapping[str, Any]) -> str:
 
 def evaluation_markdown(results: dict[str, dict[str, Any]], pngs: list[str], n: int, acc: str, ref_steps: int) -> str:
     """reports/evaluation.md: the table sampler x NFE (sorted by NFE, then FD), standard FID when
-    scored, and the plots."""
+    scored, and the plots. A row's note (OLSS: paper / beyond paper / which variant olss-N is)
+    follows its name."""
     lines = [f"# Evaluation ({n} samples per row, evaluator test accuracy {acc})", "",
              "FD is comparable only at equal n (small-sample bias, DESIGN.md). RMSE/PSNR against the teacher's "
              f"{ref_steps}-step DDIM sample from the same noise. * = on the FD-vs-GFLOPs Pareto front.", "",
              "| sampler | NFE | FD | KID (x1e3) | prec | rec | RMSE | PSNR | GFLOPs/img | img/s |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, r in sorted(results.items(), key=lambda kv: (kv[1]["nfe"], kv[1]["fd"])):
-        lines.append(f"| {name}{' *' if r.get('pareto') else ''} | {r['nfe']} | {r['fd']:.3f} | "
+        note = f" ({r['note']})" if r.get("note") else ""
+        lines.append(f"| {name}{note}{' *' if r.get('pareto') else ''} | {r['nfe']} | {r['fd']:.3f} | "
                      f"{1e3 * r['kid']:.2f} ± {1e3 * r['kid_se']:.2f} | {r['precision']:.2f} | {r['recall']:.2f} | "
                      f"{r['rmse']:.4f} | {r['psnr']:.1f} | {r['gflops']:.3f}{_per_net(r)} | {r['images_per_s']:.0f} |")
     inc = {k: r["inception"] for k, r in results.items() if "inception" in r}

@@ -36,6 +36,7 @@ from fewstep.math.ddim import PerImageNoise, sample_ddim
 from fewstep.math.olss import OLSSScheduler, sample_olss
 from fewstep.math.param import Denoiser
 from fewstep.math.schedules import Spacing, timesteps
+from fewstep.olss_variants import HEADLINE, HEADLINE_LABEL, variant_of
 
 OLSS_SCHEDULER = "olss-scheduler"  # artifact kind: an olss*.json written by fit_olss (OLSSScheduler)
 PEER_PREFIX = "diffusers-"  # a diffusers scheduler as a peer: diffusers-<name>, name in fewstep.peers.PEERS
@@ -174,13 +175,18 @@ def ddpm_hat(den: Denoiser, x_T: torch.Tensor, *, steps: int, noise: PerImageNoi
     return sample_ddim(den, x_T, timesteps(den.schedule.T, steps, spacing), variance="hat", noise=noise, clip=clip)
 
 
-OLSS_VARIANTS = ("olss-open", "olss-p", "olss-ridge")  # fit_olss's variants, by file-name prefix
-
-
 def olss_family(artifact: str) -> str:
-    """olss, olss-open, olss-p or olss-ridge from a scheduler file name (fit_olss names them)."""
-    stem = Path(artifact).stem
-    return next((k for k in OLSS_VARIANTS if stem.startswith(k + "-")), "olss")
+    """The row family of an OLSS scheduler file: its variant's prefix (olss-paper, olss-p,
+    olss-open, olss-closed, olss-ridge: fewstep.olss_variants), or olss for the headline olss-N."""
+    v = variant_of(artifact)
+    return v.prefix if v is not None else HEADLINE
+
+
+def olss_label(artifact: str) -> str:
+    """What an OLSS row is, for reports: the variant's label (paper or beyond paper), or the
+    headline's (olss-N is a copy of the best held-out variant; its meta says which)."""
+    v = variant_of(artifact)
+    return v.label if v is not None else HEADLINE_LABEL
 
 
 def _olss_label(steps: int, o: Mapping[str, Any]) -> str:
@@ -193,7 +199,8 @@ def _olss_label(steps: int, o: Mapping[str, Any]) -> str:
           artifact=OLSS_SCHEDULER)
 def olss(den: Denoiser, x_T: torch.Tensor, *, steps: int, noise: PerImageNoise | None = None,
          scheduler: OLSSScheduler, clip: bool = True) -> torch.Tensor:
-    """OLSS (Duan et al. 2023) with a fitted scheduler; ``steps`` must be the scheduler's."""
+    """OLSS (Duan et al. 2023) with a fitted scheduler (any variant: its basis is in the file);
+    ``steps`` must be the scheduler's."""
     if steps != scheduler.steps:
         raise ValueError(f"this OLSS scheduler samples in exactly {scheduler.steps} steps, not {steps}")
     return sample_olss(den, x_T, scheduler, clip=clip)

@@ -31,12 +31,13 @@ class GaussianDenoiser:
 class GMMDenoiser:
     """Optimal x-prediction for an isotropic Gaussian mixture: modes mu_k (K, C, H, W), weights
     pi_k, per-mode variance s0^2. E[x|z] = sum_k r_k(z) (mu_k + a s0^2 / (a^2 s0^2 + sigma^2) (z - a mu_k)),
-    r_k the posterior responsibilities. Non-linear in z, so OLSS's span is not degenerate."""
+    r_k the posterior responsibilities. Non-linear in z, so OLSS's span is not degenerate.
+    ``kind`` "eps" or "v": the same optimum returned in that parameterisation (float64 conversion)."""
 
-    kind = "x"
-
-    def __init__(self, schedule: Schedule, modes: torch.Tensor, s0: float = 0.2):
-        self.schedule, self.modes, self.s0 = schedule, modes.double(), float(s0)
+    def __init__(self, schedule: Schedule, modes: torch.Tensor, s0: float = 0.2, kind: str = "x"):
+        if kind not in ("x", "eps", "v"):
+            raise ValueError(f"unknown parameterisation {kind!r}")
+        self.schedule, self.modes, self.s0, self.kind = schedule, modes.double(), float(s0), kind
         self.calls = 0
 
     def sample(self, n: int, gen: torch.Generator) -> torch.Tensor:
@@ -53,7 +54,12 @@ class GMMDenoiser:
         logp = -((zz - a * mu) ** 2).sum((2, 3, 4), keepdim=True) / (2 * var)
         r = torch.softmax(logp, dim=1)
         post = mu + a * self.s0**2 / var * (zz - a * mu)
-        return (r * post).sum(1).to(z.dtype)
+        x = (r * post).sum(1)
+        if self.kind != "x":
+            a, s = a[:, 0], s[:, 0]
+            eps = (z.double() - a * x) / s
+            x = eps if self.kind == "eps" else a * eps - s * x
+        return x.to(z.dtype)
 
 
 class AnalyticNet(torch.nn.Module):

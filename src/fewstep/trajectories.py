@@ -1,9 +1,11 @@
 """Full-step DDIM trajectories for OLSS: collection, sharded safetensors, subsampled loading.
 
 A shard holds, for b images: x (N+1, b, C, H, W) latents (x[0] = x_T, x[N] = clean result),
-e (N, b, C, H, W) model outputs in x-form, seeds (b,). The 1000-step reference for thousands of
-images does not fit in memory, so collection writes shard by shard and the fit loads a fixed,
-seeded subsample of elements from each shard (``load_subsample``) or a few steps in full.
+e (N, b, C, H, W) the model's x predictions (x_hat), o (N, b, C, H, W) the network's own outputs
+in its parameterisation (eps, v or x: the paper's OLSS basis), seeds (b,). The 1000-step reference
+for thousands of images does not fit in memory, so collection writes shard by shard and the fit
+loads a fixed, seeded subsample of elements from each shard (``load_subsample``) or a few steps in
+full. Shards written before "o" existed raise StaleTrajectoriesError when "o" is asked for.
 
 Distributed (fewstep.parallel): shards are dealt to ranks in groups of one shard per rank, gathered
 on rank 0, which alone writes. A trajectory depends only on its seed, so the files are the same
@@ -21,25 +23,43 @@ import torch
 from fewstep.progress import progress as progress_bar
 
 from fewstep import parallel, storage
+from fewstep.errors import UserError
 from fewstep.math.ddim import PerImageNoise, sample_ddim
 from fewstep.math.param import Denoiser, full_precision
 from fewstep.math.schedules import timesteps
 
 
+KEYS = ("x", "e", "o")  # latents, x predictions, the network's own outputs
+
+
+class StaleTrajectoriesError(UserError):
+    """The trajectories were recorded from another version of the model or of this code."""
+
+
 @torch.no_grad()
-def collect(denoiser: Denoiser, seeds: Sequence[int], shape: tuple[int, int, int], t_path: Sequence[int],
-            device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """Deterministic, unclipped DDIM over ``t_path`` in float32: (x (N+1, B, ...), e (N, B, ...)) on the CPU."""
+def collect_all(denoiser: Denoiser, seeds: Sequence[int], shape: tuple[int, int, int], t_path: Sequence[int],
+                device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """Deterministic, unclipped DDIM over ``t_path``, the model in IEEE float32, results float32 on the
+    CPU: x (N+1, B, ...) latents, e (N, B, ...) x predictions, o (N, B, ...) raw network outputs
+    (kind ``denoiser.kind``)."""
     noise = PerImageNoise(seeds, device)
-    xs, es = [], []
+    xs, es, os_ = [], [], []
 
     def cb(d: dict) -> None:
         xs.append(d["z"].float().cpu())
         es.append(d["x_hat"].float().cpu())
+        os_.append(d["pred"].float().cpu())
 
     with full_precision(denoiser):
         x0 = sample_ddim(denoiser, noise.randn(*shape), t_path, clip=False, callback=cb)
-    return torch.stack(xs + [x0.float().cpu()]), torch.stack(es)
+    return {"x": torch.stack(xs + [x0.float().cpu()]), "e": torch.stack(es), "o": torch.stack(os_)}
+
+
+def collect(denoiser: Denoiser, seeds: Sequence[int], shape: tuple[int, int, int], t_path: Sequence[int],
+            device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """(x (N+1, B, ...), e (N, B, ...)) of collect_all."""
+    t = collect_all(denoiser, seeds, shape, t_path, device)
+    return t["x"], t["e"]
 
 
 def write_shards(out: Path, denoiser: Denoiser, seeds: Sequence[int], shape: tuple[int, int, int],
@@ -49,21 +69,21 @@ def write_shards(out: Path, denoiser: Denoiser, seeds: Sequence[int], shape: tup
     world, rank, main = parallel.world_size(), parallel.rank(), parallel.is_main()
     starts = list(range(0, len(seeds), shard_size))
 
-    def compute(chunk: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        parts = [collect(denoiser, chunk[i : i + batch_size], shape, t_path, device)
+    def compute(chunk: list[int]) -> dict[str, torch.Tensor]:
+        parts = [collect_all(denoiser, chunk[i : i + batch_size], shape, t_path, device)
                  for i in range(0, len(chunk), batch_size)]
-        return torch.cat([p[0] for p in parts], 1), torch.cat([p[1] for p in parts], 1)
+        return {k: torch.cat([p[k] for p in parts], 1) for k in KEYS}
 
     with storage.atomic_dir(out) if main else contextlib.nullcontext() as tmp:
         groups = range(0, len(starts), world)  # one shard per rank per group
         for g in progress_bar(groups, desc="trajectories", enabled=progress and main):
             chunks = [seeds[lo : lo + shard_size] for lo in starts[g : g + world]]
             if world == 1:
-                x, e = compute(chunks[0])
+                got = compute(chunks[0])
             else:
                 counts = [len(c) for c in chunks] + [0] * (world - len(chunks))
-                x, e = compute(chunks[rank]) if rank < len(chunks) else (torch.empty(0), torch.empty(0))
-                x, e = parallel.gather_cat(x, counts, dim=1), parallel.gather_cat(e, counts, dim=1)
+                got = compute(chunks[rank]) if rank < len(chunks) else {k: torch.empty(0) for k in KEYS}
+                got = {k: parallel.gather_cat(got[k], counts, dim=1) for k in KEYS}
             if not main:
                 continue
             lo = 0
@@ -71,7 +91,7 @@ def write_shards(out: Path, denoiser: Denoiser, seeds: Sequence[int], shape: tup
                 sl = slice(lo, lo + len(chunk))
                 lo += len(chunk)
                 storage.save_tensors(tmp / f"shard-{k:05d}.safetensors",
-                                     {"x": x[:, sl].contiguous(), "e": e[:, sl].contiguous(),
+                                     {**{key: got[key][:, sl].contiguous() for key in KEYS},
                                       "seeds": torch.tensor(chunk, dtype=torch.int64)})
         if main:
             storage.write_json(tmp / "meta.json", {**meta, "timesteps": list(map(int, t_path)), "seeds": seeds,
@@ -86,8 +106,19 @@ def shards(directory: Path) -> list[Path]:
     return found
 
 
-def load_subsample(directory: Path, max_elements: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """X (N+1, M) and E (N, M) float32 with M <= max_elements, drawn evenly from every shard."""
+def _get(t: dict[str, torch.Tensor], key: str, f: Path) -> torch.Tensor:
+    if key not in t:
+        if key in KEYS:
+            raise StaleTrajectoriesError(f"{f} has no {key!r} (written before the network's own outputs were "
+                                         "recorded); re-run collect_trajectories")
+        raise ValueError(f"unknown trajectory key {key!r}; expected one of {KEYS}")
+    return t[key]
+
+
+def load_subsample(directory: Path, max_elements: int, seed: int = 0,
+                   keys: Sequence[str] = ("x", "e")) -> tuple[torch.Tensor, ...]:
+    """The arrays ``keys`` flattened, float32, on one subsample of M <= max_elements elements drawn
+    evenly from every shard: by default X (N+1, M) and E (N, M); ("x", "e", "o") adds O (N, M)."""
     files = shards(directory)
     meta = storage.read_json(Path(directory) / "meta.json")
     per_image = 1
@@ -95,22 +126,23 @@ def load_subsample(directory: Path, max_elements: int, seed: int = 0) -> tuple[t
         per_image *= s
     total = len(meta["seeds"]) * per_image
     frac = min(1.0, max_elements / total)
-    xs, es = [], []
+    parts: list[list[torch.Tensor]] = [[] for _ in keys]
     for k, f in enumerate(files):
         t = storage.load_tensors(f)
-        x, e = t["x"].flatten(1), t["e"].flatten(1)
-        m = x.shape[1]
+        arrays = [_get(t, key, f).flatten(1) for key in keys]
+        m = arrays[0].shape[1]
         take = m if frac >= 1.0 else max(1, int(round(frac * m)))
         idx = torch.randperm(m, generator=torch.Generator().manual_seed(seed * 100_003 + k))[:take].sort().values
-        xs.append(x[:, idx])
-        es.append(e[:, idx])
-    return torch.cat(xs, 1), torch.cat(es, 1)
+        for part, a in zip(parts, arrays):
+            part.append(a[:, idx])
+    return tuple(torch.cat(p, 1) for p in parts)
 
 
-def load_steps(directory: Path, indices: Sequence[int]) -> Iterator[torch.Tensor]:
-    """Full latents x[i] (B, C, H, W) for the given reference indices, all images."""
+def load_steps(directory: Path, indices: Sequence[int], key: str = "x") -> Iterator[torch.Tensor]:
+    """Full arrays ``key``[i] (B, C, H, W) for the given reference indices, all images (key "x":
+    latents, "e": x predictions, "o": network outputs)."""
     files = shards(directory)
-    loaded = [storage.load_tensors(f)["x"] for f in files]
+    loaded = [_get(storage.load_tensors(f), key, f) for f in files]
     for i in indices:
         yield torch.cat([x[i] for x in loaded])
 
@@ -126,7 +158,8 @@ def collect_model(den: Denoiser, name: str, tp, out: Path, device: torch.device,
     t_path = timesteps(den.schedule.T, n_ref, "trailing")
     seeds = range(tp.seed_offset, tp.seed_offset + tp.n_fit)
     meta = {"model": name, "model_weights_sha256": card.weights_sha256, "reference_steps": n_ref,
-            "sampler": "ddim eta=0 unclipped", "output": "x"}
+            "sampler": "ddim eta=0 unclipped", "output": "x", "network_output": den.kind,
+            "keys": {"x": "latents", "e": "x_hat", "o": f"network output ({den.kind})"}}
     write_shards(out, den, seeds, card.image_shape, t_path, tp.shard_size, tp.batch_size, device, meta,
                  progress=progress)
     return n_ref

@@ -51,13 +51,14 @@ def test_dvc_repro_runs_the_stages_and_caches(repo):
     promos = {d["name"]: d for d in decisions}
     assert promos["cifar10-teacher"]["decision"] == "promoted"  # first champion
     olss = [d for d in decisions if d["name"] == "cifar10-olss-teacher-2step"]
-    assert len(olss) == 4 and all(d["candidate_fd"] is not None for d in olss)  # every variant was scored
+    assert len(olss) == 6 and all(d["candidate_fd"] is not None for d in olss)  # every variant and olss-N scored
     best = min(olss, key=lambda d: d["candidate_fd"])
     assert olss[-1]["champion"] == best["candidate"] or best["candidate_fd"] > 0.98 * min(
         d["candidate_fd"] for d in olss if d["candidate"] == olss[-1]["champion"])
     assert "cifar10-olss-teacher-2step" in promos and "cifar10-student-1step" in promos
     rows = storage.read_json(repo / "metrics/evaluate.json")["rows"]
-    for name in ("teacher ddim 1", "teacher ddim 16", "teacher olss-2", "teacher olss-p-3", "student-1 ddim 1",
+    for name in ("teacher ddim 1", "teacher ddim 16", "teacher olss-2", "teacher olss-p-3", "teacher olss-paper-2",
+                 "teacher olss-closed-3", "student-1 ddim 1",
                  "student-2 ddim 2", "teacher ddim 4 eta=1", "teacher ddpm 4 sigma-hat", "diffusers dpmpp_2m 2"):
         assert name in rows, sorted(rows)
     # a clearly better sampler ranks above a clearly worse one
@@ -73,8 +74,12 @@ def test_dvc_repro_runs_the_stages_and_caches(repo):
     sched = OLSSScheduler.from_json((repo / "schedulers/teacher/olss-3.json").read_text())
     assert sched.steps <= 3
     assert sched.meta["model_weights_sha256"] == models.load_card(repo / "models/teacher").weights_sha256
-    rmses = storage.read_json(repo / "metrics/olss/teacher-2.json")["rmse_vs_full_step"]
-    assert set(rmses) == {"ddim", "olss", "olss_open", "olss_p", "olss_ridge"}
+    m = storage.read_json(repo / "metrics/olss/teacher-2.json")
+    assert set(m["rmse_vs_full_step"]) == {"ddim", "olss", "olss_paper", "olss_p", "olss_open", "olss_closed",
+                                           "olss_ridge"}
+    assert m["rmse_vs_full_step"]["olss"] == min(v["holdout_rmse"] for v in m["variants"].values())
+    assert rows["teacher olss-paper-2"]["note"] == "paper" and rows["teacher olss-2"]["note"].startswith(
+        f"= {m['chosen']}-2")
     s1 = models.load_card(repo / "models/student-1")
     assert s1.lineage.parent.weights_sha256 == models.load_card(repo / "models/student-2").weights_sha256
     assert storage.read_json(repo / "metrics/student-1.json")["student_steps"] == 1

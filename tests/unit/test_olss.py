@@ -9,18 +9,23 @@ from fewstep.math.olss import (GRAM_COND_MAX, OLSSScheduler, ProjectionCache, fe
                                lstsq, refit_closed_loop,
                                sample_olss, search_path, uniform_path)
 from fewstep.math.schedules import cosine_schedule, timesteps
+from fewstep.olss_fit import variant_files
 from fewstep.testing import GMMDenoiser
 
 
-def collect(den, x_T, t_path):
-    """Reference trajectories: X (N+1, B, ...) latents, E (N, B, ...) x outputs (unclipped DDIM)."""
-    xs, es = [], []
+def collect(den, x_T, t_path, with_output=False):
+    """Reference trajectories: X (N+1, B, ...) latents, E (N, B, ...) x outputs (unclipped DDIM);
+    ``with_output`` adds O (N, B, ...), the denoiser's raw outputs."""
+    xs, es, os_ = [], [], []
 
     def cb(d):
         xs.append(d["z"])
         es.append(d["x_hat"])
+        os_.append(d["pred"])
 
     x0 = sample_ddim(den, x_T, t_path, clip=False, callback=cb)
+    if with_output:
+        return torch.stack(xs + [x0]), torch.stack(es), torch.stack(os_)
     return torch.stack(xs + [x0]), torch.stack(es)
 
 
@@ -245,7 +250,14 @@ def test_fit_olss_stage_writes_exactly_the_outputs_dvc_declares(tmp_path, tiny_t
     written = {str(f.relative_to(tmp_path)) for d in ("schedulers", "metrics") for f in (tmp_path / d).rglob("*")
                if f.is_file()}
     assert written == declared
+    assert written == {f"schedulers/teacher/{f}" for f in variant_files(4)} | {"metrics/olss/teacher-4.json"}
     ridge = OLSSScheduler.from_json((tmp_path / "schedulers/teacher/olss-ridge-4.json").read_text())
     assert ridge.meta["variant"] == "ridge" and ridge.meta["ridge"] == ridge_variant and ridge.steps == 4
+    paper = OLSSScheduler.from_json((tmp_path / "schedulers/teacher/olss-paper-4.json").read_text())
+    assert paper.basis == "output" and paper.meta["method"] == "paper" and paper.meta["network_output"] == den.kind
     m = storage.read_json(tmp_path / "metrics/olss/teacher-4.json")
-    assert set(m["rmse_vs_full_step"]) == {"ddim", "olss", "olss_open", "olss_p", "olss_ridge"}
+    assert set(m["rmse_vs_full_step"]) == {"ddim", "olss", "olss_paper", "olss_p", "olss_open", "olss_closed",
+                                           "olss_ridge"}
+    best = OLSSScheduler.from_json((tmp_path / "schedulers/teacher/olss-4.json").read_text())
+    assert best.meta["chosen_from"] == f"{m['chosen']}-4" and m["rmse_vs_full_step"]["olss"] == min(
+        v["holdout_rmse"] for v in m["variants"].values())

@@ -100,6 +100,14 @@ def test_row_names_come_from_one_function():
     assert samplers.row_name("teacher", "ddpm-hat", steps=64) == "teacher ddpm 64 sigma-hat"
     assert samplers.row_name("student-4", "olss", steps=4, artifact="olss-open-4.json") == "student-4 olss-open-4"
     assert samplers.get("olss").family({"artifact": "olss-ridge-8.json"}) == "olss-ridge"
+    # every OLSS variant is its own family, the paper's apart from the beyond-paper ones; olss-N is the headline
+    fams = {f: samplers.olss_family(f) for f in ("olss-paper-4.json", "olss-p-4.json", "olss-open-4.json",
+                                                   "olss-closed-4.json", "olss-4.json")}
+    assert fams == {"olss-paper-4.json": "olss-paper", "olss-p-4.json": "olss-p", "olss-open-4.json": "olss-open",
+                    "olss-closed-4.json": "olss-closed", "olss-4.json": "olss"}
+    assert "(paper)" in samplers.olss_label("olss-paper-4.json") and "beyond paper" in samplers.olss_label(
+        "olss-closed-4.json") and "paper" not in samplers.olss_label("olss-4.json")
+    assert samplers.row_name("teacher", "olss", steps=4, artifact="olss-paper-4.json") == "teacher olss-paper-4"
     assert samplers.row_name("teacher", "diffusers-heun", steps=samplers.get("diffusers-heun").steps_for_nfe(8)) \
         == "diffusers heun 7"
     assert samplers.row_name("teacher", "diffusers-dpmpp_2m", steps=4) == "diffusers dpmpp_2m 4"

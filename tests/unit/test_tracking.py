@@ -81,6 +81,8 @@ def test_registry_lineage_teacher_student_olss(registry, tree, monkeypatch):
     assert (student.tags["parent_model"], student.tags["parent_version"]) == ("cifar10-teacher", teacher.version)
     assert student.tags["dvc_stage"] == "distill@student-4" and student.tags["dvc_out_md5"] == "aaaa.dir"
     assert olss_s.tags["role"] == "olss" and olss_s.tags["nfe"] == "2" and olss_s.tags["olss_variant"] == "open-loop"
+    assert (olss_s.tags["olss_chosen_from"], olss_s.tags["olss_basis"], olss_s.tags["olss_method"]) == (
+        "olss-open-2", "x", "beyond-paper")  # olss-N says which variant it is
     assert (olss_s.tags["parent_model"], olss_s.tags["parent_version"]) == ("cifar10-student-4step", student.version)
     assert (olss_t.tags["parent_model"], olss_t.tags["parent_version"]) == ("cifar10-teacher", teacher.version)
     assert olss_s.tags["trajectories_path"] == "trajectories/student-4"

@@ -9,7 +9,7 @@ from typing import Callable, Sequence
 import torch
 from fewstep.progress import progress as progress_bar
 
-from fewstep.math.param import Denoiser, predict_x_eps
+from fewstep.math.param import Denoiser, predict_raw_x_eps
 
 
 class PerImageNoise:
@@ -66,7 +66,8 @@ def sample_ddim(
 
     ``steps`` is a strictly descending list of schedule indices >= 1 (see schedules.timesteps).
     ``noise`` must be given when the sampler is stochastic. ``callback`` gets, per step, a dict
-    with i, t, s, z (input), x_hat, eps_hat and z_next.
+    with i, t, s, z (input), pred (the denoiser's raw output, in its own parameterisation), x_hat,
+    eps_hat and z_next.
     """
     steps = [int(t) for t in steps]
     if not steps or any(a <= b for a, b in zip(steps, steps[1:])) or steps[-1] < 1:
@@ -82,7 +83,7 @@ def sample_ddim(
     for i in progress_bar(range(len(steps)), enabled=progress, desc="ddim", leave=False):
         t, s = grid[i], grid[i + 1]
         tt = torch.full((z.shape[0],), t, dtype=torch.long, device=z.device)
-        x_hat, eps_hat = predict_x_eps(denoiser, z, tt, clip=clip)
+        pred, x_hat, eps_hat = predict_raw_x_eps(denoiser, z, tt, clip=clip)
         c_x, c_eps, c_noise = ddim_coefficients(
             float(sch.alpha[t]), float(sch.sigma[t]), float(sch.alpha[s]), float(sch.sigma[s]), eta, variance
         )
@@ -90,7 +91,8 @@ def sample_ddim(
         if c_noise > 0:
             z_next = z_next + c_noise * noise.randn(*z.shape[1:]).to(z.dtype)
         if callback is not None:
-            callback({"i": i, "t": t, "s": s, "z": z, "x_hat": x_hat, "eps_hat": eps_hat, "z_next": z_next})
+            callback({"i": i, "t": t, "s": s, "z": z, "pred": pred, "x_hat": x_hat, "eps_hat": eps_hat,
+                      "z_next": z_next})
         z = z_next
     return z
 

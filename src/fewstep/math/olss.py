@@ -1,23 +1,41 @@
 """OLSS: optimal linear subspace search (Duan et al., CIKM 2023, arXiv 2305.14677).
 
 A deterministic N-step reference run (DDIM, eta = 0, unclipped) gives latents X[0..N]
-(X[0] = x_T, X[N] = the clean result) and model outputs E[0..N-1]. An n-step OLSS sampler on a
-path p_0 = 0 < p_1 < ... < p_{n-1} of reference indices computes
+(X[0] = x_T, X[N] = the clean result) and per-step basis outputs E[0..N-1]. An n-step OLSS
+sampler on a path p_0 = 0 < p_1 < ... < p_{n-1} of reference indices computes
 
-    x_{i+1} = wx[i] x_T + sum_{j<=i} we[i, j] e_j,     e_j = x_hat(x_j, tau[p_j])
-
-The outputs are taken in x-form. The span is the same as with eps (x_hat = (z - sigma eps)/alpha
-and every latent lies in the span), but at a zero-SNR start eps ~ x_T, so the eps basis is nearly
-collinear and DDIM's own coefficients in it are ~1/alpha_T (hundreds, cancelling). In x-form DDIM's
-coefficients are sigma ratios and alphas, all in [0, 1]: a well-conditioned fit.
+    x_{i+1} = wx[i] x_T + sum_{j<=i} we[i, j] e_j,     e_j = the network at (x_j, tau[p_j])
 
 with scalar weights fitted by least squares (float64, SVD-based, rank revealing) to the reference
 latent at the next path index (the last step targets X[N]). The path comes from Algorithms 1-3:
 the furthest next index whose projection error is <= D (binary search), feasibility with at most n
 steps, and bisection on D. Degenerate cases are explicit (see search_path).
 
-Arrays: X (N+1, M) and E (N, M), M = flattened elements (images x pixels), any float dtype;
-every solve casts its columns to float64.
+The basis (OLSSScheduler.basis) is one of
+
+    "output"  e_j is the network's own output in its parameterisation (eps for an eps model, v for a
+              v model, x for an x model): the paper's basis (its SD 2.1 runs use v).
+    "x"       e_j is x_hat(x_j, tau[p_j]), the model's x prediction (beyond the paper).
+
+For the sampler's own latents the two spans are equal: x_j lies in span{x_T, e_0..e_{j-1}} and
+x_hat = (z - sigma eps) / alpha, v = (eps - sigma z) / alpha, so by induction span{x_T, x_hat_0..i}
+= span{x_T, eps_0..i} = span{x_T, v_0..i}. The fit and the path search are not on those latents:
+they are teacher-forced, every e_j evaluated on the reference latent X[p_j], which went through the
+reference's intermediate steps and is not in span{x_T, E[p_0..p_{j-1}]}. So the least-squares
+problems differ with the basis, and so do the searched paths and the weights; which one samples
+better is measured (fewstep.olss_fit fits both and keeps the better on held-out seeds as olss-N),
+not assumed. Measured on the analytic 8-mode mixture of tests/unit/test_olss.py (64-step
+reference, float64, 32 fitting and 64 held-out seeds; `python benchmarks/olss_variants.py mixture`):
+n = 4 paths [0, 14, 29, 42] (x) vs [0, 13, 29, 42] (eps), held-out RMSE 0.075 (x) vs 0.118 (eps).
+
+Conditioning: the cosine table's first index has alpha_T = sqrt(sigmoid(logsnr_min = -20)) =
+4.5e-5, so 1/alpha_T = 2.2e4. In the eps basis eps_0 ~ x_T (nearly collinear) and the fitted
+weights reach that size (max |we| 2.2e4 on the mixture above, cancelling); in the x and v bases
+DDIM's coefficients are sigma ratios and alphas, all in [-1, 1] (max |we| 0.89 for x, 0.66 for v).
+
+Arrays: X (N+1, M) latents and E (N, M) the basis outputs (either basis: the search, the fit and
+ProjectionCache take whichever E they are given), M = flattened elements (images x pixels), any
+float dtype; every solve casts its columns to float64.
 """
 
 from __future__ import annotations
@@ -32,6 +50,8 @@ import numpy as np
 import torch
 
 from fewstep.math.param import Denoiser, predict_x_eps
+
+BASES = ("x", "output")  # OLSSScheduler.basis: x_hat, or the network's own output (the paper)
 
 
 # --------------------------------------------------------------------------------------------
@@ -293,6 +313,7 @@ class OLSSScheduler:
     cond: list[float]
     path: list[int]
     meta: dict[str, Any] = field(default_factory=dict)
+    basis: str = "x"  # what e_j is: "x" = x_hat, "output" = the network's own output (BASES); absent in old files = "x"
 
     @property
     def steps(self) -> int:
@@ -316,12 +337,28 @@ class OLSSScheduler:
             raise ValueError("OLSS timesteps must be strictly descending")
         if not all(math.isfinite(v) for v in self.wx + [w for r in self.we for w in r]):
             raise ValueError("OLSS weights are not finite")
+        if self.basis not in BASES:
+            raise ValueError(f"unknown OLSS basis {self.basis!r}; expected one of {BASES}")
+
+
+def basis_output(denoiser: Denoiser, z: torch.Tensor, t: torch.Tensor, basis: str) -> torch.Tensor:
+    """e for latent z at schedule indices t, in z's dtype: x_hat ("x") or the raw network output
+    in its own parameterisation ("output"), one evaluation, never clipped."""
+    if basis == "output":
+        return denoiser(z, t).to(z.dtype)
+    if basis == "x":
+        return predict_x_eps(denoiser, z, t, clip=False)[0]
+    raise ValueError(f"unknown OLSS basis {basis!r}; expected one of {BASES}")
 
 
 def fit_weights(
-    X: torch.Tensor, E: torch.Tensor, path: list[int], t_path: Sequence[int], ridge: float = 0.0
+    X: torch.Tensor, E: torch.Tensor, path: list[int], t_path: Sequence[int], ridge: float = 0.0,
+    basis: str = "x",
 ) -> OLSSScheduler:
-    """Fit per-step weights on basis [x_T, e_{p_0}..e_{p_i}], target X[p_{i+1}] (last: X[N])."""
+    """Fit per-step weights on basis [x_T, e_{p_0}..e_{p_i}], target X[p_{i+1}] (last: X[N]),
+    teacher-forced (E holds the reference run's outputs of kind ``basis``, recorded in the result)."""
+    if basis not in BASES:
+        raise ValueError(f"unknown OLSS basis {basis!r}; expected one of {BASES}")
     N = E.shape[0]
     targets = [X[p] for p in path[1:]] + [X[N]]
     wx, we, mse, cond = [], [], [], []
@@ -332,7 +369,7 @@ def fit_weights(
         we.append(w[1:])
         mse.append(s.mse)
         cond.append(s.cond)
-    return OLSSScheduler([int(t_path[p]) for p in path], wx, we, mse, cond, list(path))
+    return OLSSScheduler([int(t_path[p]) for p in path], wx, we, mse, cond, list(path), basis=basis)
 
 
 @torch.no_grad()
@@ -342,14 +379,13 @@ def refit_closed_loop(
     """Beyond the paper: refit step by step on the sampler's own trajectory. Step i's basis uses
     e_j evaluated on the OLSS latents x_j (not the reference's), so the weights see at fit time
     what they will see at sampling time (no teacher forcing). ``targets[i]`` is the reference
-    latent the i-th step must reach (same x_T), as in fit_weights."""
+    latent the i-th step must reach (same x_T), as in fit_weights. The basis is ``sched.basis``."""
     x = x_T.double()
     hist: list[torch.Tensor] = []
     wx, we, mse, cond = [], [], [], []
     for i, t in enumerate(sched.timesteps):
         tt = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
-        e, _ = predict_x_eps(denoiser, x.to(x_T.dtype), tt, clip=False)
-        hist.append(e.double())
+        hist.append(basis_output(denoiser, x.to(x_T.dtype), tt, sched.basis).double())
         s = lstsq([x_T.double()] + hist, targets[i], ridge)
         w = s.w.to(x.device)
         x = w[0] * x_T.double() + sum(w[j + 1] * hist[j] for j in range(len(hist)))
@@ -357,7 +393,7 @@ def refit_closed_loop(
         we.append(w[1:].tolist())
         mse.append(s.mse)
         cond.append(s.cond)
-    return OLSSScheduler(list(sched.timesteps), wx, we, mse, cond, list(sched.path), dict(sched.meta))
+    return OLSSScheduler(list(sched.timesteps), wx, we, mse, cond, list(sched.path), dict(sched.meta), sched.basis)
 
 
 # --------------------------------------------------------------------------------------------
@@ -372,19 +408,20 @@ def sample_olss(
     clip: bool = True,
     callback: Callable[[dict], None] | None = None,
 ) -> torch.Tensor:
-    """n model evaluations; the linear combination is accumulated in float64 whatever dtype the
-    network runs in, and cast back to x_T's dtype at the end."""
+    """n model evaluations; e_j is ``sched.basis``'s output at x_j (x_hat, or the raw network
+    output); the linear combination is accumulated in float64 whatever dtype the network runs in,
+    and cast back to x_T's dtype at the end. ``callback`` gets i, t, z (input) and e per step."""
     x0 = x_T.double()
     x = x_T
     hist: list[torch.Tensor] = []
     for i, t in enumerate(sched.timesteps):
         tt = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
-        e, _ = predict_x_eps(denoiser, x, tt, clip=False)
+        e = basis_output(denoiser, x, tt, sched.basis)
         hist.append(e.double())
         nxt = sched.wx[i] * x0
         for j, w in enumerate(sched.we[i]):
             nxt = nxt + w * hist[j]
         if callback is not None:
-            callback({"i": i, "t": t, "z": x, "x_hat": e})
+            callback({"i": i, "t": t, "z": x, "e": e})
         x = nxt.to(x_T.dtype)
     return x.clamp(-1, 1) if clip else x

@@ -82,6 +82,15 @@ def predict_x_eps(
     With ``clip`` the x estimate is clamped to [-1, 1] and eps recomputed from it (PD A.3);
     where sigma = 0 the eps estimate is taken from the raw prediction instead.
     """
+    _, x, eps = predict_raw_x_eps(denoiser, z, t, clip)
+    return x, eps
+
+
+def predict_raw_x_eps(
+    denoiser: Denoiser, z: torch.Tensor, t: torch.Tensor, clip: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """As predict_x_eps, also returning the raw prediction (kind ``denoiser.kind``, never clipped):
+    (pred, x_hat, eps_hat), one evaluation."""
     alpha, sigma = denoiser.schedule.at(t, torch.float64)
     pred = denoiser(z, t).to(z.dtype)
     x = to_x(pred, denoiser.kind, z, alpha, sigma)
@@ -89,7 +98,7 @@ def predict_x_eps(
     if clip:
         x = x.clamp(-1.0, 1.0)
         eps = torch.where(_bc(sigma, z) > 0, (z - _bc(alpha, z) * x) / _bc(sigma, z).clamp_min(1e-12), eps)
-    return x, eps
+    return pred, x, eps
 
 
 AMP_DTYPE = torch.bfloat16  # the mixed-precision compute type of a network forward

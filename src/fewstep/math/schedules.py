@@ -10,14 +10,19 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Literal, get_args
+from typing import Any, Literal, Sequence, get_args
 
 import numpy as np
 import torch
 
 # Schedule and spacing names, defined here once (fewstep.config and the model card import them).
-ScheduleKind = Literal["cosine", "linear"]
+ScheduleKind = Literal["cosine", "linear"]  # the schedules fewstep trains with (params)
 SCHEDULE_KINDS: tuple[str, ...] = get_args(ScheduleKind)
+# A model card may also hold an imported model's schedule, computed as diffusers computes it.
+DIFFUSERS_KIND = "diffusers"
+CARD_SCHEDULE_KINDS: tuple[str, ...] = SCHEDULE_KINDS + (DIFFUSERS_KIND,)
+BetaSchedule = Literal["linear", "scaled_linear", "squaredcos_cap_v2"]
+BETA_SCHEDULES: tuple[str, ...] = get_args(BetaSchedule)
 
 
 @dataclass(frozen=True)
@@ -85,14 +90,59 @@ def linear_schedule(T: int, beta_start: float = 1e-4, beta_end: float = 0.02) ->
     return Schedule("linear", T, np.sqrt(abar), np.sqrt(1.0 - abar))
 
 
-def make_schedule(kind: str, T: int, **kw: float) -> Schedule:
+def diffusers_betas(T: int, beta_schedule: str = "linear", beta_start: float = 1e-4, beta_end: float = 0.02,
+                    trained_betas: Sequence[float] | None = None) -> torch.Tensor:
+    """beta_1..beta_T (float32) exactly as diffusers' DDPM/DDIM schedulers compute them (0.42.1,
+    ``scheduling_ddpm.py``; reference diffusers_interop.md section 2). diffusers' index k is our k+1.
+
+    trained_betas: the given list; linear: linspace(b0, b1, T); scaled_linear: linspace(sqrt b0, sqrt b1, T)^2;
+    squaredcos_cap_v2: beta_i = min(1 - abar(i+1/T) / abar(i/T), 0.999), abar(s) = cos^2((s + 0.008) / 1.008 pi/2)
+    in Python floats, then cast (b0, b1 unused)."""
+    if trained_betas is not None:
+        if len(trained_betas) != T:
+            raise ValueError(f"trained_betas has {len(trained_betas)} entries; the schedule's T is {T}")
+        return torch.tensor(list(trained_betas), dtype=torch.float32)
+    if beta_schedule == "linear":
+        return torch.linspace(beta_start, beta_end, T, dtype=torch.float32)
+    if beta_schedule == "scaled_linear":
+        return torch.linspace(beta_start**0.5, beta_end**0.5, T, dtype=torch.float32) ** 2
+    if beta_schedule == "squaredcos_cap_v2":
+        def abar(s: float) -> float:
+            return math.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2
+        return torch.tensor([min(1 - abar((i + 1) / T) / abar(i / T), 0.999) for i in range(T)], dtype=torch.float32)
+    raise ValueError(f"unknown beta_schedule {beta_schedule!r}; expected one of {BETA_SCHEDULES} or trained_betas")
+
+
+def diffusers_alphas_cumprod(T: int, beta_schedule: str = "linear", beta_start: float = 1e-4, beta_end: float = 0.02,
+                             trained_betas: Sequence[float] | None = None) -> torch.Tensor:
+    """diffusers' ``alphas_cumprod`` (float32, diffusers indices 0..T-1): prod_{j<=k} (1 - beta_j),
+    accumulated in float32 as diffusers does."""
+    betas = diffusers_betas(T, beta_schedule, beta_start, beta_end, trained_betas)
+    if not bool(((betas > 0) & (betas < 1)).all()):
+        raise ValueError("diffusers betas must lie in (0, 1)")
+    return torch.cumprod(1.0 - betas, dim=0)
+
+
+def diffusers_schedule(T: int, beta_schedule: str = "linear", beta_start: float = 1e-4, beta_end: float = 0.02,
+                       trained_betas: Sequence[float] | None = None) -> Schedule:
+    """An imported diffusers model's schedule: abar_i (i = 1..T) is diffusers' float32
+    ``alphas_cumprod[i-1]`` bit for bit (cumprod of 1 - beta in float32, as diffusers does), widened to
+    float64; index 0 is clean. alpha_i = sqrt(abar_i), sigma_i = sqrt(1 - abar_i) in float64."""
+    abar = diffusers_alphas_cumprod(T, beta_schedule, beta_start, beta_end, trained_betas).double().numpy()
+    abar = np.concatenate([[1.0], abar])
+    return Schedule(DIFFUSERS_KIND, T, np.sqrt(abar), np.sqrt(1.0 - abar))
+
+
+def make_schedule(kind: str, T: int, **kw: Any) -> Schedule:
     if T < 1:
         raise ValueError(f"schedule needs T >= 1, got {T}")
     if kind == "cosine":
         return cosine_schedule(T, **kw)
     if kind == "linear":
         return linear_schedule(T, **kw)
-    raise ValueError(f"unknown schedule {kind!r}; expected one of {SCHEDULE_KINDS}")
+    if kind == DIFFUSERS_KIND:
+        return diffusers_schedule(T, **kw)
+    raise ValueError(f"unknown schedule {kind!r}; expected one of {CARD_SCHEDULE_KINDS}")
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:

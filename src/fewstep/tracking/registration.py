@@ -310,6 +310,7 @@ def register_scheduler(
             "role": "olss", "model": model, "dataset": dataset, "data_hash": card.lineage.data_hash,
             "weights_sha256": wsha, "params_hash": storage.sha256_json(meta),
             "scheduler_sha256": ssha, "scheduler_file": path.name, "olss_variant": meta.get("variant"),
+            "olss_basis": sched.basis, "olss_method": meta.get("method"), "olss_chosen_from": meta.get("chosen_from"),
             "sample_steps": sched.steps, "nfe": sched.steps, "timesteps": json.dumps(sched.timesteps),
             "reference_steps": meta.get("reference_steps"), "parent_model": pname, "parent_version": pver,
             "parent_weights_sha256": wsha, "trajectories_path": meta.get("trajectories"),

@@ -110,7 +110,7 @@ def distill_round(
         conditioning=parent.conditioning,
         lineage=models.Lineage(dataset=pl.dataset, class_names=pl.class_names, data_hash=pl.data_hash,
                                params_hash=storage.sha256_json(rp.model_dump()), run_hash=run_hash,
-                               train_steps=rp.train_steps,
+                               train_steps=rp.train_steps, source=pl.source,
                                parent=models.Parent(str(parent_dir), parent.weights_sha256, parent_steps, parent.role,
                                                     parent.variant)),
     )
