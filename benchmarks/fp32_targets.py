@@ -8,9 +8,10 @@ CPU the GPU path is emulated (``NetDenoiser.cpu_autocast``: torch.autocast("cpu"
 Table 1, per distillation round (the model as teacher, 2N -> N steps, images from the training
 split, every student step i = 1..N equally often, one noise draw per image): relative RMS
 difference of the teacher's first x prediction and of the PD target x~ (Algorithm 2), and the
-largest absolute target difference (images in [-1, 1]). Table 2: OLSS fitted open loop on
-trajectories collected in bf16 vs in float32, scored in float32 on held-out seeds against the
-float32 full-step reference (RMSE as in fit_olss).
+largest absolute target difference (images in [-1, 1]). Table 2: OLSS fitted teacher-forced (the
+paper's basis, the network's outputs, and the x-hat basis) on trajectories collected in bf16 vs in
+float32, scored in float32 on held-out seeds against the float32 full-step reference (RMSE as in
+fit_olss).
 
     python benchmarks/fp32_targets.py --models models --data data/prepared
     python benchmarks/fp32_targets.py --device cuda --n 512
@@ -77,18 +78,21 @@ def target_row(name: str, den, x: torch.Tensor, N: int, seed: int) -> dict:
 
 
 def trajectories(den, seeds: range, shape: tuple[int, ...], t_path: list[int], fp32: bool,
-                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+                 device: torch.device) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """X (N+1, M) latents and the two OLSS bases (N, M): "x" (x-hat) and "output" (the network's own)."""
     noise = PerImageNoise(seeds, device)
-    xs, es = [], []
+    xs, es, os_ = [], [], []
 
     def cb(d: dict) -> None:
         xs.append(d["z"].float().cpu().flatten(1))
         es.append(d["x_hat"].float().cpu().flatten(1))
+        os_.append(d["pred"].float().cpu().flatten(1))
 
     with torch.no_grad(), (full_precision(den) if fp32 else contextlib.nullcontext()):
         x0 = sample_ddim(den, noise.randn(*shape), t_path, clip=False, callback=cb)
     # (steps, B * C * H * W): every element of every image is one least-squares sample
-    return torch.stack(xs + [x0.float().cpu().flatten(1)]).flatten(1), torch.stack(es).flatten(1)
+    X = torch.stack(xs + [x0.float().cpu().flatten(1)]).flatten(1)
+    return X, {"x": torch.stack(es).flatten(1), "output": torch.stack(os_).flatten(1)}
 
 
 def olss_rows(den, shape, ref_steps: int, n_fit: int, n_holdout: int, steps: list[int],
@@ -96,23 +100,23 @@ def olss_rows(den, shape, ref_steps: int, n_fit: int, n_holdout: int, steps: lis
     t_path = timesteps(den.schedule.T, ref_steps)
     fits = {}
     for label, fp32 in (("bf16", False), ("fp32", True)):
-        X, E = trajectories(den, range(1_000_000, 1_000_000 + n_fit), shape, t_path, fp32, device)
-        fits[label] = (X, E)
+        fits[label] = trajectories(den, range(1_000_000, 1_000_000 + n_fit), shape, t_path, fp32, device)
     traj_rel = rel(fits["bf16"][0][-1], fits["fp32"][0][-1])
     noise = PerImageNoise(range(2_000_000, 2_000_000 + n_holdout), device)
     x_T = noise.randn(*shape)
     rows = []
     with torch.no_grad(), full_precision(den):
         ref = sample_ddim(den, x_T, t_path, clip=False)
-        for n in steps:
-            row = {"steps": n, "trajectory_x0_rel": traj_rel}
-            for label, (X, E) in fits.items():
-                ps = search_path(X, E, n)
-                sched = fit_weights(X, E, ps.path, t_path)
-                out = sample_olss(den, x_T, sched, clip=False)
-                row[f"rmse_{label}"] = M.rmse(out.clamp(-1, 1).cpu().numpy(), ref.clamp(-1, 1).cpu().numpy())
-                row[f"path_{label}"] = ps.path
-            rows.append(row)
+        for basis in ("output", "x"):  # olss-paper-N's basis, olss-open-N's
+            for n in steps:
+                row = {"basis": basis, "steps": n, "trajectory_x0_rel": traj_rel}
+                for label, (X, E) in fits.items():
+                    ps = search_path(X, E[basis], n)
+                    sched = fit_weights(X, E[basis], ps.path, t_path, basis=basis)
+                    out = sample_olss(den, x_T, sched, clip=False)
+                    row[f"rmse_{label}"] = M.rmse(out.clamp(-1, 1).cpu().numpy(), ref.clamp(-1, 1).cpu().numpy())
+                    row[f"path_{label}"] = ps.path
+                rows.append(row)
     return rows
 
 
@@ -162,15 +166,15 @@ def main() -> None:
         res = olss_rows(den, den.card.image_shape, args.olss_ref_steps, args.olss_fit, args.olss_holdout,
                         args.olss_steps, device)
         print()
-        print(f"# OLSS (open loop) on the teacher: trajectories of {args.olss_fit} seeds x {args.olss_ref_steps} "
-              f"steps collected in bf16 vs float32; held-out RMSE ({args.olss_holdout} seeds) to the float32 "
-              "full-step result")
-        print("| steps | x0 rel. diff of the trajectories | held-out RMSE, fit on fp32 | fit on bf16 | "
-              "path fp32 | path bf16 |")
-        print("|---:|---:|---:|---:|---|---|")
+        print(f"# OLSS (teacher-forced fits: basis output = olss-paper, x = olss-open) on the teacher: "
+              f"trajectories of {args.olss_fit} seeds x {args.olss_ref_steps} steps collected in bf16 vs float32; "
+              f"held-out RMSE ({args.olss_holdout} seeds) to the float32 full-step result")
+        print("| basis | steps | x0 rel. diff of the trajectories | held-out RMSE, fit on fp32 | "
+              "fit on bf16 | path fp32 | path bf16 |")
+        print("|---|---:|---:|---:|---:|---|---|")
         for r in res:
-            print(f"| {r['steps']} | {r['trajectory_x0_rel']:.2e} | {r['rmse_fp32']:.5f} | {r['rmse_bf16']:.5f} | "
-                  f"{r['path_fp32']} | {r['path_bf16']} |")
+            print(f"| {r['basis']} | {r['steps']} | {r['trajectory_x0_rel']:.2e} | {r['rmse_fp32']:.5f} | "
+                  f"{r['rmse_bf16']:.5f} | {r['path_fp32']} | {r['path_bf16']} |")
 
 
 if __name__ == "__main__":
