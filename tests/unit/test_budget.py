@@ -50,10 +50,11 @@ def test_counts_follow_the_params():
     a, b = budget.by_stage(budget.project(p)), budget.by_stage(budget.project(q))
     assert b["train_teacher"] > 1.9 * a["train_teacher"]
     assert all(a[s] == pytest.approx(b[s]) for s in a if s != "train_teacher")
-    # a distillation round: student forward+backward plus two teacher forwards per image
+    # a distillation round: student forward+backward plus two float32 teacher forwards per image
     r = p.distill.round("student-4")
     d = _stage(budget.project(p), "distill@student-4")[0]
-    assert d.train == r.train_steps * r.batch_size and d.forward >= 2 * d.train
+    assert d.train == r.train_steps * r.batch_size and d.fp32_forward == 2 * d.train
+    assert d.gflop == pytest.approx(d.gflops * (3 * d.train + d.forward + budget.FP32_FORWARD_COST * d.fp32_forward))
     # turning the study off removes its stages and its evaluation rows
     off = budget.project(_params(split_off=True, study={"patch_sizes": []}))
     assert not [w for w in off if w.stage.startswith(("study_teacher", "train_split"))]
