@@ -1,7 +1,7 @@
 """Projected wall time of a profile, stage by stage, from its compute (fewstep.budget).
 
-Counts every stage's network evaluations from the params (training images x 3, sampling and
-teacher-target forwards x 1), multiplies by each net's model FLOPs and divides by a sustained rate
+Counts every stage's network evaluations from the params (training images x 3, sampling forwards
+x 1, float32 teacher-target / trajectory forwards x budget.FP32_FORWARD_COST), multiplies by each net's model FLOPs and divides by a sustained rate
 calibrated on diffusers' DDPM CIFAR-10 UNet: by default the issue's H100 figure (1,760 training
 images/s, bf16, eager, batch 128). A projection, not a measurement: it leaves out data loading,
 checkpoints, process start and MLflow, and assumes every net runs at the peer's FLOP rate (small
@@ -38,10 +38,12 @@ def main() -> None:
     print(f"# profile {args.profile}, {p.base.image_size}x{p.base.image_size}; peer {g_peer:.2f} GFLOPs/forward, "
           f"{args.peer_images_per_s:g} train img/s -> {rate / 1e3:.1f} TFLOP/s sustained "
           f"(peer MFU {rate / 1e3 / args.peak_tflops:.1%} of {args.peak_tflops:g})")
-    print("| stage | net | GFLOPs/img | train images | forward images | PFLOP | projected min |")
-    print("|---|---|---:|---:|---:|---:|---:|")
+    print(f"| stage | net | GFLOPs/img | train images | forward images | fp32 forward images "
+          f"(x{budget.FP32_FORWARD_COST:g}) | PFLOP | projected min |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
     for w in work:
-        print(f"| {w.stage} | {w.net} | {w.gflops:.3f} | {w.train:,} | {w.forward:,} | {w.gflop / 1e6:.2f} | "
+        print(f"| {w.stage} | {w.net} | {w.gflops:.3f} | {w.train:,} | {w.forward:,} | {w.fp32_forward:,} | "
+              f"{w.gflop / 1e6:.2f} | "
               f"{w.gflop / rate / 60:.1f} |")
     stages = budget.by_stage(work)
     total = sum(stages.values())

@@ -20,7 +20,9 @@ import math
 import re
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Mapping
+
+from fewstep.ranking import IncomparableError, claim, interval
 
 ROOT = Path(__file__).resolve().parents[1]
 BLOCK = re.compile(r"(<!-- generated:(?P<name>[a-z0-9-]+) -->\n)(?P<body>.*?)(<!-- /generated:(?P=name) -->)", re.S)
@@ -92,6 +94,30 @@ def _table(header: list[str], align: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _ci(r: Mapping[str, Any], key: str = "fd") -> str:
+    """``value [lo, hi]`` when the row has an interval for ``key`` (fewstep.ranking), else the value."""
+    iv = interval(r, key)  # type: ignore[arg-type]
+    return _g(r[key]) + (f" [{_g(iv[0])}, {_g(iv[1])}]" if iv and key != "kid" else "")
+
+
+def _scored(r: Mapping[str, Any], n: int) -> Mapping[str, Any]:
+    """A row's scores at its largest n: the ranked block (``headline``) when it has one, else the
+    row (scored at ``n``, the table's sample count, in metrics written before rows had their own n)."""
+    return r.get("headline") or {**r, "n": r.get("n", n)}
+
+
+def _vs(a: Mapping[str, Any], b: Mapping[str, Any] | None, name_b: str) -> str:
+    """fewstep.ranking.claim, or why no claim: the one way a generated sentence orders two rows."""
+    if b is None:
+        return "-"
+    if interval(a) is None or interval(b) is None:
+        return "no interval"
+    try:
+        return claim(a, b, name_b)
+    except IncomparableError:
+        return f"not compared (n {a.get('n')} vs {b.get('n')})"
+
+
 def _rows(root: Path) -> dict[str, dict]:
     return _read(root, "metrics/evaluate.json")["rows"]
 
@@ -113,12 +139,87 @@ def evaluation(root: Path) -> str:
     ev = _read(root, "metrics/evaluate.json")
     acc = _read(root, "metrics/evaluator.json")["test_accuracy"]
     rows = ev["rows"]
-    body = [[label or olss_label(root, name), str(r["nfe"]), _g(r["fd"]), f"{1e3 * r['kid']:.0f}", _g(r["rmse"]),
+    body = [[label or olss_label(root, name), str(r["nfe"]), _ci(r), f"{1e3 * r['kid']:.0f}", _g(r["rmse"]),
              _g(r["psnr"])] for name, label in HEADLINE if (r := rows.get(name))]
     return (f"{ev['n_samples']} samples per row, {len(rows)} rows in `reports/evaluation.md`; FD/KID in the pipeline's "
             f"own evaluator features (test accuracy {acc:.4f}), RMSE against the teacher's full-step DDIM sample "
             "from the same noise.\n\n"
             + _table(["sampler", "NFE", "FD", "KID x1e3", "RMSE", "PSNR"], list("lrrrrr"), body))
+
+
+def ranking(root: Path) -> str:
+    """The ranked rows at their own n (the ``headline`` blocks, else the table's n), each against the
+    teacher's reference-steps DDIM only where the 95% intervals separate."""
+    ev = _read(root, "metrics/evaluate.json")
+    rows = ev["rows"]
+    ref_name = next((k for k, r in rows.items() if r.get("is_reference")), None)
+    n = ev["n_samples"]
+    ref = _scored(rows[ref_name], n) if ref_name else None
+    ranked = {k: r for k, r in rows.items() if "headline" in r} or {
+        name: rows[name] for name, _ in HEADLINE if name in rows}
+    body = []
+    for name, r in sorted(ranked.items(), key=lambda kv: (-kv[1]["nfe"], _scored(kv[1], n)["fd"])):
+        h = _scored(r, n)
+        kid = f"{1e3 * h['kid']:.0f}" + (f" ± {1e3 * h['kid_se']:.0f}" if h.get("kid_se") is not None else "")
+        dup = _g(h["dup_rate"], 2) if "dup_rate" in h else "-"
+        vs = "reference" if name == ref_name else _vs(h, ref, "the teacher's DDIM-" + str(rows[ref_name]["nfe"]))
+        body.append([name, str(r["nfe"]), str(h["n"]), _ci(h), kid, _g(h["recall"], 2), dup, vs])
+    floor = ev.get("fd_floor")
+    sens = ""
+    if floor:
+        blur = ", ".join(f"sigma {s} px {_ci(b)}" for s, b in ev.get("fd_blur", {}).items())
+        sens = (f"\nWhat FD can see (test split, n={floor['n']}): held-out real images score {_ci(floor)} (the floor), "
+                f"the same images blurred: {blur}.\n")
+    acc_file = root / "metrics/evaluator.json"
+    acc = f" (test accuracy {_read(root, 'metrics/evaluator.json')['test_accuracy']:.4f})" if acc_file.exists() else ""
+    return ("FD with its 95% bootstrap interval, KID ± its standard error (x1e3), recall, the duplicate rate, all in "
+            f"the pipeline's own evaluator features{acc}: an order holds in that feature space only. An order "
+            "against the reference is stated only where the intervals separate, else \"within noise\".\n\n"
+            + _table(["row", "NFE", "n", "FD [95% CI]", "KID x1e3", "recall", "dup", "FD vs reference"],
+                     list("lrrrrrrl"), body) + sens)
+
+
+OLSS_LABELS = {"ddim": "DDIM on the same steps (no fit)", "olss": "registered `olss-N` (x-hat, closed loop)",
+               "olss_open": "OLSS x-hat, open loop (beyond paper)", "olss_p": "OLSS-P, x-hat basis (beyond paper)",
+               "olss_ridge": "OLSS x-hat, ridge (beyond paper)"}  # metrics/olss files without a variants table
+
+
+def _olss_variants(m: Mapping[str, Any], model: str, n: int) -> list[tuple[str, str, float]]:
+    """(evaluation row, label, held-out RMSE) for DDIM, the registered olss-N and every variant a
+    metrics/olss file lists: its ``variants`` table (fit_olss: file, label, paper or beyond paper),
+    else (older files) the keys of ``rmse_vs_full_step`` (olss_x_y -> row olss-x-y-N)."""
+    held = m.get("rmse_vs_full_step") or {}
+    out = [(f"{model} ddim {n}", OLSS_LABELS["ddim"], held.get("ddim"))]
+    if "variants" in m:
+        out.append((f"{model} olss-{n}", f"registered `olss-N` = {m.get('chosen_label', m.get('chosen'))}",
+                    held.get("olss")))
+        out += [(f"{model} {Path(v['file']).stem}", v["label"], v.get("holdout_rmse")) for v in m["variants"].values()]
+        return out
+    return out + [(f"{model} {k.replace('_', '-')}-{n}", OLSS_LABELS.get(k, k), v) for k, v in held.items() if k != "ddim"]
+
+
+def olss(root: Path) -> str:
+    """One table per metrics/olss/<model>-<N>.json, a row per variant the file lists (generic: a new
+    variant appears when fit_olss writes it): held-out RMSE from fit_olss, and the evaluation's row
+    of the same scheduler file (RMSE and FD with 95% intervals, same seeds for every variant)."""
+    ev = _read(root, "metrics/evaluate.json")
+    rows = ev["rows"]
+    out = []
+    for f in sorted((root / "metrics/olss").glob("*.json"), key=lambda p: (p.stem.rsplit("-", 1)[0],
+                                                                          int(p.stem.rsplit("-", 1)[1]))):
+        m = json.loads(f.read_text())
+        model, n = m.get("model", f.stem.rsplit("-", 1)[0]), int(m.get("steps", f.stem.rsplit("-", 1)[1]))
+        body = []
+        for name, label, held in _olss_variants(m, model, n):
+            r = rows.get(name)
+            h = _scored(r, ev["n_samples"]) if r else None
+            body.append([f"`{name.split(' ', 1)[1]}`", label, _g(held),
+                         _ci(h, "rmse") if h else "-", _ci(h) if h else "-", str(h.get("n", "-")) if h else "-"])
+        out.append(f"{model}, {n} steps (olss-N's path {m.get('path')}; held-out RMSE on {m.get('holdout_seeds', '-')} seeds "
+                   "against the full-step DDIM sample):\n\n"
+                   + _table(["variant", "what", "held-out RMSE", "eval RMSE [95% CI]", "FD [95% CI]", "n"],
+                            list("llrrrr"), body))
+    return "\n".join(out) if out else "No OLSS metrics.\n"
 
 
 def grids(root: Path) -> str:
@@ -212,7 +313,8 @@ def ddim_study(root: Path) -> str:
 
 SECTIONS: dict[str, Callable[[Path], str]] = {
     "evaluation": evaluation, "grids": grids, "pareto": pareto, "teacher": teacher, "distill": distill,
-    "study-rows": study_rows, "redundancy": redundancy, "objective": objective, "ddim-study": ddim_study,
+    "ranking": ranking, "olss": olss, "study-rows": study_rows, "redundancy": redundancy, "objective": objective,
+    "ddim-study": ddim_study,
 }
 
 

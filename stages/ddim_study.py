@@ -16,6 +16,7 @@ from typing import Sequence
 
 from fewstep import models, storage
 from fewstep.ddim_study import run_study
+from fewstep.math.param import set_autocast
 from stages._common import StageContext, run_stage
 
 
@@ -31,7 +32,7 @@ def add_args(ap: argparse.ArgumentParser) -> None:
 def body(ctx: StageContext) -> None:
     a = ctx.args
     den = models.load_denoiser(a.model, ctx.device)
-    den.autocast = False  # float32 on CUDA too: bf16 outputs would put a floor under the reconstruction error
+    set_autocast(den, False)  # float32 on CUDA too: bf16 outputs would put a floor under the reconstruction error
     out = {"model": str(a.model), **run_study(den, Path(a.data), Path(a.evaluator),
                                               ctx.params.ddim_study, ctx.device, Path(a.samples), Path(a.plots),
                                               ctx.progress)}

@@ -26,6 +26,7 @@ from fewstep import models, storage
 from fewstep.ddim_study import interpolation_grid, load_latents, save_latents, step_grid
 from fewstep.images import from_uint8, load_images, save_grid
 from fewstep.math.inversion import decode, encode
+from fewstep.math.param import set_autocast
 from stages._common import StageError, user_errors
 
 
@@ -140,7 +141,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         except RuntimeError as e:  # cuda asked for, none there
             raise StageError(str(e)) from None
         den = models.load_denoiser(args.model, device)
-        den.autocast = False  # float32 on CUDA too: inversion needs the precision
+        set_autocast(den, False)  # float32 on CUDA too (both nets of a split model): inversion needs the precision
         with torch.no_grad():
             args.fn(args, den, device)
 

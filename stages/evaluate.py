@@ -2,7 +2,8 @@
 
 Rows: the teacher with DDIM at evaluate.ddim_steps, the eta family and sigma-hat, every OLSS
 variant, every distilled student, OLSS on students, diffusers' schedulers as peers (same teacher,
-same noise, equal NFE). Outputs: metrics/evaluate.json (DVC metrics), plots/evaluate.csv (DVC
+same noise, equal NFE); the ranked rows again at evaluate.n_headline samples; the FD sensitivity
+check on the test split (noise floor, blur). Outputs: metrics/evaluate.json (DVC metrics), plots/evaluate.csv (DVC
 plots: FD and RMSE vs NFE), reports/evaluation.md with PNG plots (FD vs NFE, RMSE vs NFE, FD vs
 GFLOPs with its Pareto front) and one sample grid per row under reports/grids/.
 """
@@ -16,17 +17,19 @@ from typing import Sequence
 
 from fewstep import storage
 from fewstep.evaluation import inception_reference, run_evaluation
+from fewstep.images import from_uint8
 from fewstep.reports import write_evaluation_csv, write_evaluation_report
 from stages._common import StageContext, run_stage
 
-SCALARS = ("fd", "kid", "rmse", "psnr", "nfe", "images_per_s")
+SCALARS = ("fd", "fd_lo", "fd_hi", "kid", "kid_se", "recall", "dup_rate", "rmse", "psnr", "nfe", "images_per_s")
 
 
 def add_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--models", default="models")
     ap.add_argument("--schedulers", default="schedulers")
     ap.add_argument("--reports", default="reports")
-    ap.add_argument("--data", default="data/prepared", help="training split for Inception reference statistics")
+    ap.add_argument("--data", default="data/prepared",
+                    help="training split for Inception reference statistics; test split for the FD sensitivity check")
 
 
 def body(ctx: StageContext) -> None:
@@ -37,16 +40,21 @@ def body(ctx: StageContext) -> None:
     if ep.inception_weights:  # standard FID: the user's Inception weights, same FD/KID code
         inception = partial(inception_reference, ep.inception_weights, Path(a.data) / "train_images.npy",
                             p.evaluator.ref_subset, ep.seed, device)
+    test = Path(a.data) / "test_images.npy"
+    test_images = from_uint8(storage.load_array(test)) if ep.blur_sigmas and test.exists() else None
     done = run_evaluation(models_dir, Path(a.schedulers), ep, models_dir / "evaluator", device,
                           grid_dir=out / "grids", inception=inception,
-                          log=lambda line: print(f"evaluate: {line}", flush=True))
+                          log=lambda line: print(f"evaluate: {line}", flush=True), test_images=test_images)
     if done is None:  # another rank of a torchrun
         return
-    results, ref_steps = done
+    results = done.rows
     acc = storage.read_json(models_dir / "evaluator" / "config.json").get("test_accuracy")
-    write_evaluation_report(results, out, ep.n_samples, acc, ref_steps)
-    storage.write_json("metrics/evaluate.json", {"n_samples": ep.n_samples, "rows": results})
-    ctx.record.log_metrics({name: {k: v for k, v in r.items() if k in SCALARS} for name, r in results.items()})
+    write_evaluation_report(results, out, ep.n_samples, acc, done.reference_steps, meta=done.meta)
+    storage.write_json("metrics/evaluate.json", {"n_samples": ep.n_samples, **done.meta, "rows": results})
+    pick = lambda r: {k: v for k, v in r.items() if k in SCALARS}  # noqa: E731
+    ctx.record.log_metrics({name: {**pick(r), **({"headline": pick(r["headline"])} if "headline" in r else {})}
+                            for name, r in results.items()})
+    ctx.record.log_metrics({k: done.meta[k] for k in ("fd_floor", "fd_blur") if k in done.meta})
     ctx.record.log_artifact(out, "reports")
     write_evaluation_csv(results, Path("plots/evaluate.csv"))
 

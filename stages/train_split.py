@@ -40,6 +40,8 @@ def body(ctx: StageContext) -> None:
     split = card.arch.split
     metrics = {"boundary_snr": split.boundary_snr, "t_boundary": split.t_boundary,
                "gflops_per_call": gflops_per_net(den, den.card.image_shape)}
+    if "setup" in split.sides:  # setup: paper (the PDM release); absent = the project's setup
+        metrics["setup"] = split.sides["setup"]
     for side, res in results.items():
         metrics[side] = {k: split.sides[side][k] for k in ("t_range", "patch_size", "train_steps", "init")}
         metrics[side]["final_loss"] = res.history[-1][1] if res.history else None

@@ -2,9 +2,11 @@
 
 Every stage's work is counted as network evaluations of one image: ``train`` images go through a
 forward and a backward pass (counted as 3 forwards, the usual rule), ``forward`` images through a
-forward pass only (sampling, a distillation teacher's targets, trajectories). Each count is
-multiplied by the net's model FLOPs per image (torch's FLOP counter, the same count as the
-evaluation table's GFLOPs) and divided by a sustained rate in GFLOP/s.
+forward pass only (sampling), ``fp32_forward`` images through a forward pass in IEEE float32 (a
+distillation teacher's targets, OLSS trajectories and fits: fewstep.math.param.full_precision),
+each counted as ``FP32_FORWARD_COST`` bf16 forwards. Each count is multiplied by the net's model
+FLOPs per image (torch's FLOP counter, the same count as the evaluation table's GFLOPs) and divided
+by a sustained rate in GFLOP/s.
 
 The rate is calibrated on a measured peer, not a datasheet: ``rate_from_peer`` turns "this
 device trains diffusers' DDPM CIFAR-10 UNet at N images/s" into GFLOP/s. The issue's H100 figure
@@ -29,6 +31,11 @@ from fewstep.config import Params, TeacherParams
 
 H100_PEER_TRAIN_IMAGES_PER_S = 1760.0  # diffusers UNet2DModel (DDPM CIFAR-10), one H100, bf16, batch 128
 TRAIN_FORWARDS = 3  # forward + backward of one image, in forward passes
+# An IEEE float32 forward (TF32 off) in bf16 forwards. An estimate, not yet measured on a GPU
+# (`python benchmarks/fp32_targets.py --device cuda` times both): the H100's fp32 peak is 1/15 of its
+# bf16 tensor peak, but the peer sustains only ~3% of the bf16 peak, so these small nets are bound by
+# memory traffic, which fp32 doubles.
+FP32_FORWARD_COST = 2.0
 
 
 @dataclass
@@ -38,10 +45,11 @@ class Work:
     gflops: float  # model GFLOPs of one forward pass of one image
     train: int = 0  # images through forward + backward
     forward: int = 0  # images through a forward pass only
+    fp32_forward: int = 0  # images through a forward pass in IEEE float32 (teacher targets, trajectories)
 
     @property
     def gflop(self) -> float:
-        return self.gflops * (TRAIN_FORWARDS * self.train + self.forward)
+        return self.gflops * (TRAIN_FORWARDS * self.train + self.forward + FP32_FORWARD_COST * self.fp32_forward)
 
 
 def model_gflops(net: torch.nn.Module, shape: tuple[int, ...], *extra: torch.Tensor) -> float:
@@ -164,8 +172,8 @@ def project(p: Params) -> list[Work]:
         g = nets.get(r.parent, tg)
         nets[name], steps_of[name] = g, r.steps
         out.append(Work(f"distill@{name}", f"{2 * r.steps}->{r.steps} steps", g,
-                        train=r.train_steps * r.batch_size,
-                        forward=2 * r.train_steps * r.batch_size + r.sample.n * _grid_steps(r.sample, r.steps)))
+                        train=r.train_steps * r.batch_size, fp32_forward=2 * r.train_steps * r.batch_size,
+                        forward=r.sample.n * _grid_steps(r.sample, r.steps)))
     study: dict[str, tuple[float, int]] = {}  # model dir -> (GFLOPs per call, training steps)
     for P in p.study.patch_sizes:
         sp = p.study.teacher_for(p.teacher, P)
@@ -188,7 +196,8 @@ def project(p: Params) -> list[Work]:
     ref = p.trajectories.reference_steps
     for m in p.trajectories.models:
         n = min(ref, steps_of.get(m, T))
-        out.append(Work(f"collect_trajectories@{m}", f"{n} steps", nets.get(m, tg), forward=p.trajectories.n_fit * n))
+        out.append(Work(f"collect_trajectories@{m}", f"{n} steps", nets.get(m, tg),
+                        fp32_forward=p.trajectories.n_fit * n))
     op_ = p.olss
     from fewstep.olss_variants import VARIANTS
 
@@ -198,20 +207,24 @@ def project(p: Params) -> list[Work]:
         for n in op_.steps:
             closed = p.trajectories.n_fit * n  # the closed-loop refit (always fitted)
             out.append(Work(f"fit_olss@{m}-{n}", f"{n} steps", nets.get(m, tg),
-                            forward=closed + op_.n_holdout * (refn + n + len(VARIANTS) * n)))
+                            fp32_forward=closed + op_.n_holdout * (refn + n + len(VARIANTS) * n)))
     ev = p.evaluate
     from fewstep.evaluation import Planned, teacher_plan
 
     ref = Planned("ddim", min(ev.reference_steps, T))  # the reference row: sampled once, reused by its row
     plan = [r for r in teacher_plan(ev, T) if r != ref]
-    nfe_teacher = ref.nfe + sum(r.nfe for r in plan)
+    # ranked rows (evaluation.is_headline) at n_headline: the reference, DDIM at the students' steps, OLSS, students
+    ranked = {steps_of[name] for name in rounds}
+    n, n_h = ev.n_samples, ev.headline_n
+    fwd_teacher = n_h * ref.nfe + sum((n_h if r.sampler == "ddim" and not r.options and r.steps in ranked else n)
+                                      * r.nfe for r in plan)
     for m in op_.models:
         if m == "teacher":
-            nfe_teacher += variants * sum(op_.steps)
-    out.append(Work("evaluate", "teacher rows", tg, forward=ev.n_samples * nfe_teacher))
+            fwd_teacher += n_h * variants * sum(op_.steps)
+    out.append(Work("evaluate", "teacher rows", tg, forward=fwd_teacher))
     for name in rounds:
         k = _ddim_nfe(steps_of[name]) + (variants * sum(op_.steps) if name in op_.models else 0)
-        out.append(Work("evaluate", f"{name} rows", nets[name], forward=ev.n_samples * k))
+        out.append(Work("evaluate", f"{name} rows", nets[name], forward=n_h * k))
     for name, (g, _) in study.items():
         k = sum(_ddim_nfe(n) for n in ev.study_steps if n <= T)
         out.append(Work("evaluate", f"{name} rows", g, forward=ev.n_samples * k))
@@ -219,7 +232,10 @@ def project(p: Params) -> list[Work]:
               + len(ev.study_steps) * len(study))
     eg = evaluator_gflops(p)
     out.append(Work("train_evaluator", "evaluator CNN", eg, train=p.evaluator.steps * p.evaluator.batch_size))
-    out.append(Work("evaluate", "evaluator features", eg, forward=ev.n_samples * n_rows + p.evaluator.ref_subset))
+    n_ranked = 1 + len(rounds) + variants * len(op_.steps) * len(op_.models) + sum(
+        r.sampler == "ddim" and not r.options and r.steps in ranked for r in plan)
+    out.append(Work("evaluate", "evaluator features", eg, forward=n * n_rows + (n_h - n) * n_ranked
+                    + p.evaluator.ref_subset + (len(ev.blur_sigmas) + 1) * n))  # + the FD sensitivity check
     rp = p.redundancy
     out.append(Work("redundancy", f"{1 + len(study)} models", sum([tg] + [g for g, _ in study.values()]),
                     forward=rp.n_images * rp.bins))

@@ -12,12 +12,13 @@ from fewstep.errors import UserError
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, ClassVar, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, ValidationError, model_serializer, \
+    model_validator
 
-from fewstep.math.losses import WEIGHTINGS, Weighting, divergence
+from fewstep.math.losses import DEFAULT_WEIGHTING, WEIGHTINGS, Weighting, divergence
 from fewstep.math.param import KINDS, Parameterization
 from fewstep.math.schedules import ScheduleKind, Spacing
 from fewstep.nets.unet import PatchSize, UNetConfig
@@ -29,6 +30,18 @@ class ParamsError(UserError, ValueError):
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # Keys added after a section's hashes were first written: left out of dumps while at their
+    # default, so the run, params and card hashes of existing configs (and dvc outputs) do not move.
+    _added_keys: ClassVar[dict[str, Any]] = {}
+
+    @model_serializer(mode="wrap")
+    def _omit_added_defaults(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        d = handler(self)
+        for k, default in self._added_keys.items():
+            if k in d and d[k] == default:
+                del d[k]
+        return d
 
 
 class BaseParams(_Strict):
@@ -78,6 +91,9 @@ class NetParams(_Strict):
     attn_resolutions: list[int] = Field(default_factory=list)
     head_dim: int = Field(32, ge=4)
     dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    pos_emb: bool = Field(False, description="PDM's fixed 2-D position embedding after the first conv")
+
+    _added_keys: ClassVar[dict[str, Any]] = {"pos_emb": False}
 
     def unet_config(self, image_size: int) -> UNetConfig:
         try:
@@ -245,6 +261,24 @@ class EvaluateParams(_Strict):
                                    description="DDIM rows for every models/teacher-* (patch study, split)")
     inception_weights: str | None = Field(None, description="a user's FID Inception-v3 weight file (safetensors or "
                                           "a weights-only .pth): adds standard FID/KID beside the evaluator's")
+    n_headline: int = Field(0, ge=0, description="samples of the ranked rows (teacher DDIM at the reference and the "
+                            "students' steps, students, OLSS); at most n_samples (e.g. 0) = no second block")
+    fd_resamples: int = Field(200, ge=0, description="bootstrap resamples of each FD and RMSE interval (0 = none)")
+    dup_quantile: float = Field(0.01, gt=0.0, lt=1.0, description="duplicate threshold: this quantile of real-real "
+                                "nearest-neighbour distances in evaluator features")
+    blur_sigmas: list[float] = Field(default_factory=lambda: [0.5, 1.0],
+                                     description="FD sensitivity: Gaussian blurs (pixels) of the test split")
+
+    @model_validator(mode="after")
+    def _sigmas(self) -> "EvaluateParams":
+        if any(s <= 0 for s in self.blur_sigmas):
+            raise ValueError(f"evaluate.blur_sigmas must be positive, got {self.blur_sigmas}")
+        return self
+
+    @property
+    def headline_n(self) -> int:
+        """Samples of a ranked (headline) row."""
+        return max(self.n_headline, self.n_samples)
 
 
 class StudyParams(_Strict):
@@ -282,15 +316,44 @@ def _teacher_variant(teacher: TeacherParams, overrides: dict[str, Any], net: dic
         raise ParamsError(_format(e, source)) from None
 
 
+# The PDM release's setup (Luhman & Luhman 2022, ImageNet-256 two-network model; distill_pdm.md B.3,
+# B.6, B.7): what a split model labelled ``setup: paper`` must resolve to on both sides. Widths,
+# training lengths and learning rates are not part of it (they are scaled to the profile).
+PDM_PAPER_SETUP: dict[str, Any] = {"parameterization": "x", "weighting": "sqrt_snr", "patch_size": 4,
+                                   "pos_emb": True, "boundary_snr": 0.25, "init_low_from_high": True}
+Setup = Literal["project", "paper"]
+
+
 class SplitModelParams(_Strict):
     """A two-network model (PDM B.7): ``high`` answers below the boundary SNR, ``low`` above it.
     Each side is a set of overrides of the teacher section (its net under ``net``); the low-noise
-    net starts from the high-noise net's weights where shapes match (PDM release)."""
+    net starts from the high-noise net's weights where shapes match (PDM release).
 
+    ``setup`` labels the model: ``project`` (the default; the project's choice, e.g. v-prediction,
+    SNR+1 weighting and a P=4 / P=2 pair) or ``paper`` (the PDM release, :data:`PDM_PAPER_SETUP`),
+    which params validation checks the resolved sides against, so the label cannot drift from
+    what is trained."""
+
+    setup: Setup = "project"
     boundary_snr: float = Field(0.25, gt=0.0, description="SNR = alpha^2/sigma^2 at the boundary (PDM: 0.25)")
     init_low_from_high: bool = True
     high: dict[str, Any] = Field(default_factory=dict)
     low: dict[str, Any] = Field(default_factory=dict)
+
+    _added_keys: ClassVar[dict[str, Any]] = {"setup": "project"}
+
+    def paper_mismatches(self, teacher: TeacherParams) -> list[str]:
+        """Where this model differs from :data:`PDM_PAPER_SETUP` (``[]``: it is the paper's setup)."""
+        want = PDM_PAPER_SETUP
+        bad = [f"{k} {getattr(self, k)!r} (paper: {want[k]!r})" for k in ("boundary_snr", "init_low_from_high")
+               if getattr(self, k) != want[k]]
+        for s in ("high", "low"):
+            tp = self.side(teacher, s)
+            got = {"parameterization": tp.parameterization,
+                   "weighting": tp.weighting or DEFAULT_WEIGHTING[tp.parameterization],
+                   "patch_size": tp.net.patch_size, "pos_emb": tp.net.pos_emb}
+            bad += [f"{s}.{k} {v!r} (paper: {want[k]!r})" for k, v in got.items() if v != want[k]]
+        return bad
 
     def side(self, teacher: TeacherParams, side: str) -> TeacherParams:
         over = dict(getattr(self, side))
@@ -441,6 +504,10 @@ class Params(_Strict):
                 check(tp, f"split.models.{name}.{s}")
             if sides["high"].parameterization != sides["low"].parameterization:
                 raise ValueError(f"split model {name}: both nets need one parameterization")
+            bad = sp.paper_mismatches(self.teacher) if sp.setup == "paper" else []
+            if bad:
+                raise ValueError(f"split model {name}: setup 'paper' is the PDM release's setup, but it has "
+                                 + "; ".join(bad) + " (set those, or label it setup: project)")
         for v in self.objective.variants:
             for P in self.objective.patch_sizes:
                 check(self.objective.teacher_for(self.teacher, v, P), f"objective ({v}, P={P})")

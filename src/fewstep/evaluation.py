@@ -1,9 +1,16 @@
 """The evaluation table: every sampler x NFE on the same noise, scored in evaluator features.
 
 A sampler row is a function from (x_T batch, per-image noise) to images in [-1, 1]. Every row uses
-image seeds seed..seed+n-1, so rows differ only by the sampler. Scores: FD and KID against the
-training split's reference statistics, precision/recall, RMSE/PSNR against the teacher's
-full-step DDIM sample from the same x_T, NFE, model GFLOPs per image, images/s on this machine.
+image seeds seed..seed+n-1, so rows differ only by the sampler. Scores: FD (with a 95% bootstrap
+interval) and KID (with its standard error) against the training split's reference statistics,
+precision/recall, the duplicate rate, RMSE/PSNR against the teacher's full-step DDIM sample from
+the same x_T, NFE, model GFLOPs per image, images/s on this machine.
+
+Sample counts: every row is scored on the first ``evaluate.n_samples`` seeds (its ``n``), so the
+whole table compares at one n. The rows the README ranks (:func:`is_headline`) are sampled on
+``evaluate.n_headline`` seeds and carry a second score block ``headline`` at that n; FD is compared
+only within one n (fewstep.ranking). The FD sensitivity check (:func:`fd_sensitivity`) says what FD
+difference the evaluator can see: held-out real images (the noise floor) and blurred ones.
 """
 
 from __future__ import annotations
@@ -183,28 +190,81 @@ def run_row(row: Row, seeds: list[int], shape: tuple[int, int, int], batch_size:
     return images, len(seeds) / (time.perf_counter() - t0)
 
 
-def feature_scores(feats: np.ndarray, stats: dict, kid_subsets: int, seed: int) -> dict:
+def feature_scores(feats: np.ndarray, stats: dict, kid_subsets: int, seed: int, resamples: int = 0) -> dict:
     """FD against the reference statistics and KID against the reference subset, in one feature
-    space (the evaluator's, or Inception's for standard FID)."""
+    space (the evaluator's, or Inception's for standard FID); with ``resamples`` > 0 also FD's 95%
+    bootstrap interval (fd_lo, fd_hi; math.metrics.fd_bootstrap)."""
     kid_mean, kid_se = M.kid(feats, stats["subset"], subsets=kid_subsets, subset_size=min(1000, len(feats)),
                              seed=seed)
-    return {"fd": M.frechet_distance(*M.mean_cov(feats), stats["mu"], stats["sigma"]), "kid": kid_mean,
-            "kid_se": kid_se}
+    out = {"fd": M.frechet_distance(*M.mean_cov(feats), stats["mu"], stats["sigma"]), "kid": kid_mean,
+           "kid_se": kid_se}
+    if resamples:
+        out["fd_lo"], out["fd_hi"] = M.fd_bootstrap(feats, stats["mu"], stats["sigma"], resamples=resamples, seed=seed)
+    return out
 
 
 def score(feats: np.ndarray, images: torch.Tensor, reference: torch.Tensor, stats: dict, kid_subsets: int,
-          seed: int) -> dict:
+          seed: int, *, resamples: int = 0, dup_threshold: float | None = None) -> dict:
+    """Every score of one row at n = len(feats): feature_scores, precision/recall, the duplicate
+    rate (with ``dup_threshold``), RMSE/PSNR to ``reference`` (with an interval when ``resamples``)."""
     ref_sub = stats["subset"]
     n_pr = min(len(feats), len(ref_sub), 2000)
     prec, rec = M.precision_recall(ref_sub[:n_pr], feats[:n_pr])
     a, b = images.numpy(), reference.numpy()
-    return {
-        **feature_scores(feats, stats, kid_subsets, seed),
+    out = {
+        "n": len(feats),
+        **feature_scores(feats, stats, kid_subsets, seed, resamples),
         "precision": prec,
         "recall": rec,
         "rmse": M.rmse(a, b),
         "psnr": M.psnr(a, b),
     }
+    if resamples:
+        out["rmse_lo"], out["rmse_hi"] = M.rmse_interval(a, b, resamples=resamples, seed=seed)
+    if dup_threshold is not None:
+        out["dup_rate"] = M.duplicate_rate(feats, dup_threshold)
+    return out
+
+
+def dup_thresholds(subset: np.ndarray, ns: set[int], quantile: float) -> dict[int, float]:
+    """The duplicate threshold for each sample count n: the ``quantile`` of nearest-neighbour
+    distances among n real reference features (all of the subset when it has fewer than n)."""
+    return {n: M.duplicate_threshold(subset[:n], quantile) for n in sorted(ns)}
+
+
+def is_headline(row: Row, ref_steps: int, student_steps: set[int]) -> bool:
+    """The rows the README ranks: the teacher's DDIM at the reference steps and at every student's
+    steps, every student, every OLSS variant (family olss*)."""
+    if row.family == "student" or row.family.startswith("olss"):
+        return True
+    return row.model == "teacher" and row.family == "ddim" and row.nfe in {ref_steps, *student_steps}
+
+
+def gaussian_blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Images (N, C, H, W) blurred by a separable Gaussian of ``sigma`` pixels (radius 3 sigma,
+    reflect padding)."""
+    r = max(1, math.ceil(3 * sigma))
+    x = torch.arange(-r, r + 1, dtype=torch.float64)
+    k = torch.exp(-(x**2) / (2 * sigma**2))
+    k = (k / k.sum()).to(images.dtype)
+    C = images.shape[1]
+    out = torch.nn.functional.pad(images, (r, r, r, r), mode="reflect")
+    out = torch.nn.functional.conv2d(out, k.view(1, 1, 1, -1).expand(C, 1, 1, -1), groups=C)
+    return torch.nn.functional.conv2d(out, k.view(1, 1, -1, 1).expand(C, 1, -1, 1), groups=C)
+
+
+def fd_sensitivity(feature_fn: Callable[[torch.Tensor], np.ndarray], stats: dict, test_images: torch.Tensor,
+                   sigmas: list[float], n: int, kid_subsets: int, seed: int, resamples: int) -> dict:
+    """What FD can see: ``fd_floor``, the scores of n held-out real images (the test split) against
+    the training reference (the noise floor at that n), and ``fd_blur``, the same images blurred
+    by each sigma (str(sigma) -> scores): n = min(n, test images) drawn at random with ``seed`` (a
+    prepared split is ordered by class: its first n would be a different distribution)."""
+    pick = torch.randperm(len(test_images), generator=torch.Generator().manual_seed(seed))[:n]
+    x = test_images[pick.sort().values]
+    floor = {"n": len(x), **feature_scores(feature_fn(x), stats, kid_subsets, seed, resamples)}
+    blur = {f"{s:g}": {"n": len(x), **feature_scores(feature_fn(gaussian_blur(x, s)), stats, kid_subsets, seed,
+                                                       resamples)} for s in sigmas}
+    return {"fd_floor": floor, "fd_blur": blur}
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[int]:
@@ -254,17 +314,30 @@ def inception_reference(weights: str | Path, train_images_npy: Path, subset: int
         raise ParamsError(f"evaluate.inception_weights: {e}") from None
 
 
+@dataclass
+class Evaluation:
+    """What :func:`run_evaluation` measured: ``rows`` (row name -> scores), the reference's step
+    count, and ``meta`` for metrics/evaluate.json (n_headline, dup_threshold per n, fd_floor, fd_blur)."""
+
+    rows: dict[str, dict]
+    reference_steps: int
+    meta: dict = field(default_factory=dict)
+
+
 def run_evaluation(models_dir: Path, schedulers_dir: Path, ep, evaluator_dir: Path,
                    device: torch.device, grid_dir: Path | None = None,
                    inception: Callable[[], tuple[Callable[[torch.Tensor], np.ndarray], dict]] | None = None,
-                   log: Callable[[str], None] | None = None) -> tuple[dict[str, dict], int] | None:
+                   log: Callable[[str], None] | None = None,
+                   test_images: torch.Tensor | None = None) -> Evaluation | None:
     """Every row of :func:`build_rows` sampled on seeds ep.seed.. and scored (:func:`score`, plus
     standard FID with ``inception``) against the teacher's ``ep.reference_steps``-step DDIM images
     from the same noise (the image shape is the teacher card's); one sample grid per row under
-    ``grid_dir``. Returns (row name -> scores, the reference's step count) on rank 0; None on the
-    other ranks of a torchrun (they sample their share, rank 0 scores). ``inception`` is called once
-    the rows are built (e.g. a partial of :func:`inception_reference`) and gives the feature function
-    and reference statistics."""
+    ``grid_dir``. Every row is scored on ``ep.n_samples`` seeds; the :func:`is_headline` rows are
+    sampled on ``ep.headline_n`` seeds and scored again at that n (``headline``). With
+    ``test_images`` (the test split, in [-1, 1]) the FD sensitivity check runs too. Returns the
+    :class:`Evaluation` on rank 0; None on the other ranks of a torchrun (they sample their share,
+    rank 0 scores). ``inception`` is called once the rows are built (e.g. a partial of
+    :func:`inception_reference`) and gives the feature function and reference statistics."""
     from fewstep.images import save_grid
     from fewstep.reports import slug
     from fewstep.train.evaluator import features, load_evaluator
@@ -273,25 +346,40 @@ def run_evaluation(models_dir: Path, schedulers_dir: Path, ep, evaluator_dir: Pa
     rows, dens = build_rows(models_dir, schedulers_dir, ep, device)
     inc = inception() if inception is not None else None
     teacher = dens["teacher"]
-    seeds = list(range(ep.seed, ep.seed + ep.n_samples))
+    n, n_h = ep.n_samples, ep.headline_n
     shape = teacher.card.image_shape
     n_ref = min(ep.reference_steps, teacher.schedule.T)
+    student_steps = {r.nfe for r in rows if r.family == "student"}
+    heads = {r.name for r in rows if is_headline(r, n_ref, student_steps)} if n_h > n else set()
+    seeds = list(range(ep.seed, ep.seed + (n_h if heads else n)))
     ddim = samplers.get("ddim")
     ref_row = Row("reference", ddim.family({}), "teacher", ddim.nfe(n_ref), ddim.bind(teacher, steps=n_ref))
     reference, ref_ips = run_row(ref_row, seeds, shape, ep.batch_size, device)
     ref_name = samplers.row_name("teacher", "ddim", steps=n_ref)  # same sampler, steps, seeds: the reference images
     if grid_dir is not None:
         grid_dir.mkdir(parents=True, exist_ok=True)
+    thresholds = dup_thresholds(stats["subset"], {n, n_h} if heads else {n}, ep.dup_quantile)
+
+    def feats_of(images: torch.Tensor) -> np.ndarray:
+        return features(evaluator, images.to(device) if device.type == "cuda" else images)
+
+    def scores(f: np.ndarray, images: torch.Tensor) -> dict:
+        m = len(f)
+        return score(f, images, reference[:m], stats, ep.kid_subsets, ep.seed, resamples=ep.fd_resamples,
+                     dup_threshold=thresholds[m])
+
     results = {}
     for row in rows:
         if row.name == ref_name:
             images, ips = reference, ref_ips
         else:
-            images, ips = run_row(row, seeds, shape, ep.batch_size, device)
+            images, ips = run_row(row, seeds[: n_h if row.name in heads else n], shape, ep.batch_size, device)
         if not parallel.is_main():
             continue
-        feats = features(evaluator, images.to(device) if device.type == "cuda" else images)
-        r = score(feats, images, reference, stats, ep.kid_subsets, ep.seed)
+        f = feats_of(images)
+        r = scores(f[:n], images[:n])
+        if row.name in heads:
+            r["headline"] = scores(f, images)
         r.update(family=row.family, model=row.model, nfe=row.nfe, gflops=row.gflops, images_per_s=ips)
         if row.note:
             r["note"] = row.note
@@ -300,12 +388,20 @@ def run_evaluation(models_dir: Path, schedulers_dir: Path, ep, evaluator_dir: Pa
         if row.gflops_by_net:  # a split model: the cost per network
             r.update(nfe_by_net=row.nfe_by_net, gflops_by_net=row.gflops_by_net)
         if inc is not None:
-            r["inception"] = feature_scores(inc[0](images), inc[1], ep.kid_subsets, ep.seed)
+            r["inception"] = feature_scores(inc[0](images[:n]), inc[1], ep.kid_subsets, ep.seed)
         results[row.name] = r
         if grid_dir is not None:
             save_grid(images[: ep.grid_n], grid_dir / f"{slug(row.name)}.png", scale=max(1, 32 // shape[-1]))
         if log is not None:
-            log(f"{row.name:32s} NFE {row.nfe:4d} FD {r['fd']:8.3f} RMSE {r['rmse']:.4f}")
+            h = r.get("headline")
+            log(f"{row.name:32s} NFE {row.nfe:4d} FD {r['fd']:8.3f} RMSE {r['rmse']:.4f}"
+                + (f" | n={h['n']} FD {h['fd']:.3f} [{h.get('fd_lo', math.nan):.3f}, {h.get('fd_hi', math.nan):.3f}]"
+                   if h else ""))
     if not parallel.is_main():
         return None
-    return results, n_ref
+    meta: dict = {"n_headline": n_h if heads else n, "dup_threshold": {str(k): v for k, v in thresholds.items()},
+                  "dup_quantile": ep.dup_quantile, "fd_resamples": ep.fd_resamples}
+    if test_images is not None and len(test_images) >= 2:
+        meta.update(fd_sensitivity(feats_of, stats, test_images, list(ep.blur_sigmas), n, ep.kid_subsets, ep.seed,
+                                   ep.fd_resamples))
+    return Evaluation(results, n_ref, meta)

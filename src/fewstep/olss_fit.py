@@ -19,6 +19,8 @@ and the headline ``olss-N``: a copy of the variant with the lowest RMSE on held-
 closed loop competes only when ``olss.closed_loop``), its meta naming it (``chosen_from``) and
 listing every variant's held-out RMSE. The held-out check: RMSE of each variant's images, and of
 plain DDIM with N steps, to the full-step DDIM result from the same noise (seeds HOLDOUT_SEED..).
+The model runs in IEEE float32 throughout (the closed-loop refit and the check, as the
+trajectories were collected; ``full_precision``, issue 18.4).
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from fewstep.math import metrics as M
 from fewstep.math.ddim import PerImageNoise, sample_ddim
 from fewstep.math.olss import (OLSSScheduler, PathSearch, fit_weights, refit_closed_loop, sample_olss, search_path,
                                uniform_path)
-from fewstep.math.param import Denoiser
+from fewstep.math.param import Denoiser, full_precision
 from fewstep.math.schedules import timesteps
 from fewstep.olss_variants import BY_PREFIX, HEADLINE, VARIANTS, Variant
 from fewstep.teacher_source import card_source_sha256
@@ -121,7 +123,8 @@ def fit_variants(den: Denoiser, model: str, traj_dir: Path, n: int, op: OLSSPara
     fit_seconds = time.perf_counter() - t0
     full = list(load_steps(traj_dir, searches["x"].path[1:] + [N, 0]))
     targets, x_T = full[:-1], full[-1]
-    closed = refit_closed_loop(den, x_T.to(device), [t.to(device) for t in targets], out["olss-open"], op.ridge)
+    with full_precision(den):
+        closed = refit_closed_loop(den, x_T.to(device), [t.to(device) for t in targets], out["olss-open"], op.ridge)
     v = BY_PREFIX["olss-closed"]
     closed.meta = {**out["olss-open"].meta, "variant": v.variant, "method": v.method, "label": v.label}
     out["olss-closed"] = closed
@@ -139,12 +142,13 @@ def holdout_rmse(den: Denoiser, schedulers: Mapping[str, OLSSScheduler], n: int,
     Variant.key: olss_paper, olss_p, olss_open, olss_closed, olss_ridge)."""
     noise = PerImageNoise(range(HOLDOUT_SEED, HOLDOUT_SEED + n_holdout), device)
     x_T = noise.randn(*shape)
-    ref = sample_ddim(den, x_T, t_path, clip=False)
-    res = {"ddim": rmse(sample_ddim(den, x_T, timesteps(den.schedule.T, n), clip=False), ref)}
-    for v in VARIANTS:
-        sched = schedulers.get(f"{v.prefix}-{n}")
-        if sched is not None:
-            res[v.key] = rmse(sample_olss(den, x_T, sched, clip=False), ref)
+    with full_precision(den):
+        ref = sample_ddim(den, x_T, t_path, clip=False)
+        res = {"ddim": rmse(sample_ddim(den, x_T, timesteps(den.schedule.T, n), clip=False), ref)}
+        for v in VARIANTS:
+            sched = schedulers.get(f"{v.prefix}-{n}")
+            if sched is not None:
+                res[v.key] = rmse(sample_olss(den, x_T, sched, clip=False), ref)
     return res
 
 

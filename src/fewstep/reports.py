@@ -16,6 +16,7 @@ from typing import Any, Mapping
 from fewstep import storage
 from fewstep.evaluation import pareto_front
 from fewstep.outputs import write_csv
+from fewstep.ranking import claim, separated_pairs
 
 
 def _pyplot():
@@ -85,20 +86,86 @@ def _per_net(r: Mapping[str, Any]) -> str:
     return f" (high {g['high']:.3f} x{n['high']} + low {g['low']:.3f} x{n['low']})" if g else ""
 
 
-def evaluation_markdown(results: dict[str, dict[str, Any]], pngs: list[str], n: int, acc: str, ref_steps: int) -> str:
-    """reports/evaluation.md: the table sampler x NFE (sorted by NFE, then FD), standard FID when
-    scored, and the plots. A row's note (OLSS: paper / beyond paper / which variant olss-N is)
-    follows its name."""
-    lines = [f"# Evaluation ({n} samples per row, evaluator test accuracy {acc})", "",
-             "FD is comparable only at equal n (small-sample bias, DESIGN.md). RMSE/PSNR against the teacher's "
-             f"{ref_steps}-step DDIM sample from the same noise. * = on the FD-vs-GFLOPs Pareto front.", "",
-             "| sampler | NFE | FD | KID (x1e3) | prec | rec | RMSE | PSNR | GFLOPs/img | img/s |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+def _ci(r: Mapping[str, Any], key: str, fmt: str) -> str:
+    """``value [lo, hi]`` when the row has an interval for ``key``, else the value."""
+    v = format(r[key], fmt)
+    return f"{v} [{r[key + '_lo']:{fmt}}, {r[key + '_hi']:{fmt}}]" if key + "_lo" in r else v
+
+
+def _note(r: Mapping[str, Any]) -> str:
+    """A row's note after its name (OLSS: paper / beyond paper / which variant olss-N is)."""
+    return f" ({r['note']})" if r.get("note") else ""
+
+
+def _dup(r: Mapping[str, Any]) -> str:
+    return f"{r['dup_rate']:.3f}" if "dup_rate" in r else "-"
+
+
+def headline_markdown(results: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """The ranked rows at their own n (the ``headline`` blocks): FD with its interval, KID +- SE,
+    recall and duplicates, each against the reference row only where the intervals separate, and
+    the separated pairs at equal NFE."""
+    heads = {k: r["headline"] for k, r in results.items() if "headline" in r}
+    if not heads:
+        return []
+    n_h = next(iter(heads.values()))["n"]
+    ref = next((k for k in heads if results[k].get("is_reference")), None)
+    lines = [f"## Ranked rows ({n_h} samples each)", "",
+             "FD with its 95% bootstrap interval (bias-corrected, resampling the generated set), KID +- its "
+             "standard error. An order is claimed only where the intervals separate (fewstep.ranking); compare "
+             f"these FDs only with each other (n={n_h}), not with the full table below.", "",
+             "| sampler | NFE | FD [95% CI] | KID (x1e3) | rec | dup | RMSE [95% CI] | FD vs reference |",
+             "|---|---:|---:|---:|---:|---:|---:|---|"]
+    for name, h in sorted(heads.items(), key=lambda kv: (results[kv[0]]["nfe"], kv[1]["fd"])):
+        vs = "reference" if name == ref else (claim(h, heads[ref], ref) if ref else "-")
+        lines.append(f"| {name}{_note(results[name])} | {results[name]['nfe']} | {_ci(h, 'fd', '.3f')} | "
+                     f"{1e3 * h['kid']:.2f} ± "
+                     f"{1e3 * h['kid_se']:.2f} | {h['recall']:.2f} | {_dup(h)} | {_ci(h, 'rmse', '.4f')} | {vs} |")
+    by_nfe: dict[int, dict[str, Mapping[str, Any]]] = {}
+    for name, h in heads.items():
+        by_nfe.setdefault(results[name]["nfe"], {})[name] = h
+    pairs = [f"{a} < {b}" for nfe in sorted(by_nfe) for a, b in separated_pairs(by_nfe[nfe])]
+    lines += ["", "Separated at equal NFE (lower FD first): " + ("; ".join(pairs) if pairs else "none") + "."]
+    return lines + [""]
+
+
+def sensitivity_markdown(meta: Mapping[str, Any]) -> list[str]:
+    """What FD can see: the noise floor (held-out real images) and a known blur, at the same n."""
+    floor, blur = meta.get("fd_floor"), meta.get("fd_blur")
+    if not floor:
+        return []
+    lines = [f"## FD sensitivity (test split, n={floor['n']})", "",
+             "FD of held-out real images against the training reference (the floor: what a perfect sampler scores "
+             "at this n) and of the same images blurred; a difference smaller than the floor's interval is not "
+             "visible to this evaluator.", "",
+             "| images | FD [95% CI] | KID (x1e3) |", "|---|---:|---:|",
+             f"| test split | {_ci(floor, 'fd', '.3f')} | {1e3 * floor['kid']:.2f} ± {1e3 * floor['kid_se']:.2f} |"]
+    lines += [f"| blurred, sigma {s} px | {_ci(b, 'fd', '.3f')} | {1e3 * b['kid']:.2f} ± {1e3 * b['kid_se']:.2f} |"
+              for s, b in (blur or {}).items()]
+    return lines + [""]
+
+
+def evaluation_markdown(results: dict[str, dict[str, Any]], pngs: list[str], n: int, acc: str, ref_steps: int,
+                        meta: Mapping[str, Any] | None = None) -> str:
+    """reports/evaluation.md: the ranked rows at their own n, the FD sensitivity check, the table
+    sampler x NFE at n (sorted by NFE, then FD), standard FID when scored, and the plots. A row's
+    note (OLSS: paper / beyond paper / which variant olss-N is) follows its name."""
+    meta = meta or {}
+    lines = [f"# Evaluation ({n} samples per row, evaluator test accuracy {acc})", ""]
+    lines += headline_markdown(results) + sensitivity_markdown(meta)
+    dup = meta.get("dup_threshold")
+    lines += [f"## All rows ({n} samples each)", "",
+              "FD is comparable only at equal n (small-sample bias, DESIGN.md). RMSE/PSNR against the teacher's "
+              f"{ref_steps}-step DDIM sample from the same noise. * = on the FD-vs-GFLOPs Pareto front."
+              + (f" dup: share of samples whose nearest other sample (evaluator features) is closer than the "
+                 f"{100 * meta.get('dup_quantile', 0.01):g}th percentile of real-real distances." if dup else ""), "",
+              "| sampler | NFE | FD | KID (x1e3) | prec | rec | dup | RMSE | PSNR | GFLOPs/img | img/s |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, r in sorted(results.items(), key=lambda kv: (kv[1]["nfe"], kv[1]["fd"])):
-        note = f" ({r['note']})" if r.get("note") else ""
-        lines.append(f"| {name}{note}{' *' if r.get('pareto') else ''} | {r['nfe']} | {r['fd']:.3f} | "
+        lines.append(f"| {name}{_note(r)}{' *' if r.get('pareto') else ''} | {r['nfe']} | {_ci(r, 'fd', '.3f')} | "
                      f"{1e3 * r['kid']:.2f} ± {1e3 * r['kid_se']:.2f} | {r['precision']:.2f} | {r['recall']:.2f} | "
-                     f"{r['rmse']:.4f} | {r['psnr']:.1f} | {r['gflops']:.3f}{_per_net(r)} | {r['images_per_s']:.0f} |")
+                     f"{_dup(r)} | {r['rmse']:.4f} | {r['psnr']:.1f} | {r['gflops']:.3f}{_per_net(r)} | "
+                     f"{r['images_per_s']:.0f} |")
     inc = {k: r["inception"] for k, r in results.items() if "inception" in r}
     if inc:
         lines += ["", "Standard FID (Inception-v3 pool features, user-supplied weights; training-split statistics):", "",
@@ -109,10 +176,10 @@ def evaluation_markdown(results: dict[str, dict[str, Any]], pngs: list[str], n: 
 
 
 def write_evaluation_report(results: dict[str, dict[str, Any]], out: Path, n: int, acc: float | None,
-                            ref_steps: int) -> None:
+                            ref_steps: int, meta: Mapping[str, Any] | None = None) -> None:
     """The plots and reports/evaluation.md under ``out`` (marks the Pareto rows in ``results``)."""
     pngs = evaluation_plots(results, out)
-    md = evaluation_markdown(results, pngs, n, f"{acc:.3f}" if acc is not None else "n/a", ref_steps)
+    md = evaluation_markdown(results, pngs, n, f"{acc:.3f}" if acc is not None else "n/a", ref_steps, meta)
     storage.atomic_write_bytes(out / "evaluation.md", md.encode())
 
 

@@ -9,7 +9,8 @@ full. Shards written before "o" existed raise StaleTrajectoriesError when "o" is
 
 Distributed (fewstep.parallel): shards are dealt to ranks in groups of one shard per rank, gathered
 on rank 0, which alone writes. A trajectory depends only on its seed, so the files are the same
-for any world size and batch size.
+for any world size and batch size. The model runs in IEEE float32 (``full_precision``) on every
+device: the trajectories are the data OLSS fits its weights to (issue 18.4).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from fewstep.progress import progress as progress_bar
 from fewstep import parallel, storage
 from fewstep.errors import UserError
 from fewstep.math.ddim import PerImageNoise, sample_ddim
-from fewstep.math.param import Denoiser
+from fewstep.math.param import Denoiser, full_precision
 from fewstep.math.schedules import timesteps
 
 
@@ -38,8 +39,9 @@ class StaleTrajectoriesError(UserError):
 @torch.no_grad()
 def collect_all(denoiser: Denoiser, seeds: Sequence[int], shape: tuple[int, int, int], t_path: Sequence[int],
                 device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
-    """Deterministic, unclipped DDIM over ``t_path``, float32 on the CPU: x (N+1, B, ...) latents,
-    e (N, B, ...) x predictions, o (N, B, ...) raw network outputs (kind ``denoiser.kind``)."""
+    """Deterministic, unclipped DDIM over ``t_path``, the model in IEEE float32, results float32 on the
+    CPU: x (N+1, B, ...) latents, e (N, B, ...) x predictions, o (N, B, ...) raw network outputs
+    (kind ``denoiser.kind``)."""
     noise = PerImageNoise(seeds, device)
     xs, es, os_ = [], [], []
 
@@ -48,7 +50,8 @@ def collect_all(denoiser: Denoiser, seeds: Sequence[int], shape: tuple[int, int,
         es.append(d["x_hat"].float().cpu())
         os_.append(d["pred"].float().cpu())
 
-    x0 = sample_ddim(denoiser, noise.randn(*shape), t_path, clip=False, callback=cb)
+    with full_precision(denoiser):
+        x0 = sample_ddim(denoiser, noise.randn(*shape), t_path, clip=False, callback=cb)
     return {"x": torch.stack(xs + [x0.float().cpu()]), "e": torch.stack(es), "o": torch.stack(os_)}
 
 

@@ -119,7 +119,8 @@ def micro(p: dict) -> None:
         p["evaluator"].update(widths=[8], blocks_per_stage=1, steps=5, batch_size=8, ref_subset=16)
     if "evaluate" in p:
         p["evaluate"].update(n_samples=10, batch_size=10, reference_steps=4, ddim_steps=[2], eta_steps=[2],
-                             etas=[1.0], sigma_hat=False, peers=[], peer_steps=[2], grid_n=4, kid_subsets=2)
+                             etas=[1.0], sigma_hat=False, peers=[], peer_steps=[2], grid_n=4, kid_subsets=2,
+                             n_headline=0, fd_resamples=20)
     if "ddim_study" in p:
         p["ddim_study"].update(n_images=2, recon_steps=[2], consistency_steps=[2, 4], n_consistency=2,
                                interp_steps=2, interp_n=2, interp_pairs=1, batch_size=2)

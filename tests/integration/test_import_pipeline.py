@@ -49,7 +49,7 @@ def _import_profile(source: Path, digest: str):
         p["evaluator"].update(widths=[8], blocks_per_stage=1, steps=5, batch_size=8, ref_subset=16)
         p["evaluate"].update(n_samples=10, batch_size=10, reference_steps=16, ddim_steps=[4, 16], eta_steps=[4],
                              etas=[1.0], sigma_hat=False, peers=["ddim"], peer_steps=[4], grid_n=2, kid_subsets=2,
-                             study_steps=[])
+                             study_steps=[], n_headline=0, fd_resamples=20)
         p["redundancy"].update(n_images=4, bins=2, batch_size=4)
         p["ddim_study"].update(n_images=2, recon_steps=[2], consistency_steps=[2, 4], n_consistency=2,
                                interp_steps=2, interp_n=2, interp_pairs=1, batch_size=2)

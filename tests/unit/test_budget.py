@@ -50,10 +50,11 @@ def test_counts_follow_the_params():
     a, b = budget.by_stage(budget.project(p)), budget.by_stage(budget.project(q))
     assert b["train_teacher"] > 1.9 * a["train_teacher"]
     assert all(a[s] == pytest.approx(b[s]) for s in a if s != "train_teacher")
-    # a distillation round: student forward+backward plus two teacher forwards per image
+    # a distillation round: student forward+backward plus two float32 teacher forwards per image
     r = p.distill.round("student-4")
     d = _stage(budget.project(p), "distill@student-4")[0]
-    assert d.train == r.train_steps * r.batch_size and d.forward >= 2 * d.train
+    assert d.train == r.train_steps * r.batch_size and d.fp32_forward == 2 * d.train
+    assert d.gflop == pytest.approx(d.gflops * (3 * d.train + d.forward + budget.FP32_FORWARD_COST * d.fp32_forward))
     # turning the study off removes its stages and its evaluation rows
     off = budget.project(_params(split_off=True, study={"patch_sizes": []}))
     assert not [w for w in off if w.stage.startswith(("study_teacher", "train_split"))]
@@ -67,7 +68,10 @@ def test_the_reference_row_is_counted_once():
     without = _params(evaluate={"ddim_steps": [4]})
     ev = lambda q: sum(w.forward for w in budget.project(q) if w.net == "teacher rows")  # noqa: E731
     assert ev(with_ref) == ev(without)
-    assert ev(_params(evaluate={"ddim_steps": [4, 8]})) == ev(without) + 8 * p.evaluate.n_samples
+    # DDIM at a student's step count is a ranked row (n_headline samples); at another count, n_samples
+    assert ev(_params(evaluate={"ddim_steps": [4, 8]})) == ev(without) + 8 * p.evaluate.headline_n
+    assert ev(_params(evaluate={"ddim_steps": [4, 16]})) == ev(without) + 16 * p.evaluate.n_samples
+    assert p.evaluate.headline_n > p.evaluate.n_samples
 
 
 def test_gpu_profile_fits_an_hour_of_h100_at_the_peer_rate():

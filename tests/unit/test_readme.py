@@ -54,3 +54,53 @@ def test_every_file_and_image_the_readme_references_exists():
     missing = sorted(p for p in paths if not p.startswith(MADE_BY_RUN) and p not in EXAMPLE_OUTPUTS
                      and not p.startswith("../") and not (ROOT / p).exists())
     assert not missing, f"README.md references files that do not exist: {missing}"
+
+
+def _synthetic_metrics(root):
+    import json
+
+    def row(nfe, fd, lo, hi, n=2000, **kw):
+        block = {"n": n, "fd": fd, "fd_lo": lo, "fd_hi": hi, "kid": 0.1, "kid_se": 0.004, "recall": 0.6,
+                 "dup_rate": 0.01, "rmse": 0.05, "rmse_lo": 0.045, "rmse_hi": 0.055}
+        return {**block, "n": 500, "nfe": nfe, "headline": block, **kw}
+
+    rows = {"teacher ddim 64": row(64, 30.4, 29.5, 31.3, is_reference=True),
+            "teacher olss-4": row(4, 29.8, 28.9, 30.9), "teacher olss-paper-4": row(4, 31.0, 30.0, 32.0),
+            "student-4 ddim 4": row(4, 33.9, 32.8, 34.9), "teacher ddim 4": row(4, 53.6, 51.0, 56.0)}
+    (root / "metrics/olss").mkdir(parents=True)
+    (root / "metrics/evaluate.json").write_text(json.dumps({"n_samples": 500, "n_headline": 2000, "rows": rows,
+                                                            "fd_floor": {"n": 500, "fd": 1.0, "fd_lo": 0.5,
+                                                                         "fd_hi": 1.5},
+                                                            "fd_blur": {"0.5": {"n": 500, "fd": 9.0, "fd_lo": 8,
+                                                                                "fd_hi": 10}}}))
+    (root / "metrics/olss/teacher-4.json").write_text(json.dumps({
+        "model": "teacher", "steps": 4, "path": [0, 11, 31, 53], "holdout_seeds": 64,
+        "rmse_vs_full_step": {"ddim": 0.19, "olss": 0.042, "olss_paper": 0.073, "olss_closed": 0.042},
+        "chosen": "olss-closed", "chosen_label": "OLSS x-hat, closed loop (beyond paper)",
+        "variants": {"olss-paper": {"file": "olss-paper-4.json", "label": "OLSS (paper)", "holdout_rmse": 0.073},
+                     "olss-closed": {"file": "olss-closed-4.json", "label": "OLSS x-hat, closed loop (beyond paper)",
+                                     "holdout_rmse": 0.042}}}))
+
+
+def test_generated_rankings_claim_an_order_only_where_intervals_separate(tmp_path):
+    import json
+
+    from benchmarks import readme
+
+    _synthetic_metrics(tmp_path)
+    lines = {ln.split(" | ")[0].strip("| "): ln for ln in readme.ranking(tmp_path).splitlines() if ln.startswith("|")}
+    assert "within noise of the teacher's DDIM-64" in lines["teacher olss-4"]  # 29.8 [28.9, 30.9] vs 30.4
+    assert "1.12x the teacher's DDIM-64's FD (worse)" in lines["student-4 ddim 4"]  # separated: the ratio is stated
+    assert "| 2000 |" in lines["student-4 ddim 4"] and "[32.8, 34.9]" in lines["student-4 ddim 4"]
+    assert "sigma 0.5 px 9.00 [8.00, 10.0]" in readme.ranking(tmp_path)
+    # the OLSS table lists every variant the metrics file has, the paper's included, with intervals
+    table = readme.olss(tmp_path)
+    paper = next(ln for ln in table.splitlines() if "`olss-paper-4`" in ln)
+    assert "OLSS (paper)" in paper and "0.0730" in paper and "31.0 [30.0, 32.0]" in paper and "| 2000 |" in paper
+    assert "registered `olss-N` = OLSS x-hat, closed loop" in next(ln for ln in table.splitlines() if "`olss-4`" in ln)
+    assert "`olss-closed-4`" in table and "| - | - | - |" in table  # a variant without an evaluation row
+    # an older metrics file (no variants table): the variants are the keys of its held-out RMSE
+    m = json.loads((tmp_path / "metrics/olss/teacher-4.json").read_text())
+    del m["variants"]
+    (tmp_path / "metrics/olss/teacher-4.json").write_text(json.dumps(m))
+    assert "`olss-paper-4` | olss_paper | 0.0730" in readme.olss(tmp_path)

@@ -4,8 +4,13 @@ frechet_distance  Heusel et al. 2017: |mu1-mu2|^2 + Tr(S1 + S2 - 2 (S1^1/2 S2 S1
                   matrix square root from symmetric eigendecompositions (stable, no complex parts).
 kid               Binkowski et al. 2018: unbiased MMD^2 with the cubic polynomial kernel
                   k(x, y) = (x.y / d + 1)^3, averaged over random subsets, with its standard error.
+fd_bootstrap      a 95% interval for FD: resample the generated features with replacement (Efron's
+                  basic bootstrap, which also removes FD's first-order small-sample bias).
 precision_recall  Kynkaanniemi et al. 2019: k-NN manifolds of each set.
-rmse, psnr        solver accuracy against a reference sample from the same noise (images in [-1, 1]).
+duplicate_rate    share of samples whose nearest other sample is closer than a threshold calibrated
+                  on real data (duplicate_threshold): a collapsed generator scores high.
+rmse, psnr        solver accuracy against a reference sample from the same noise (images in [-1, 1]);
+                  rmse_interval: its bootstrap interval over images.
 """
 
 from __future__ import annotations
@@ -43,6 +48,40 @@ def fd_from_features(a: np.ndarray, b: np.ndarray) -> float:
     return frechet_distance(*mean_cov(a), *mean_cov(b))
 
 
+def fd_bootstrap(feats: np.ndarray, mu: np.ndarray, sigma: np.ndarray, *, resamples: int = 200, seed: int = 0,
+                 level: float = 0.95) -> tuple[float, float]:
+    """A ``level`` confidence interval for the FD between the generator's distribution and (mu, sigma).
+
+    The generated features are resampled with replacement ``resamples`` times and FD recomputed on
+    each. FD at n samples is biased upward (by about c/n, DESIGN.md), and a resample's FD again, so
+    the plain percentile interval [q_lo, q_hi] of the resampled FDs sits above the true FD; it
+    covered the true FD of two Gaussians in 0% of trials at d=16, n=500. The basic bootstrap
+    [2 FD - q_hi, 2 FD - q_lo] (Efron & Tibshirani 1993, 13.3) reflects it about the estimate,
+    which removes that first-order bias (95-98% coverage at d=4..64, n=500..2000; tested), so the
+    interval may lie below the plug-in FD at small n. Clipped at 0.
+    """
+    f = np.asarray(feats, np.float64)
+    n = len(f)
+    if n < 2 or resamples < 2:
+        raise ValueError(f"an FD interval needs n >= 2 samples and resamples >= 2, got {n} and {resamples}")
+    mu, sigma = np.asarray(mu, np.float64), np.asarray(sigma, np.float64)
+    r = _sqrtm_psd(sigma)  # Tr((S1 S2)^1/2) = Tr((S2^1/2 S1 S2^1/2)^1/2): one eigvalsh per resample
+    tr_ref = float(np.trace(sigma))
+    rng = np.random.default_rng(seed)
+    fd0 = frechet_distance(*mean_cov(f), mu, sigma)
+    vals = np.empty(resamples)
+    for b in range(resamples):
+        w = np.bincount(rng.integers(0, n, n), minlength=n).astype(np.float64)  # multiplicities
+        m = w @ f / n
+        c = f - m
+        s = (c * w[:, None]).T @ c / (n - 1)
+        k = r @ s @ r
+        tr_cross = float(np.sqrt(np.clip(np.linalg.eigvalsh((k + k.T) / 2), 0, None)).sum())
+        vals[b] = max(float(((m - mu) ** 2).sum() + np.trace(s) + tr_ref - 2 * tr_cross), 0.0)
+    q_lo, q_hi = np.quantile(vals, [(1 - level) / 2, (1 + level) / 2])
+    return max(2 * fd0 - float(q_hi), 0.0), max(2 * fd0 - float(q_lo), 0.0)
+
+
 def _poly_kernel(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return (x @ y.T / x.shape[1] + 1.0) ** 3
 
@@ -68,7 +107,7 @@ def kid(x: np.ndarray, y: np.ndarray, subsets: int = 50, subset_size: int = 1000
 
 def _kth_radius(f: np.ndarray, k: int) -> np.ndarray:
     d = _pdist(f, f)
-    return np.sort(d, axis=1)[:, k]  # column 0 is the point itself
+    return np.partition(d, k, axis=1)[:, k]  # the k+1-th smallest: column 0 of a sort is the point itself
 
 
 def _pdist(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -88,8 +127,42 @@ def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 3) -> tuple[fl
     return precision, recall
 
 
+def nn_distances(f: np.ndarray) -> np.ndarray:
+    """Each sample's Euclidean distance to its nearest *other* sample of the same set."""
+    f = np.asarray(f, np.float64).reshape(len(f), -1)
+    if len(f) < 2:
+        raise ValueError("nearest-neighbour distances need at least 2 samples")
+    d = _pdist(f, f)
+    np.fill_diagonal(d, np.inf)
+    return d.min(1)
+
+
+def duplicate_threshold(real: np.ndarray, quantile: float = 0.01) -> float:
+    """The ``quantile`` of real-real nearest-neighbour distances: closer than this, two samples
+    count as duplicates. Calibrate on as many real samples as the generated set has (NN distances
+    shrink as n grows)."""
+    return float(np.quantile(nn_distances(real), quantile))
+
+
+def duplicate_rate(feats: np.ndarray, threshold: float) -> float:
+    """Share of samples whose nearest other sample is closer than ``threshold`` (real data at the
+    calibration quantile q: about q; a generator that repeats a few images: near 1)."""
+    return float((nn_distances(feats) < threshold).mean())
+
+
 def rmse(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.sqrt(np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2)))
+
+
+def rmse_interval(a: np.ndarray, b: np.ndarray, *, resamples: int = 200, seed: int = 0,
+                  level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap interval of :func:`rmse` over images (axis 0 of ``a`` and ``b``)."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    mse = ((a - b) ** 2).reshape(len(a), -1).mean(1)
+    rng = np.random.default_rng(seed)
+    vals = np.sqrt(mse[rng.integers(0, len(mse), (resamples, len(mse)))].mean(1))
+    lo, hi = np.quantile(vals, [(1 - level) / 2, (1 + level) / 2])
+    return float(lo), float(hi)
 
 
 def psnr(a: np.ndarray, b: np.ndarray, data_range: float = 2.0) -> float:

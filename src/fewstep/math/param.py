@@ -6,7 +6,8 @@ With z = alpha x + sigma eps and alpha^2 + sigma^2 = 1 (Salimans & Ho 2022, App.
 
 from __future__ import annotations
 
-from typing import Literal, Protocol, get_args, runtime_checkable
+import contextlib
+from typing import Iterator, Literal, Protocol, get_args, runtime_checkable
 
 import torch
 
@@ -100,26 +101,93 @@ def predict_raw_x_eps(
     return pred, x, eps
 
 
+AMP_DTYPE = torch.bfloat16  # the mixed-precision compute type of a network forward
+
+
+@contextlib.contextmanager
+def _ieee_fp32(device: torch.device) -> Iterator[None]:
+    """Plain IEEE float32 convolutions and matmuls on CUDA for the block (TF32 off), restored after:
+    cuDNN allows TF32 convolutions by default, which round inputs to a 10-bit mantissa."""
+    if device.type != "cuda":
+        yield
+        return
+    cudnn, mm = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = cudnn, mm
+
+
 class NetDenoiser(torch.nn.Module):
     """Wraps a network ``net(z, t_continuous)`` into the denoiser contract.
 
     The network sees time as t = index / T in [0, 1], so a model trained on one grid can be
-    queried on any sub-sequence of it. On CUDA the forward runs under bf16 autocast and the
-    output is returned in float32.
+    queried on any sub-sequence of it.
+
+    Precision: with ``autocast`` (the default) the forward runs under bf16 autocast on CUDA, and on
+    the CPU as well when ``cpu_autocast`` is set (off by default, so CPU outputs are plain float32;
+    tests and ``benchmarks/fp32_targets.py`` use it to emulate the GPU path). Without autocast the
+    forward is IEEE float32, TF32 off on CUDA, whatever autocast region the caller is in. Either way
+    the output is float32. :func:`full_precision` turns autocast off for a block: the teacher's
+    distillation targets, OLSS trajectories and fits run in it.
     """
 
-    def __init__(self, net: torch.nn.Module, schedule: Schedule, kind: str, autocast: bool = True):
+    def __init__(self, net: torch.nn.Module, schedule: Schedule, kind: str, autocast: bool = True,
+                 cpu_autocast: bool = False):
         super().__init__()
         if kind not in KINDS:
             raise ValueError(f"unknown parameterisation {kind!r}; expected one of {KINDS}")
-        self.net, self.schedule, self.kind, self.autocast = net, schedule, kind, autocast
+        self.net, self.schedule, self.kind = net, schedule, kind
+        self.autocast, self.cpu_autocast = autocast, cpu_autocast
 
     def forward(self, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return self.continuous(z, t.to(torch.float32) / self.schedule.T)
 
+    def amp(self, device: torch.device) -> bool:
+        """Whether a forward on ``device`` runs under bf16 autocast."""
+        return self.autocast and (device.type == "cuda" or (device.type == "cpu" and self.cpu_autocast))
+
     def continuous(self, z: torch.Tensor, tc: torch.Tensor) -> torch.Tensor:
         """The network at continuous time tc in [0, 1] (index / T); for solvers off the grid."""
-        use_amp = self.autocast and z.device.type == "cuda"
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
+        dev = z.device
+        amp = self.amp(dev)
+        region = torch.autocast(dev.type, dtype=AMP_DTYPE, enabled=amp) if dev.type in ("cuda", "cpu") \
+            else contextlib.nullcontext()
+        with region, (contextlib.nullcontext() if amp else _ieee_fp32(dev)):
             out = self.net(z.float(), tc)
         return out.float()
+
+
+def net_denoisers(den: object) -> list[NetDenoiser]:
+    """Every :class:`NetDenoiser` inside ``den`` (itself, both nets of a split model, ...)."""
+    return [m for m in den.modules() if isinstance(m, NetDenoiser)] if isinstance(den, torch.nn.Module) else []
+
+
+def set_autocast(den: object, enabled: bool = True, cpu: bool | None = None) -> None:
+    """Set ``autocast`` (and ``cpu_autocast`` when ``cpu`` is given) on every network of ``den``."""
+    for m in net_denoisers(den):
+        m.autocast = enabled
+        if cpu is not None:
+            m.cpu_autocast = cpu
+
+
+@contextlib.contextmanager
+def full_precision(den: object) -> Iterator[object]:
+    """Every network of ``den`` runs in IEEE float32 inside the block (autocast off; TF32 off on
+    CUDA), whatever its setting or the caller's autocast region; settings are restored after.
+
+    The contract for any denoiser that runs in mixed precision: it exposes a bool ``autocast``
+    (a NetDenoiser does; a SplitDenoiser holds two). Used where the teacher makes data that other
+    fits learn from: distillation targets (PD Alg. 2), OLSS trajectories, the OLSS fits and checks.
+    """
+    mods = [m for m in den.modules() if isinstance(getattr(m, "autocast", None), bool)] \
+        if isinstance(den, torch.nn.Module) else []
+    old = [(m, m.autocast) for m in mods]
+    for m in mods:
+        m.autocast = False
+    try:
+        yield den
+    finally:
+        for m, a in old:
+            m.autocast = a

@@ -6,6 +6,11 @@ are the same for every P (only the input and output convolutions see C P^2 chann
 parameter counts of P = 1 and P > 1 nets are comparable while the cost of a step falls by about
 P^2 for the convolutions and P^4 for attention. ``attn_resolutions`` are feature-map sizes on the
 patched grid (number of tokens per side).
+
+``pos_emb`` adds the PDM release's fixed 2-D sinusoidal position embedding to the features after the
+first convolution (:func:`position_embedding_2d`). It is off by default (the project's nets have
+none) and, when off, absent from the config dict, so cards written before it existed load unchanged
+and the default nets' cards are byte for byte what they were.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ class UNetConfig:
     head_dim: int = 32
     dropout: float = 0.1
     emb_mult: int = 4
+    pos_emb: bool = False  # PDM: fixed 2-D sinusoidal position embedding after the first conv
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "channel_mult", tuple(self.channel_mult))
@@ -52,6 +58,8 @@ class UNetConfig:
             )
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.pos_emb and (self.channels % 2 or self.channels < 4):
+            raise ValueError(f"pos_emb needs an even channel count >= 4 (half per axis), got {self.channels}")
 
     @property
     def grid(self) -> int:
@@ -61,6 +69,8 @@ class UNetConfig:
         d = asdict(self)
         d["channel_mult"] = list(self.channel_mult)
         d["attn_resolutions"] = list(self.attn_resolutions)
+        if not self.pos_emb:  # format-compatible: only a net that has one says so
+            del d["pos_emb"]
         return d
 
 
@@ -76,6 +86,24 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
     args = 1000.0 * t.float()[:, None] * freqs[None]
     return torch.cat([torch.cos(args), torch.sin(args)], dim=1)
+
+
+def position_embedding_2d(channels: int, grid: int) -> torch.Tensor:
+    """The PDM release's fixed 2-D position embedding, (1, channels, grid, grid) float32.
+
+    Half the channels encode the column j, half the row i, each as sin(omega f_k pos) with
+    f_k = 10000^(-k / (channels/2 - 1)), k = 0 .. channels/2 - 1, and omega = 64 / grid (a coarser
+    grid gets shorter wavelengths). Sine only, so position 0 is all zeros, as in the release
+    (Luhman & Luhman 2022; distill_pdm.md B.3).
+    """
+    half = channels // 2
+    k = torch.arange(half, dtype=torch.float64)
+    freq = torch.exp(-math.log(10000.0) * k / max(half - 1, 1))
+    pos = torch.arange(grid, dtype=torch.float64)
+    axis = torch.sin((64.0 / grid) * pos[:, None] * freq[None, :])  # (grid, half): position x frequency
+    cols = axis.T[:, None, :].expand(half, grid, grid)  # channel k at (i, j) depends on j
+    rows = axis.T[:, :, None].expand(half, grid, grid)  # ... on i
+    return torch.cat([cols, rows])[None].float()
 
 
 class ResBlock(nn.Module):
@@ -126,6 +154,8 @@ class UNet(nn.Module):
         emb = ch * cfg.emb_mult
         self.time_mlp = nn.Sequential(nn.Linear(ch, emb), nn.SiLU(), nn.Linear(emb, emb))
         self.conv_in = nn.Conv2d(cfg.in_channels * P * P, ch, 3, padding=1)
+        # fixed, not learned: rebuilt from the config, so it is not in the state dict (weights unchanged)
+        self.register_buffer("pos", position_embedding_2d(ch, cfg.grid) if cfg.pos_emb else None, persistent=False)
 
         self.down = nn.ModuleList()
         skips, cur, res = [ch], ch, cfg.grid
@@ -169,6 +199,8 @@ class UNet(nn.Module):
         emb = self.time_mlp(timestep_embedding(t, self.cfg.channels).to(x.dtype))
         h = F.pixel_unshuffle(x, P) if P > 1 else x
         h = self.conv_in(h)
+        if self.pos is not None:
+            h = h + self.pos.to(h.dtype)
         hs = [h]
         for blocks in self.down:
             h = _run(blocks, h, emb)

@@ -393,3 +393,69 @@ def lineage(name: str, version: str | int, tracking: Tracking | None = None) -> 
         chain.append((cur[0], cur[1], dict(mv.tags)))
         cur = (mv.tags["parent_model"], mv.tags["parent_version"]) if "parent_version" in mv.tags else None
     return chain
+
+
+# --------------------------------------------------------------------------------------------
+# download (the export command's --version)
+
+
+@dataclass(frozen=True)
+class DownloadedVersion:
+    """A registered version's files, downloaded: its model dir and, for an OLSS version, its scheduler."""
+
+    name: str
+    version: str
+    model_dir: Path
+    scheduler: Path | None
+    tags: dict[str, str]
+
+
+def parse_version_ref(ref: str) -> tuple[str, str | None, str | None]:
+    """(name, version, alias) from ``NAME/VERSION``, ``NAME@ALIAS`` or the same behind ``models:/``."""
+    body = ref.removeprefix("models:/")
+    if "@" in body:
+        name, alias = body.rsplit("@", 1)
+        if name and alias:
+            return name, None, alias
+    elif "/" in body:
+        name, version = body.rsplit("/", 1)
+        if name and version.isdigit():
+            return name, version, None
+    raise LineageError(f"bad model version {ref!r}; expected NAME/VERSION, NAME@ALIAS or models:/NAME/VERSION")
+
+
+def download_version(ref: str, dst: str | Path, tracking: Tracking | None = None) -> DownloadedVersion:
+    """Download the version ``ref`` (see parse_version_ref) into ``dst``: ``dst/model`` is a model dir
+    (model.safetensors + config.json, checked against the version's weights_sha256) and, for an
+    OLSS version, ``dst/<scheduler file>``."""
+    from fewstep import models
+    from mlflow.models import Model
+
+    t = tracking or configure()
+    name, version, alias = parse_version_ref(ref)
+    try:
+        mv = t.client.get_model_version_by_alias(name, alias) if alias else t.client.get_model_version(name, version)
+    except MlflowException as e:
+        raise LineageError(f"no registered version {ref!r} in {t.uri}: {e.message}") from None
+    dst = Path(dst)
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=mv.source, dst_path=str(dst / "pyfunc"),
+                                                     tracking_uri=t.uri))
+    arts = Model.load(str(local)).flavors["python_function"].get("artifacts", {})
+
+    def file(key: str) -> Path | None:
+        entry = arts.get(key)
+        return None if entry is None else local / entry["path"]
+
+    weights, config = file("weights"), file("config")
+    if weights is None or config is None:
+        raise LineageError(f"{name} version {mv.version} has no model weights and config (is it the evaluator?)")
+    model_dir = dst / "model"
+    model_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(weights, model_dir / models.WEIGHTS)
+    shutil.copyfile(config, model_dir / models.CONFIG)
+    tags = dict(mv.tags)
+    _verified_weights(model_dir, tags.get("weights_sha256"))
+    sched = file("scheduler")
+    if sched is not None:
+        sched = Path(shutil.copyfile(sched, dst / (tags.get("scheduler_file") or sched.name)))
+    return DownloadedVersion(name, str(mv.version), model_dir, sched, tags)

@@ -4,6 +4,9 @@ The high-noise net is trained first, on the indices whose log-SNR is below the b
 low-noise net then starts from its weights wherever the shapes match (all of them when both nets
 share an architecture, as in the PDM release; the trunk when only the patch size differs) and
 is trained on the other side. Both are saved as one model dir (fewstep.models.save_split).
+
+A model with ``setup: paper`` (params validated against the PDM release's setup) records it on its
+card under ``split.setup``; the project's setup is the default and is not written.
 """
 
 from __future__ import annotations
@@ -88,6 +91,8 @@ def train_split(
     kinds = {sp.side(p.teacher, s).parameterization for s in SIDES}
     if len(kinds) != 1:
         raise ValueError(f"split model {name}: both nets need one parameterization, got {sorted(kinds)}")
+    if sp.setup != "project":  # a label only where it is not the default (cards of existing models unchanged)
+        info["setup"] = sp.setup
     split = models.SplitInfo(boundary_logsnr=lam_b, boundary_snr=sp.boundary_snr, t_boundary=t_b, sides=info)
     card = models.ModelCard(
         arch=models.SplitUNetArch({s: nets[s].cfg for s in SIDES}, split), role="teacher",
