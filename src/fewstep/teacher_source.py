@@ -37,7 +37,7 @@ def source_sha256(source: Mapping[str, Any] | None) -> str | None:
 
 def card_source_sha256(card: models.ModelCard) -> str | None:
     """The source digest a model descends from (an imported teacher, or a student of one), or None."""
-    return source_sha256(getattr(card.lineage, "source", None))
+    return source_sha256(getattr(getattr(card, "lineage", None), "source", None))
 
 
 def _check(card: models.ModelCard, src: TeacherSource, image_size: int) -> None:
