@@ -135,6 +135,16 @@ class TeacherSource(_Strict):
         return out
 
 
+class ConditioningParams(_Strict):
+    """A class-conditional teacher (issue 17): the class count comes from the prepared data (its
+    manifest's class_names); ``p_uncond`` is the label-dropout rate of classifier-free guidance
+    (Ho & Salimans 2022: a label is replaced by the null label with this probability, so one net
+    learns the conditional and the unconditional model)."""
+
+    kind: Literal["class"] = "class"
+    p_uncond: float = Field(0.1, ge=0.0, lt=1.0, description="probability a training label is dropped to null")
+
+
 class TeacherParams(_Strict):
     # not a training hyperparameter: left out of model_dump, so the trained teacher's run and params
     # hashes (its card, checkpoints) and the study/split/objective teachers derived from this section
@@ -157,6 +167,10 @@ class TeacherParams(_Strict):
     keep_checkpoints: int = Field(2, ge=1)
     log_every: int = Field(50, ge=1)
     sample: SampleParams = SampleParams()
+    conditioning: Optional[ConditioningParams] = Field(None, description="null: unconditional; {kind: class, "
+                                                       "p_uncond: 0.1}: class-conditional with label dropout")
+
+    _added_keys: ClassVar[dict[str, Any]] = {"conditioning": None}
 
     @model_validator(mode="after")
     def _combo(self) -> "TeacherParams":

@@ -1,0 +1,147 @@
+"""Class conditioning and classifier-free guidance behind the plain denoiser contract.
+
+A class-conditional denoiser (a :class:`~fewstep.math.param.NetDenoiser` over a net with
+``num_classes``; label index ``num_classes`` is the null label, "no class") takes labels as a third
+argument, ``den(z, t, y)``. :class:`GuidedDenoiser` holds the labels y (B,) and the guidance scale
+w >= 0 and presents the plain ``den(z, t)`` contract (and ``continuous(z, tc)`` for the diffusers
+peers), so every sampler (DDIM, OLSS, the peers) samples guided unchanged.
+
+Classifier-free guidance (Ho & Salimans 2022, eq. 6), with c = the conditional and u = the
+unconditional (null-label) prediction at the same (z_t, t):
+
+    pred~ = (1 + w) c - w u  =  u + s (c - u),   s = 1 + w   (diffusers' ``guidance_scale``)
+
+so w = 0 (s = 1) is plain conditional sampling and takes one conditional pass; w > 0 takes the
+conditional and unconditional evaluations as one batched forward of 2B images.
+
+Which form the combination is made in: the model's own parameterisation (eps, x or v), and that is
+no choice. At a fixed (z_t, t) each conversion between eps, x and v is affine in the prediction
+with the same coefficients for c and u (e.g. x = alpha z - sigma v, eps = (z - alpha x) / sigma),
+and the guidance weights (1 + w) and -w sum to 1, so the conversion commutes with the combination:
+guiding the native output and converting equals Ho & Salimans' eps-form guidance and equals
+x-form guidance, exactly in exact arithmetic (tests/unit/test_conditional.py checks both to
+float rounding). The native form is the cheapest and adds no division by alpha or sigma; any
+clipping of x-hat (PD A.3) happens after guidance, in the sampler, as in diffusers.
+
+Network evaluations are counted honestly: ``evals_per_call`` is 2 for w > 0 (the batched forward
+costs two images' FLOPs per image) and 1 for w = 0, and ``network_evals`` sums evaluations over
+images (one image at one call with guidance counts 2); :func:`evals_per_call` gives the factor of
+any denoiser (1 for a plain one), which multiplies a sampler's NFE (fewstep.samplers).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import torch
+
+from fewstep.errors import UserError
+
+
+class GuidanceError(UserError, ValueError):
+    """Bad conditioning input: a negative or non-finite guidance scale, a class label out of range,
+    labels that do not match the batch, or conditioning asked of an unconditional model."""
+
+
+def num_classes_of(den: object) -> int | None:
+    """The class count of a class-conditional denoiser (None: unconditional or unknown)."""
+    return getattr(den, "num_classes", None)
+
+
+def evals_per_call(den: object) -> int:
+    """Network evaluations per image of one ``den(z, t)`` call: 2 for a guided denoiser at w > 0,
+    else 1 (a sampler's NFE at ``steps`` is its registry ``nfe(steps)`` times this)."""
+    return int(getattr(den, "evals_per_call", 1))
+
+
+def check_guidance_scale(w: float) -> float:
+    """w as a float, or a GuidanceError for a negative or non-finite scale."""
+    try:
+        w = float(w)
+    except (TypeError, ValueError):
+        raise GuidanceError(f"guidance scale must be a number >= 0, got {w!r}") from None
+    if not math.isfinite(w) or w < 0:
+        raise GuidanceError(f"guidance scale w must be finite and >= 0 (w = 0: plain conditional sampling; "
+                            f"diffusers' guidance_scale s = 1 + w), got {w}")
+    return w
+
+
+def check_labels(labels: int | Sequence[int] | torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Labels as a 1-D long CPU tensor, each a real class 0..num_classes-1 (the null label is not a
+    class to sample: sample the bare denoiser for the unconditional model)."""
+    y = torch.as_tensor(labels)
+    if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+        raise GuidanceError(f"class labels must be integers, got dtype {y.dtype}")
+    y = y.to("cpu", torch.long).reshape(-1) if y.ndim == 0 else y.to("cpu", torch.long)
+    if y.ndim != 1 or y.numel() == 0:
+        raise GuidanceError(f"class labels must be an int or a non-empty 1-D sequence, got shape {tuple(y.shape)}")
+    bad = y[(y < 0) | (y >= num_classes)]
+    if bad.numel():
+        raise GuidanceError(f"class label {int(bad[0])} out of range: this model has {num_classes} classes "
+                            f"(labels 0..{num_classes - 1})")
+    return y
+
+
+class GuidedDenoiser(torch.nn.Module):
+    """A class-conditional denoiser at fixed labels and guidance scale, as a plain ``den(z, t)``.
+
+    ``labels``: one int (every image) or (B,) ints in 0..num_classes-1; ``w``: the guidance scale
+    (Ho & Salimans' w >= 0; diffusers' s = 1 + w). Keeps ``kind``, ``schedule`` (and ``card``) of the
+    wrapped denoiser; the prediction is of the same kind (see the module doc for why guidance in the
+    native parameterisation is exact)."""
+
+    def __init__(self, den: torch.nn.Module, labels: int | Sequence[int] | torch.Tensor, w: float = 0.0):
+        super().__init__()
+        n = num_classes_of(den)
+        if not n:
+            what = getattr(getattr(den, "card", None), "family", type(den).__name__)
+            raise GuidanceError(f"class labels and guidance need a class-conditional model; this {what} model is "
+                                "unconditional (its card's conditioning has no num_classes)")
+        self.w = check_guidance_scale(w)
+        self.labels = check_labels(labels, n)
+        self.den, self.num_classes = den, n
+        self.kind, self.schedule = den.kind, den.schedule
+        if hasattr(den, "card"):
+            self.card = den.card
+        self.calls = 0
+        self.network_evals = 0  # summed over images: B per conditional pass, 2B per guided call
+
+    @property
+    def evals_per_call(self) -> int:
+        return 1 if self.w == 0 else 2
+
+    def extra_repr(self) -> str:
+        return f"w={self.w:g}, num_classes={self.num_classes}, labels={self.labels.numel()}"
+
+    def forward(self, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self._guided(self.den.forward, z, t)
+
+    def continuous(self, z: torch.Tensor, tc: torch.Tensor) -> torch.Tensor:
+        """Guided prediction at continuous time tc in [0, 1] (the diffusers peers query this)."""
+        return self._guided(self.den.continuous, z, tc)
+
+    def _labels_for(self, z: torch.Tensor) -> torch.Tensor:
+        B, y = z.shape[0], self.labels
+        if y.numel() == 1:
+            y = y.expand(B)
+        elif y.numel() != B:
+            raise GuidanceError(f"{y.numel()} class labels for a batch of {B} images")
+        return y.to(z.device)
+
+    def _guided(self, fn: Callable[..., torch.Tensor], z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        y = self._labels_for(z)
+        B = z.shape[0]
+        self.calls += 1
+        self.network_evals += self.evals_per_call * B
+        if self.w == 0:
+            return fn(z, t, y)
+        null = torch.full_like(y, self.num_classes)
+        pred = fn(torch.cat([z, z]), torch.cat([t, t]), torch.cat([y, null]))  # one forward of 2B
+        c, u = pred[:B], pred[B:]
+        return u + (1.0 + self.w) * (c - u)  # = (1 + w) c - w u (Ho & Salimans eq. 6)
+
+
+def guided(den: torch.nn.Module, labels: int | Sequence[int] | torch.Tensor, w: float = 0.0) -> GuidedDenoiser:
+    """``den`` at ``labels`` with guidance scale ``w`` (w = 0: conditional, one pass a call)."""
+    return GuidedDenoiser(den, labels, w)
