@@ -107,6 +107,10 @@ class SampleParams(_Strict):
     steps: int = Field(64, ge=0, description="sampling steps for the grid; 0 = the model's own step count")
     spacing: Spacing = "trailing"
     seed: int = Field(0, ge=0)
+    guidance: float = Field(0.0, ge=0.0, description="classifier-free guidance scale w of a class-conditional "
+                            "model's grid (Ho & Salimans; diffusers' s = 1 + w); 0: plain conditional")
+
+    _added_keys: ClassVar[dict[str, Any]] = {"guidance": 0.0}
 
 
 SOURCE_KINDS: tuple[str, ...] = ("diffusers",)

@@ -207,6 +207,41 @@ def test_bad_conditioning_inputs_give_one_clear_error_each():
         validate(p)
 
 
+def test_generate_samples_one_label_per_seed_independent_of_batching_and_counts_nfe():
+    from fewstep.math.ddim import generate
+    from fewstep.math.guidance import cycle_labels
+
+    den = _den()
+    assert cycle_labels(range(5, 12), 5, K) == [0, 1, 2, 0, 1, 2, 0] and cycle_labels([9, 7], 5, K) == [1, 2]
+    labels = cycle_labels(range(5), 0, K)
+    with torch.no_grad():
+        a = samplers.generate("ddim", den, range(5), (3, 8, 8), steps=3, labels=labels, guidance=1.0, batch_size=2)
+        b = samplers.generate("ddim", den, range(5), (3, 8, 8), steps=3, labels=labels, guidance=1.0)
+        one = samplers.generate("ddim", den, [3], (3, 8, 8), steps=3, labels=[labels[3]], guidance=1.0)
+        torch.testing.assert_close(a, b, rtol=0, atol=2e-5)  # batch shapes change float rounding only
+        torch.testing.assert_close(a[3:4], one, rtol=0, atol=2e-5)  # batch shapes change float rounding only
+        c = generate(den, range(5), (3, 8, 8), timesteps(64, 3), labels=labels, guidance=1.0, batch_size=2)
+        torch.testing.assert_close(c, b, rtol=0, atol=2e-5)  # batch shapes change float rounding only
+    assert samplers.nfe("ddim", 4) == 4 and samplers.nfe("ddim", 4, guidance=2.0) == 8
+    assert samplers.nfe("ddim", 4, guided(den, 0, 1.0)) == 8 and samplers.nfe("ddim", 4, guided(den, 0)) == 4
+    with pytest.raises(GuidanceError, match="2 class labels for 5 seeds"):
+        samplers.generate("ddim", den, range(5), (3, 8, 8), steps=3, labels=[0, 1])
+    with pytest.raises(GuidanceError, match="guidance scale 2 without class labels"):
+        generate(den, range(2), (3, 8, 8), timesteps(64, 3), guidance=2.0)
+
+
+def test_a_conditional_models_grid_has_every_class(tmp_path):
+    from fewstep.config import SampleParams
+    from fewstep.outputs import sample_grid
+
+    net = _net(K)
+    models.save(tmp_path / "m", _card(net), net.state_dict())
+    sp = SampleParams(n=6, steps=3, seed=4, guidance=0.5)
+    sample_grid(tmp_path / "m", tmp_path / "grid.png", sp, torch.device("cpu"))
+    assert (tmp_path / "grid.png").stat().st_size > 0
+    assert "guidance" not in SampleParams().model_dump() and SampleParams(guidance=0.5).model_dump()["guidance"] == 0.5
+
+
 # ---------------------------------------------------------------------------------------------- training
 
 

@@ -142,6 +142,23 @@ class GuidedDenoiser(torch.nn.Module):
         return u + (1.0 + self.w) * (c - u)  # = (1 + w) c - w u (Ho & Salimans eq. 6)
 
 
+def cycle_labels(seeds: Sequence[int], first_seed: int, num_classes: int) -> list[int]:
+    """The class of the image drawn from each seed: (seed - first_seed) mod num_classes, so a grid or
+    an evaluation set of seeds first_seed, first_seed + 1, ... holds every class equally often and a
+    seed's class does not depend on how the seeds are batched or sharded."""
+    return [(int(s) - int(first_seed)) % num_classes for s in seeds]
+
+
+def maybe_guided(den: torch.nn.Module, labels: Sequence[int] | torch.Tensor | None, w: float = 0.0) -> object:
+    """``den`` itself when ``labels`` is None (and w = 0), else :class:`GuidedDenoiser` at them.
+    A guidance scale without labels is refused (there is nothing to guide towards)."""
+    if labels is None:
+        if check_guidance_scale(w) != 0:
+            raise GuidanceError(f"guidance scale {w:g} without class labels: give labels of a class-conditional model")
+        return den
+    return GuidedDenoiser(den, labels, w)
+
+
 def guided(den: torch.nn.Module, labels: int | Sequence[int] | torch.Tensor, w: float = 0.0) -> GuidedDenoiser:
     """``den`` at ``labels`` with guidance scale ``w`` (w = 0: conditional, one pass a call)."""
     return GuidedDenoiser(den, labels, w)
