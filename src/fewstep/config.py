@@ -231,6 +231,11 @@ class TrajectoryParams(_Strict):
     seed_offset: int = Field(1_000_000, ge=0, description="fit seeds start here, away from evaluation seeds")
     shard_size: int = Field(64, ge=1)
     batch_size: int = Field(64, ge=1)
+    guidance: float = Field(0.0, ge=0.0, description="classifier-free guidance scale w of a class-conditional "
+                            "model's trajectories (seed s: class (s - seed_offset) mod num_classes); OLSS fitted "
+                            "on them records it and refuses another scale")
+
+    _added_keys: ClassVar[dict[str, Any]] = {"guidance": 0.0}
 
 
 class OLSSParams(_Strict):

@@ -213,12 +213,13 @@ def _olss_label(steps: int, o: Mapping[str, Any]) -> str:
 @register("olss", family=lambda o: olss_family(o["artifact"]) if o.get("artifact") else "olss", label=_olss_label,
           artifact=OLSS_SCHEDULER)
 def olss(den: Denoiser, x_T: torch.Tensor, *, steps: int, noise: PerImageNoise | None = None,
-         scheduler: OLSSScheduler, clip: bool = True) -> torch.Tensor:
+         scheduler: OLSSScheduler, clip: bool = True, allow_scale_mismatch: bool = False) -> torch.Tensor:
     """OLSS (Duan et al. 2023) with a fitted scheduler (any variant: its basis is in the file);
-    ``steps`` must be the scheduler's."""
+    ``steps`` must be the scheduler's; one fitted at a guidance scale is refused at another unless
+    ``allow_scale_mismatch``."""
     if steps != scheduler.steps:
         raise ValueError(f"this OLSS scheduler samples in exactly {scheduler.steps} steps, not {steps}")
-    return sample_olss(den, x_T, scheduler, clip=clip)
+    return sample_olss(den, x_T, scheduler, clip=clip, allow_scale_mismatch=allow_scale_mismatch)
 
 
 def _register_peer(name: str) -> None:

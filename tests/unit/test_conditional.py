@@ -242,6 +242,56 @@ def test_a_conditional_models_grid_has_every_class(tmp_path):
     assert "guidance" not in SampleParams().model_dump() and SampleParams(guidance=0.5).model_dump()["guidance"] == 0.5
 
 
+# ---------------------------------------------------------------------------------------------- guided OLSS
+
+
+def test_olss_fits_on_guided_trajectories_records_the_scale_and_refuses_another(tmp_path):
+    import warnings
+
+    from fewstep.config import OLSSParams, TrajectoryParams
+    from fewstep.math.olss import sample_olss
+    from fewstep.olss_fit import fit_olss
+    from fewstep.trajectories import collect_all, collect_model
+
+    net = _net(K)
+    models.save(tmp_path / "m", _card(net), net.state_dict())
+    den = models.load_denoiser(tmp_path / "m")
+    tp = TrajectoryParams(n_fit=6, reference_steps=16, seed_offset=100, shard_size=4, batch_size=2, guidance=1.0)
+    collect_model(den, "m", tp, tmp_path / "traj", torch.device("cpu"), progress=False)
+    meta = storage.read_json(tmp_path / "traj" / "meta.json")
+    assert meta["conditioning"] == {"kind": "class", "num_classes": K, "scale": 1.0, "first_seed": 100,
+                                    "labels": "(seed - first_seed) mod num_classes"}
+    # shard 1 holds seeds 104, 105: classes 1 and 2, guided at w = 1, whatever the batching
+    shard = storage.load_tensors(tmp_path / "traj" / "shard-00001.safetensors")
+    with torch.no_grad():
+        ref = collect_all(guided(den, [1, 2], 1.0), [104, 105], (3, 8, 8), meta["timesteps"])
+    torch.testing.assert_close(shard["x"], ref["x"], rtol=0, atol=2e-5)
+
+    fit = fit_olss(den, "m", tmp_path / "traj", 4, OLSSParams(steps=[4], max_elements=1000, n_holdout=3,
+                                                               bisection_iters=8), 0, torch.device("cpu"))
+    sched = fit.schedulers["olss-4"]
+    assert sched.meta["guidance"]["scale"] == 1.0 and fit.metrics["guidance"]["scale"] == 1.0
+    assert all(s.meta["guidance"] == meta["conditioning"] for s in fit.schedulers.values())
+    x_T = _z(3)
+    with torch.no_grad():
+        assert torch.isfinite(sample_olss(guided(den, [0, 1, 2], 1.0), x_T, sched)).all()
+        for w in (0.0, 3.0):
+            with pytest.raises(GuidanceError, match=f"fitted on trajectories at guidance scale w=1 but is used at w={w:g}"):
+                samplers.get("olss")(guided(den, [0, 1, 2], w), x_T, steps=4, scheduler=sched)
+        with pytest.raises(GuidanceError, match="used at w=0"):
+            sample_olss(den, x_T, sched)  # the bare (null-label) model is not guided
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            sample_olss(guided(den, [0, 1, 2], 3.0), x_T, sched, allow_scale_mismatch=True)
+        assert any("allow_scale_mismatch" in str(c.message) for c in caught)
+    plain = _net(None)
+    models.save(tmp_path / "u", _card(plain), plain.state_dict())
+    with pytest.raises(GuidanceError, match="guidance scale 1 asked of an unconditional model"):
+        collect_model(models.load_denoiser(tmp_path / "u"), "u", tp, tmp_path / "traj-u", torch.device("cpu"),
+                      progress=False)
+    assert "guidance" not in TrajectoryParams().model_dump()
+
+
 # ---------------------------------------------------------------------------------------------- training
 
 

@@ -32,7 +32,9 @@ any denoiser (1 for a plain one), which multiplies a sampler's NFE (fewstep.samp
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
@@ -157,6 +159,76 @@ def maybe_guided(den: torch.nn.Module, labels: Sequence[int] | torch.Tensor | No
             raise GuidanceError(f"guidance scale {w:g} without class labels: give labels of a class-conditional model")
         return den
     return GuidedDenoiser(den, labels, w)
+
+
+@dataclass(frozen=True)
+class ClassGuidance:
+    """How a class-conditional model samples a set of seeds: the image of seed s is of class
+    (s - first_seed) mod num_classes (:func:`cycle_labels`), at guidance scale ``w``. Recorded in
+    what the samples make (trajectories' meta, an OLSS scheduler's meta) as ``to_dict()``."""
+
+    num_classes: int
+    w: float = 0.0
+    first_seed: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "w", check_guidance_scale(self.w))
+        if isinstance(self.num_classes, bool) or not isinstance(self.num_classes, int) or self.num_classes < 1:
+            raise GuidanceError(f"num_classes must be a positive integer, got {self.num_classes!r}")
+
+    @classmethod
+    def for_model(cls, den: object, w: float, first_seed: int) -> "ClassGuidance | None":
+        """The guidance of ``den`` at scale ``w`` (None for an unconditional model at w = 0; a
+        guidance scale for an unconditional model is refused)."""
+        n = num_classes_of(den)
+        if not n:
+            if check_guidance_scale(w) > 0:
+                raise GuidanceError(f"guidance scale {w:g} asked of an unconditional model (its card's conditioning "
+                                    "has no num_classes); set it to 0 or use a class-conditional model")
+            return None
+        return cls(int(n), w, int(first_seed))
+
+    def labels(self, seeds: Sequence[int]) -> list[int]:
+        return cycle_labels(seeds, self.first_seed, self.num_classes)
+
+    def wrap(self, den: torch.nn.Module, seeds: Sequence[int]) -> GuidedDenoiser:
+        """``den`` guided at the labels of ``seeds``."""
+        return GuidedDenoiser(den, self.labels(seeds), self.w)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": "class", "num_classes": self.num_classes, "scale": self.w, "first_seed": self.first_seed,
+                "labels": "(seed - first_seed) mod num_classes"}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any] | None) -> "ClassGuidance | None":
+        if not d:
+            return None
+        return cls(int(d["num_classes"]), float(d["scale"]), int(d["first_seed"]))
+
+
+def guidance_scale_of(den: object) -> float:
+    """The guidance scale ``den`` samples at (0 for a plain denoiser)."""
+    return float(den.w) if isinstance(den, GuidedDenoiser) else 0.0
+
+
+def fitted_scale(meta: Mapping[str, Any]) -> float:
+    """The guidance scale an artifact (an OLSS scheduler) was fitted at, from its meta (0: none)."""
+    g = meta.get("guidance")
+    return float(g["scale"]) if g else 0.0
+
+
+def check_fitted_scale(meta: Mapping[str, Any], den: object, what: str, allow_mismatch: bool = False) -> None:
+    """Refuse (or with ``allow_mismatch`` warn) using an artifact fitted at one guidance scale with
+    a denoiser guided at another: its weights were fitted to that scale's trajectories."""
+    fitted, used = fitted_scale(meta), guidance_scale_of(den)
+    if fitted == used:
+        return
+    msg = (f"{what} was fitted on trajectories at guidance scale w={fitted:g} but is used at w={used:g}; its "
+           "weights fit that one scale (fit it at this scale, or pass allow_scale_mismatch=True to accept the "
+           "error: tests/integration/test_conditional_teacher.py measures it)")
+    if not allow_mismatch:
+        raise GuidanceError(msg)
+    warnings.warn(msg, stacklevel=3)
 
 
 def guided(den: torch.nn.Module, labels: int | Sequence[int] | torch.Tensor, w: float = 0.0) -> GuidedDenoiser:
