@@ -117,7 +117,7 @@ class GuidedDenoiser(torch.nn.Module):
         return f"w={self.w:g}, num_classes={self.num_classes}, labels={self.labels.numel()}"
 
     def forward(self, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return self._guided(self.den.forward, z, t)
+        return self._guided(self.den, z, t)
 
     def continuous(self, z: torch.Tensor, tc: torch.Tensor) -> torch.Tensor:
         """Guided prediction at continuous time tc in [0, 1] (the diffusers peers query this)."""
