@@ -159,8 +159,9 @@ def project(p: Params) -> list[Work]:
     tg, T = teacher_cost(p)
     tp = p.teacher
     if tp.source is None:
+        cfg = 2 if tp.conditioning is not None and tp.sample.guidance > 0 else 1  # guided: 2 evaluations a step
         out.append(Work("train_teacher", f"teacher P={tp.net.patch_size}", tg, train=tp.steps * tp.batch_size,
-                        forward=tp.sample.n * _grid_steps(tp.sample, 64)))
+                        forward=tp.sample.n * _grid_steps(tp.sample, 64) * cfg))
     else:  # imported: its sample grid only
         out.append(Work("train_teacher", f"imported {tp.source.kind} teacher", tg,
                         forward=tp.sample.n * _grid_steps(tp.sample, 64)))

@@ -107,6 +107,10 @@ class SampleParams(_Strict):
     steps: int = Field(64, ge=0, description="sampling steps for the grid; 0 = the model's own step count")
     spacing: Spacing = "trailing"
     seed: int = Field(0, ge=0)
+    guidance: float = Field(0.0, ge=0.0, description="classifier-free guidance scale w of a class-conditional "
+                            "model's grid (Ho & Salimans; diffusers' s = 1 + w); 0: plain conditional")
+
+    _added_keys: ClassVar[dict[str, Any]] = {"guidance": 0.0}
 
 
 SOURCE_KINDS: tuple[str, ...] = ("diffusers",)
@@ -135,6 +139,16 @@ class TeacherSource(_Strict):
         return out
 
 
+class ConditioningParams(_Strict):
+    """A class-conditional teacher (issue 17): the class count comes from the prepared data (its
+    manifest's class_names); ``p_uncond`` is the label-dropout rate of classifier-free guidance
+    (Ho & Salimans 2022: a label is replaced by the null label with this probability, so one net
+    learns the conditional and the unconditional model)."""
+
+    kind: Literal["class"] = "class"
+    p_uncond: float = Field(0.1, ge=0.0, lt=1.0, description="probability a training label is dropped to null")
+
+
 class TeacherParams(_Strict):
     # not a training hyperparameter: left out of model_dump, so the trained teacher's run and params
     # hashes (its card, checkpoints) and the study/split/objective teachers derived from this section
@@ -157,6 +171,10 @@ class TeacherParams(_Strict):
     keep_checkpoints: int = Field(2, ge=1)
     log_every: int = Field(50, ge=1)
     sample: SampleParams = SampleParams()
+    conditioning: Optional[ConditioningParams] = Field(None, description="null: unconditional; {kind: class, "
+                                                       "p_uncond: 0.1}: class-conditional with label dropout")
+
+    _added_keys: ClassVar[dict[str, Any]] = {"conditioning": None}
 
     @model_validator(mode="after")
     def _combo(self) -> "TeacherParams":
@@ -213,6 +231,11 @@ class TrajectoryParams(_Strict):
     seed_offset: int = Field(1_000_000, ge=0, description="fit seeds start here, away from evaluation seeds")
     shard_size: int = Field(64, ge=1)
     batch_size: int = Field(64, ge=1)
+    guidance: float = Field(0.0, ge=0.0, description="classifier-free guidance scale w of a class-conditional "
+                            "model's trajectories (seed s: class (s - seed_offset) mod num_classes); OLSS fitted "
+                            "on them records it and refuses another scale")
+
+    _added_keys: ClassVar[dict[str, Any]] = {"guidance": 0.0}
 
 
 class OLSSParams(_Strict):

@@ -181,6 +181,11 @@ class UNetArch:
     def patch_sizes(self) -> list[int]:
         return [self.net.patch_size]
 
+    @property
+    def num_classes(self) -> int | None:
+        """The class count the network embeds (None: unconditional)."""
+        return self.net.num_classes
+
     def to_dict(self) -> dict[str, Any]:
         return {"net": self.net.to_dict()}
 
@@ -277,23 +282,45 @@ def _family_of(d: Mapping[str, Any]) -> str:
 # the card
 
 
+CONDITIONING_KINDS: tuple[str, ...] = ("none", "class")
+
+
 @dataclass(frozen=True)
 class Conditioning:
-    """What the denoiser is conditioned on: nothing today; ``num_classes`` for a class-conditional
-    model (issue 17 fills it; a text model adds its embedding width here)."""
+    """What the denoiser is conditioned on: nothing (``num_classes`` None), or a class label
+    (``num_classes`` classes, label index ``num_classes`` = the null label of classifier-free
+    guidance; issue 17; a text model will add its embedding width here).
+
+    On disk an unconditional card keeps today's ``{"num_classes": null}`` (its bytes and hash do not
+    move); a class-conditional one says ``{"kind": "class", "num_classes": n}``."""
 
     num_classes: int | None = None
+
+    def __post_init__(self) -> None:
+        n = self.num_classes
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+            raise ModelCardError(f"conditioning.num_classes must be a positive integer or null, got {n!r}")
 
     @property
     def kind(self) -> str:
         return "class" if self.num_classes else "none"
 
     def to_dict(self) -> dict[str, Any]:
-        return {"num_classes": self.num_classes}
+        if self.num_classes is None:
+            return {"num_classes": None}
+        return {"kind": self.kind, "num_classes": self.num_classes}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any] | None) -> "Conditioning":
-        n = (d or {}).get("num_classes")
+        d = d or {}
+        kind = d.get("kind", "class" if d.get("num_classes") is not None else "none")
+        if kind not in CONDITIONING_KINDS:
+            raise ModelCardError(f"unknown conditioning kind {kind!r}; this fewstep knows {CONDITIONING_KINDS}")
+        n = d.get("num_classes")
+        if kind == "class" and n is None:
+            raise ModelCardError("a class-conditional card needs conditioning.num_classes")
+        if kind == "none" and n is not None:
+            raise ModelCardError(f"conditioning kind 'none' with num_classes {n!r}; say kind: class")
         return cls(None if n is None else int(n))
 
 
@@ -385,6 +412,10 @@ class ModelCard:
             raise ModelCardError(f"unknown parameterization {self.parameterization!r}; expected one of {KINDS}")
         if self.weighting is not None and self.weighting not in WEIGHTINGS:
             raise ModelCardError(f"unknown weighting {self.weighting!r}; expected one of {WEIGHTINGS}")
+        net_classes = getattr(self.arch, "num_classes", None)  # a family without the notion: unconditional
+        if net_classes != self.conditioning.num_classes:
+            raise ModelCardError(f"the card's conditioning says num_classes={self.conditioning.num_classes} but "
+                                 f"its {self.family} network embeds {net_classes}")
 
     @property
     def family(self) -> str:
@@ -468,7 +499,8 @@ def _as_card(card: ModelCard | Mapping[str, Any], arch: Architecture) -> ModelCa
         if card.arch != arch:
             raise ValueError(f"the card describes {card.arch!r}, not the network being saved ({arch!r})")
         return card
-    defaults = {"role": "teacher", "image_size": arch.image_size, "sample_steps": card["schedule"]["T"]}
+    defaults = {"role": "teacher", "image_size": arch.image_size, "sample_steps": card["schedule"]["T"],
+                "conditioning": Conditioning(getattr(arch, "num_classes", None)).to_dict()}
     return ModelCard.from_dict({**defaults, **card, "format_version": FORMAT_VERSION, "family": arch.family,
                                 **arch.to_dict()})
 

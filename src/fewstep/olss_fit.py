@@ -37,6 +37,7 @@ from fewstep import storage
 from fewstep.config import OLSSParams
 from fewstep.math import metrics as M
 from fewstep.math.ddim import PerImageNoise, sample_ddim
+from fewstep.math.guidance import ClassGuidance
 from fewstep.math.olss import (OLSSScheduler, PathSearch, fit_weights, refit_closed_loop, sample_olss, search_path,
                                uniform_path)
 from fewstep.math.param import Denoiser, full_precision
@@ -97,6 +98,7 @@ def fit_variants(den: Denoiser, model: str, traj_dir: Path, n: int, op: OLSSPara
         raise StaleTrajectoriesError(f"{traj_dir} was collected from another version of {model}; "
                                      "re-run collect_trajectories")
     t_path = tmeta["timesteps"]
+    guidance = ClassGuidance.from_dict(tmeta.get("conditioning"))
     N, k = len(t_path), min(n, len(t_path))
     t0 = time.perf_counter()
     X, E, O = load_subsample(traj_dir, op.max_elements, seed=seed, keys=("x", "e", "o"))
@@ -105,6 +107,8 @@ def fit_variants(den: Denoiser, model: str, traj_dir: Path, n: int, op: OLSSPara
     lineage = {"model": model, "model_weights_sha256": weights_sha, "network_output": den.kind,
                "trajectories": str(traj_dir), "reference_steps": N, "fit_seeds": len(tmeta["seeds"]),
                "elements": int(X.shape[1]), "schedule": card.schedule.to_dict()}
+    if guidance is not None:  # guided (or class-conditional) trajectories: the scheduler fits that scale only
+        lineage["guidance"] = guidance.to_dict()
     source = card_source_sha256(card)
     if source:  # the model descends from an imported teacher: the scheduler names its source too
         lineage["source_sha256"] = source
@@ -123,25 +127,32 @@ def fit_variants(den: Denoiser, model: str, traj_dir: Path, n: int, op: OLSSPara
     fit_seconds = time.perf_counter() - t0
     full = list(load_steps(traj_dir, searches["x"].path[1:] + [N, 0]))
     targets, x_T = full[:-1], full[-1]
+    fit_den = guidance.wrap(den, tmeta["seeds"]) if guidance is not None else den  # shards hold seeds in order
     with full_precision(den):
-        closed = refit_closed_loop(den, x_T.to(device), [t.to(device) for t in targets], out["olss-open"], op.ridge)
+        closed = refit_closed_loop(fit_den, x_T.to(device), [t.to(device) for t in targets], out["olss-open"],
+                                   op.ridge)
     v = BY_PREFIX["olss-closed"]
     closed.meta = {**out["olss-open"].meta, "variant": v.variant, "method": v.method, "label": v.label}
     out["olss-closed"] = closed
     out["olss-ridge"] = fit(BY_PREFIX["olss-ridge"], searches["x"].path, op.ridge_variant, searches["x"])
     facts = {"reference_steps": N, "t_path": t_path, "fit_seconds": fit_seconds,
-             "search": {b: _search_facts(ps) for b, ps in searches.items()}}
+             "search": {b: _search_facts(ps) for b, ps in searches.items()}, "guidance": guidance}
     return {f"{p}-{n}": out[p] for p in BY_PREFIX}, facts
 
 
 @torch.no_grad()
 def holdout_rmse(den: Denoiser, schedulers: Mapping[str, OLSSScheduler], n: int, t_path: list[int], n_holdout: int,
-                 shape: tuple[int, int, int], device: torch.device) -> dict[str, float]:
+                 shape: tuple[int, int, int], device: torch.device,
+                 guidance: ClassGuidance | None = None) -> dict[str, float]:
     """RMSE to the full-step DDIM result on ``t_path`` from the same noise (seeds HOLDOUT_SEED...):
     DDIM with ``n`` steps (key ddim) and every variant of VARIANTS in ``schedulers`` (key
-    Variant.key: olss_paper, olss_p, olss_open, olss_closed, olss_ridge)."""
-    noise = PerImageNoise(range(HOLDOUT_SEED, HOLDOUT_SEED + n_holdout), device)
+    Variant.key: olss_paper, olss_p, olss_open, olss_closed, olss_ridge). ``guidance``: a
+    class-conditional model at its seeds' labels and scale (the trajectories')."""
+    seeds = range(HOLDOUT_SEED, HOLDOUT_SEED + n_holdout)
+    noise = PerImageNoise(seeds, device)
     x_T = noise.randn(*shape)
+    if guidance is not None:
+        den = guidance.wrap(den, seeds)
     with full_precision(den):
         ref = sample_ddim(den, x_T, t_path, clip=False)
         res = {"ddim": rmse(sample_ddim(den, x_T, timesteps(den.schedule.T, n), clip=False), ref)}
@@ -174,7 +185,7 @@ def fit_olss(den: Denoiser, model: str, traj_dir: Path, n: int, op: OLSSParams, 
     for sched in variants.values():
         sched.validate()
     shape = den.card.image_shape  # type: ignore[attr-defined]
-    res = holdout_rmse(den, variants, n, f["t_path"], op.n_holdout, shape, device)
+    res = holdout_rmse(den, variants, n, f["t_path"], op.n_holdout, shape, device, f["guidance"])
     candidates = [v.prefix for v in VARIANTS if op.closed_loop or v.prefix != "olss-closed"]
     chosen, best = headline(variants, n, res, candidates)
     res[HEADLINE] = res[BY_PREFIX[chosen].key]
@@ -187,6 +198,8 @@ def fit_olss(den: Denoiser, model: str, traj_dir: Path, n: int, op: OLSSParams, 
                "path_note": best.meta.get("path_note"), "D": best.meta.get("D"), "fit_seconds": f["fit_seconds"],
                "max_cond": max(best.cond), "rmse_vs_full_step": res, "variants": table,
                "holdout_seeds": op.n_holdout, "search": f["search"]}
+    if f["guidance"] is not None:
+        metrics["guidance"] = f["guidance"].to_dict()
     return OLSSFit(schedulers, metrics)
 
 

@@ -13,6 +13,7 @@ from fewstep import models, parallel, storage
 from fewstep.config import SampleParams
 from fewstep.images import save_grid
 from fewstep.math.ddim import generate
+from fewstep.math.guidance import cycle_labels
 from fewstep.math.schedules import timesteps
 
 
@@ -38,11 +39,18 @@ def write_rows_csv(path: str | Path, rows: Sequence[Mapping[str, Any]], keys: Se
 def sample_grid(model_dir: Path, out: Path, sp: SampleParams, device: torch.device) -> None:
     """DDIM samples of the model in ``model_dir`` (seeds sp.seed.., sp.steps steps, sp.spacing) as a
     PNG grid at about 64 px per image (the image shape is the card's). The seeds are sampled
-    sharded over the ranks; rank 0 writes."""
+    sharded over the ranks; rank 0 writes. A class-conditional model's image from seed s is of
+    class (s - sp.seed) mod num_classes (math.guidance.cycle_labels), at guidance scale
+    sp.guidance."""
     den = models.load_denoiser(model_dir, device)
     shape = den.card.image_shape
     steps = timesteps(den.schedule.T, min(sp.steps, den.schedule.T), sp.spacing)
-    imgs = parallel.map_sharded(lambda s: generate(den, s, shape, steps, device=device),
-                                range(sp.seed, sp.seed + sp.n))
+    n_classes = den.card.conditioning.num_classes
+
+    def shard(seeds: Sequence[int]) -> torch.Tensor:
+        labels = cycle_labels(seeds, sp.seed, n_classes) if n_classes else None
+        return generate(den, seeds, shape, steps, device=device, labels=labels, guidance=sp.guidance)
+
+    imgs = parallel.map_sharded(shard, range(sp.seed, sp.seed + sp.n))
     if parallel.is_main():
         save_grid(imgs, out, scale=max(1, 64 // shape[-1]))

@@ -33,6 +33,7 @@ import torch
 
 from fewstep.errors import UserError
 from fewstep.math.ddim import PerImageNoise, sample_ddim
+from fewstep.math.guidance import GuidanceError, check_guidance_scale, evals_per_call, maybe_guided
 from fewstep.math.olss import OLSSScheduler, sample_olss
 from fewstep.math.param import Denoiser
 from fewstep.math.schedules import Spacing, timesteps
@@ -118,6 +119,15 @@ def get(name: str) -> SamplerSpec:
         raise UnknownSamplerError(f"unknown sampler {name!r}; registered: {', '.join(sorted(REGISTRY))}") from None
 
 
+def nfe(sampler: str | SamplerSpec, steps: int, den: object = None, *, guidance: float = 0.0) -> int:
+    """Network evaluations per image of ``sampler`` at ``steps``: its registry ``nfe(steps)`` times
+    the evaluations of one denoiser call (2 for classifier-free guidance at scale > 0, whether given
+    as a guided ``den`` or as ``guidance`` for a conditional one; fewstep.math.guidance)."""
+    spec = get(sampler) if isinstance(sampler, str) else sampler
+    per_call = max(evals_per_call(den), 2 if check_guidance_scale(guidance) > 0 else 1)
+    return spec.nfe(steps) * per_call
+
+
 def row_name(model: str, sampler: str, *, steps: int, **options: Any) -> str:
     """The evaluation row name of ``sampler`` at ``steps`` on model dir ``model`` (the one place
     row names are made: evaluation rows, promotion's lookup)."""
@@ -143,15 +153,20 @@ def row_for_version(version: Mapping[str, Any]) -> str | None:
 
 @torch.no_grad()
 def generate(sampler: str | SamplerSpec, den: Denoiser, seeds: Sequence[int], shape: tuple[int, int, int], *,
-             steps: int, batch_size: int = 256, device: torch.device | str = "cpu", **options: Any) -> torch.Tensor:
+             steps: int, batch_size: int = 256, device: torch.device | str = "cpu",
+             labels: Sequence[int] | None = None, guidance: float = 0.0, **options: Any) -> torch.Tensor:
     """Images for ``seeds`` (CPU): x_T and any sampler noise drawn per seed (PerImageNoise), so the
-    result does not depend on ``batch_size``."""
+    result does not depend on ``batch_size``. ``labels``: one class per seed of a class-conditional
+    ``den``, sampled at guidance scale ``guidance`` (its NFE: :func:`nfe`)."""
     spec = get(sampler) if isinstance(sampler, str) else sampler
     seeds = list(seeds)
+    if labels is not None and len(labels) != len(seeds):
+        raise GuidanceError(f"{len(labels)} class labels for {len(seeds)} seeds")
     out = []
     for lo in range(0, len(seeds), batch_size):
         noise = PerImageNoise(seeds[lo : lo + batch_size], device)
-        out.append(spec(den, noise.randn(*shape), steps=steps, noise=noise, **options).cpu())
+        d = maybe_guided(den, None if labels is None else list(labels)[lo : lo + batch_size], guidance)
+        out.append(spec(d, noise.randn(*shape), steps=steps, noise=noise, **options).cpu())
     return torch.cat(out) if out else torch.empty(0, *shape)
 
 
@@ -198,12 +213,13 @@ def _olss_label(steps: int, o: Mapping[str, Any]) -> str:
 @register("olss", family=lambda o: olss_family(o["artifact"]) if o.get("artifact") else "olss", label=_olss_label,
           artifact=OLSS_SCHEDULER)
 def olss(den: Denoiser, x_T: torch.Tensor, *, steps: int, noise: PerImageNoise | None = None,
-         scheduler: OLSSScheduler, clip: bool = True) -> torch.Tensor:
+         scheduler: OLSSScheduler, clip: bool = True, allow_scale_mismatch: bool = False) -> torch.Tensor:
     """OLSS (Duan et al. 2023) with a fitted scheduler (any variant: its basis is in the file);
-    ``steps`` must be the scheduler's."""
+    ``steps`` must be the scheduler's; one fitted at a guidance scale is refused at another unless
+    ``allow_scale_mismatch``."""
     if steps != scheduler.steps:
         raise ValueError(f"this OLSS scheduler samples in exactly {scheduler.steps} steps, not {steps}")
-    return sample_olss(den, x_T, scheduler, clip=clip)
+    return sample_olss(den, x_T, scheduler, clip=clip, allow_scale_mismatch=allow_scale_mismatch)
 
 
 def _register_peer(name: str) -> None:

@@ -25,6 +25,7 @@ from fewstep.progress import progress as progress_bar
 from fewstep import parallel, storage
 from fewstep.errors import UserError
 from fewstep.math.ddim import PerImageNoise, sample_ddim
+from fewstep.math.guidance import ClassGuidance
 from fewstep.math.param import Denoiser, full_precision
 from fewstep.math.schedules import timesteps
 
@@ -38,11 +39,14 @@ class StaleTrajectoriesError(UserError):
 
 @torch.no_grad()
 def collect_all(denoiser: Denoiser, seeds: Sequence[int], shape: tuple[int, int, int], t_path: Sequence[int],
-                device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+                device: torch.device | str = "cpu", guidance: ClassGuidance | None = None) -> dict[str, torch.Tensor]:
     """Deterministic, unclipped DDIM over ``t_path``, the model in IEEE float32, results float32 on the
     CPU: x (N+1, B, ...) latents, e (N, B, ...) x predictions, o (N, B, ...) raw network outputs
-    (kind ``denoiser.kind``)."""
+    (kind ``denoiser.kind``; guided: the guided combination). ``guidance``: a class-conditional
+    model sampled at its seeds' labels and scale."""
     noise = PerImageNoise(seeds, device)
+    if guidance is not None:
+        denoiser = guidance.wrap(denoiser, seeds)
     xs, es, os_ = [], [], []
 
     def cb(d: dict) -> None:
@@ -64,13 +68,13 @@ def collect(denoiser: Denoiser, seeds: Sequence[int], shape: tuple[int, int, int
 
 def write_shards(out: Path, denoiser: Denoiser, seeds: Sequence[int], shape: tuple[int, int, int],
                  t_path: Sequence[int], shard_size: int, batch_size: int, device: torch.device,
-                 meta: dict, progress: bool = True) -> None:
+                 meta: dict, progress: bool = True, guidance: ClassGuidance | None = None) -> None:
     seeds = list(seeds)
     world, rank, main = parallel.world_size(), parallel.rank(), parallel.is_main()
     starts = list(range(0, len(seeds), shard_size))
 
     def compute(chunk: list[int]) -> dict[str, torch.Tensor]:
-        parts = [collect_all(denoiser, chunk[i : i + batch_size], shape, t_path, device)
+        parts = [collect_all(denoiser, chunk[i : i + batch_size], shape, t_path, device, guidance)
                  for i in range(0, len(chunk), batch_size)]
         return {k: torch.cat([p[k] for p in parts], 1) for k in KEYS}
 
@@ -94,8 +98,9 @@ def write_shards(out: Path, denoiser: Denoiser, seeds: Sequence[int], shape: tup
                                      {**{key: got[key][:, sl].contiguous() for key in KEYS},
                                       "seeds": torch.tensor(chunk, dtype=torch.int64)})
         if main:
+            cond = {"conditioning": guidance.to_dict()} if guidance is not None else {}  # absent: unconditional
             storage.write_json(tmp / "meta.json", {**meta, "timesteps": list(map(int, t_path)), "seeds": seeds,
-                                                   "shards": len(starts), "shape": list(shape)})
+                                                   "shards": len(starts), "shape": list(shape), **cond})
     parallel.barrier()  # the shards are in place before any rank goes on
 
 
@@ -152,7 +157,9 @@ def collect_model(den: Denoiser, name: str, tp, out: Path, device: torch.device,
     """The trajectories of model ``name`` for OLSS (trajectories params ``tp``): deterministic DDIM on
     the trailing grid of min(tp.reference_steps, the model's own sample steps) steps, seeds
     tp.seed_offset.., in the card's image shape, written to ``out`` with the model's weights hash.
-    Returns the step count."""
+    A class-conditional model samples seed s as class (s - tp.seed_offset) mod num_classes at
+    guidance scale tp.guidance (recorded in meta.json as ``conditioning``). Returns the step count."""
+    guidance = ClassGuidance.for_model(den, tp.guidance, tp.seed_offset)
     card = den.card  # type: ignore[attr-defined]
     n_ref = min(tp.reference_steps, card.sample_steps)
     t_path = timesteps(den.schedule.T, n_ref, "trailing")
@@ -161,5 +168,5 @@ def collect_model(den: Denoiser, name: str, tp, out: Path, device: torch.device,
             "sampler": "ddim eta=0 unclipped", "output": "x", "network_output": den.kind,
             "keys": {"x": "latents", "e": "x_hat", "o": f"network output ({den.kind})"}}
     write_shards(out, den, seeds, card.image_shape, t_path, tp.shard_size, tp.batch_size, device, meta,
-                 progress=progress)
+                 progress=progress, guidance=guidance)
     return n_ref

@@ -9,6 +9,7 @@ from typing import Callable, Sequence
 import torch
 from fewstep.progress import progress as progress_bar
 
+from fewstep.math.guidance import GuidanceError, maybe_guided
 from fewstep.math.param import Denoiser, predict_raw_x_eps
 
 
@@ -105,14 +106,20 @@ def generate(
     steps: Sequence[int],
     batch_size: int = 256,
     device: torch.device | str = "cpu",
+    labels: Sequence[int] | None = None,
+    guidance: float = 0.0,
     **kw,
 ) -> torch.Tensor:
     """Images in [-1, 1] for the given seeds: x_T and any sampler noise drawn per seed, so the
-    result does not depend on ``batch_size``."""
+    result does not depend on ``batch_size``. ``labels``: one class per seed of a class-conditional
+    denoiser, sampled with guidance scale ``guidance`` (fewstep.math.guidance)."""
+    if labels is not None and len(labels) != len(seeds):
+        raise GuidanceError(f"{len(labels)} class labels for {len(seeds)} seeds")
     out = []
     for lo in range(0, len(seeds), batch_size):
         chunk = list(seeds)[lo : lo + batch_size]
         noise = PerImageNoise(chunk, device)
         x_T = noise.randn(*shape)
-        out.append(sample_ddim(denoiser, x_T, steps, noise=noise, **kw).cpu())
+        den = maybe_guided(denoiser, None if labels is None else list(labels)[lo : lo + batch_size], guidance)
+        out.append(sample_ddim(den, x_T, steps, noise=noise, **kw).cpu())
     return torch.cat(out) if out else torch.empty(0, *shape)

@@ -49,6 +49,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
+from fewstep.math.guidance import check_fitted_scale
 from fewstep.math.param import Denoiser, predict_x_eps
 
 BASES = ("x", "output")  # OLSSScheduler.basis: x_hat, or the network's own output (the paper)
@@ -407,10 +408,14 @@ def sample_olss(
     sched: OLSSScheduler,
     clip: bool = True,
     callback: Callable[[dict], None] | None = None,
+    allow_scale_mismatch: bool = False,
 ) -> torch.Tensor:
     """n model evaluations; e_j is ``sched.basis``'s output at x_j (x_hat, or the raw network
     output); the linear combination is accumulated in float64 whatever dtype the network runs in,
-    and cast back to x_T's dtype at the end. ``callback`` gets i, t, z (input) and e per step."""
+    and cast back to x_T's dtype at the end. ``callback`` gets i, t, z (input) and e per step.
+    A scheduler fitted at one classifier-free guidance scale (``meta["guidance"]``) is refused for
+    a denoiser guided at another unless ``allow_scale_mismatch`` (then it warns)."""
+    check_fitted_scale(sched.meta, denoiser, "this OLSS scheduler", allow_scale_mismatch)
     x0 = x_T.double()
     x = x_T
     hist: list[torch.Tensor] = []

@@ -141,21 +141,29 @@ class NetDenoiser(torch.nn.Module):
         self.net, self.schedule, self.kind = net, schedule, kind
         self.autocast, self.cpu_autocast = autocast, cpu_autocast
 
-    def forward(self, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return self.continuous(z, t.to(torch.float32) / self.schedule.T)
+    def forward(self, z: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """The prediction at schedule indices t; ``y``: (B,) class labels of a class-conditional net
+        (None: its null label, the unconditional model; fewstep.math.guidance wraps this into the
+        plain ``den(z, t)`` contract)."""
+        return self.continuous(z, t.to(torch.float32) / self.schedule.T, y)
+
+    @property
+    def num_classes(self) -> int | None:
+        """The class count of a class-conditional network (None: unconditional)."""
+        return getattr(self.net, "num_classes", None)
 
     def amp(self, device: torch.device) -> bool:
         """Whether a forward on ``device`` runs under bf16 autocast."""
         return self.autocast and (device.type == "cuda" or (device.type == "cpu" and self.cpu_autocast))
 
-    def continuous(self, z: torch.Tensor, tc: torch.Tensor) -> torch.Tensor:
+    def continuous(self, z: torch.Tensor, tc: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """The network at continuous time tc in [0, 1] (index / T); for solvers off the grid."""
         dev = z.device
         amp = self.amp(dev)
         region = torch.autocast(dev.type, dtype=AMP_DTYPE, enabled=amp) if dev.type in ("cuda", "cpu") \
             else contextlib.nullcontext()
         with region, (contextlib.nullcontext() if amp else _ieee_fp32(dev)):
-            out = self.net(z.float(), tc)
+            out = self.net(z.float(), tc) if y is None else self.net(z.float(), tc, y)
         return out.float()
 
 

@@ -11,6 +11,13 @@ patched grid (number of tokens per side).
 first convolution (:func:`position_embedding_2d`). It is off by default (the project's nets have
 none) and, when off, absent from the config dict, so cards written before it existed load unchanged
 and the default nets' cards are byte for byte what they were.
+
+``num_classes`` makes the net class-conditional (issue 17): a learned embedding of the label,
+``nn.Embedding(num_classes + 1, emb)`` as diffusers' ``UNet2DModel(num_class_embeds=...)``, is added
+to the time embedding, so every ResBlock's FiLM sees it. Index ``num_classes`` is the null label
+(Ho & Salimans 2022, classifier-free guidance): the teacher is trained with labels dropped to it
+(train.teacher, ``p_uncond``) and a forward without labels is the net's unconditional model. Off
+by default (None) and then absent from the config dict and the state dict, as ``pos_emb``.
 """
 
 from __future__ import annotations
@@ -41,6 +48,7 @@ class UNetConfig:
     dropout: float = 0.1
     emb_mult: int = 4
     pos_emb: bool = False  # PDM: fixed 2-D sinusoidal position embedding after the first conv
+    num_classes: int | None = None  # class-conditional: labels 0..num_classes-1, num_classes = null
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "channel_mult", tuple(self.channel_mult))
@@ -60,6 +68,8 @@ class UNetConfig:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.pos_emb and (self.channels % 2 or self.channels < 4):
             raise ValueError(f"pos_emb needs an even channel count >= 4 (half per axis), got {self.channels}")
+        if self.num_classes is not None and (isinstance(self.num_classes, bool) or int(self.num_classes) < 1):
+            raise ValueError(f"num_classes must be a positive class count or None, got {self.num_classes!r}")
 
     @property
     def grid(self) -> int:
@@ -71,7 +81,14 @@ class UNetConfig:
         d["attn_resolutions"] = list(self.attn_resolutions)
         if not self.pos_emb:  # format-compatible: only a net that has one says so
             del d["pos_emb"]
+        if self.num_classes is None:  # likewise: only a conditional net has the key
+            del d["num_classes"]
         return d
+
+    @property
+    def null_label(self) -> int | None:
+        """The label index of "no class" (classifier-free guidance's unconditional model)."""
+        return self.num_classes
 
 
 def _norm(ch: int) -> nn.GroupNorm:
@@ -192,11 +209,27 @@ class UNet(nn.Module):
         self.conv_out = nn.Conv2d(cur, cfg.in_channels * P * P, 3, padding=1)
         nn.init.zeros_(self.conv_out.weight)
         nn.init.zeros_(self.conv_out.bias)
+        # built last, so the other layers draw the same initial weights as the unconditional net's;
+        # row num_classes is the null label; the attribute is None on an unconditional net
+        self.class_emb = nn.Embedding(cfg.num_classes + 1, emb) if cfg.num_classes is not None else None
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """x: (B, C, H, W) noisy image; t: (B,) continuous time in [0, 1]."""
+    @property
+    def num_classes(self) -> int | None:
+        """The class count of a class-conditional net (None: unconditional)."""
+        return self.cfg.num_classes
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (B, C, H, W) noisy image; t: (B,) continuous time in [0, 1]; y: (B,) long class labels
+        of a conditional net (index num_classes = null label; None = all null: the unconditional
+        model). Labels are not range-checked here (math.guidance checks them once per sampler)."""
         P = self.cfg.patch_size
         emb = self.time_mlp(timestep_embedding(t, self.cfg.channels).to(x.dtype))
+        if self.class_emb is not None:
+            if y is None:
+                y = torch.full((x.shape[0],), self.cfg.num_classes, dtype=torch.long, device=x.device)
+            emb = emb + self.class_emb(y.long()).to(emb.dtype)
+        elif y is not None:
+            raise ValueError("class labels given to an unconditional UNet (its config has no num_classes)")
         h = F.pixel_unshuffle(x, P) if P > 1 else x
         h = self.conv_in(h)
         if self.pos is not None:

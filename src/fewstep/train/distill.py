@@ -42,7 +42,11 @@ class DistillSetupError(UserError, ValueError):
 
 def check_round(parent: models.ModelCard, parent_dir: str | Path, student_steps: int, weighting: str) -> None:
     """Refuse a round its parent cannot start: a student parent must sample in 2x the round's steps,
-    and the parent's parameterisation (the student's) with ``weighting`` must not diverge."""
+    the parent's parameterisation (the student's) with ``weighting`` must not diverge, and the
+    parent must be unconditional (guided distillation is issue 17's next step)."""
+    if parent.conditioning.kind != "none":  # its student would learn only the null label's model
+        raise DistillSetupError(f"parent {parent_dir} is {parent.conditioning.kind}-conditional; distilling a "
+                                "conditional (guided) teacher is not implemented yet (issue 17)")
     parent_steps = 2 * student_steps
     if parent.role == "student" and parent.sample_steps != parent_steps:
         raise DistillSetupError(

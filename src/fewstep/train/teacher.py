@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any, Callable
 
@@ -11,6 +12,7 @@ import torch
 from fewstep import parallel, models, storage
 from fewstep.parallel import BatchPart
 from fewstep.config import Params
+from fewstep.data import DataError
 from fewstep.math.losses import DEFAULT_WEIGHTING, weighted_x_loss
 from fewstep.math.schedules import Schedule, make_schedule
 from fewstep.nets.unet import UNet
@@ -30,12 +32,27 @@ def sample_batch(data: torch.Tensor, batch_size: int, hflip: bool, gen: torch.Ge
     """Rows ``rows`` of a batch in [-1, 1] drawn with replacement from uint8 ``data``, randomly
     flipped; all from ``gen``. The whole batch's draws are made (and the slice taken after), so
     every rank of a distributed step sees its own rows of the same global batch."""
+    return sample_batch_indexed(data, batch_size, hflip, gen, rows)[0]
+
+
+def sample_batch_indexed(data: torch.Tensor, batch_size: int, hflip: bool, gen: torch.Generator,
+                         rows: slice = slice(None)) -> tuple[torch.Tensor, torch.Tensor]:
+    """As :func:`sample_batch` (the same draws), also returning the rows' indices into ``data``."""
     idx = torch.randint(0, data.shape[0], (batch_size,), generator=gen, device=data.device)
     flip = torch.rand(batch_size, generator=gen, device=data.device) < 0.5 if hflip else None
     x = data[idx[rows]].float() / 127.5 - 1.0
     if flip is not None:
         x = torch.where(flip[rows, None, None, None], x.flip(3), x)
-    return x
+    return x, idx[rows]
+
+
+def drop_labels(y: torch.Tensor, p_uncond: float, null_label: int, batch_size: int, rows: slice,
+                gen: torch.Generator) -> torch.Tensor:
+    """Classifier-free guidance's label dropout (Ho & Salimans 2022, Alg. 1): each of the global
+    batch's labels becomes ``null_label`` with probability ``p_uncond``, drawn whole from ``gen``
+    (so every rank drops the same rows of the global batch); returns the rows ``rows``."""
+    drop = (torch.rand(batch_size, generator=gen, device=y.device) < p_uncond)[rows]
+    return torch.where(drop, torch.full_like(y, null_label), y)
 
 
 def draw_like(batch_size: int, shape: tuple[int, ...], rows: slice, gen: torch.Generator,
@@ -46,14 +63,24 @@ def draw_like(batch_size: int, shape: tuple[int, ...], rows: slice, gen: torch.G
 
 def diffusion_loss(
     data: torch.Tensor, schedule: Schedule, kind: str, weighting: str, batch_size: int, hflip: bool,
-    t_range: tuple[int, int] | None = None,
+    t_range: tuple[int, int] | None = None, labels: torch.Tensor | None = None, num_classes: int | None = None,
+    p_uncond: float = 0.0,
 ) -> Callable[[torch.nn.Module, torch.Generator], torch.Tensor]:
     """loss_fn(net, gen, part) for the training loop. ``data``: uint8 (N, C, H, W) on the device.
 
     Timesteps uniform on 1..T, or on ``t_range`` (inclusive indices: one side of a split model's
     log-SNR boundary); every random draw comes from ``gen`` (seeded per step) for the whole global
     batch; the rank computes rows ``part.rows(batch_size)`` and returns their loss sum / batch_size
-    (its share of the global mean)."""
+    (its share of the global mean).
+
+    ``labels`` (N,) long on the device, classes 0..num_classes-1: a class-conditional net
+    ``net(z, t, y)``, each label dropped to the null label ``num_classes`` with probability
+    ``p_uncond``; the label draws come after all others, so an unconditional run's are unchanged."""
+    if labels is not None:
+        if num_classes is None:
+            raise ValueError("a conditional diffusion loss needs num_classes (the null label's index)")
+        check_train_labels(labels, data.shape[0], num_classes)
+    null_label = num_classes
     dev = data.device
     T = schedule.T
     lo, hi = t_range or (1, T)
@@ -63,18 +90,29 @@ def diffusion_loss(
 
     def loss_fn(net: torch.nn.Module, gen: torch.Generator, part: BatchPart = BatchPart()) -> torch.Tensor:
         rows = part.rows(batch_size)
-        x = sample_batch(data, batch_size, hflip, gen, rows)
+        x, idx = sample_batch_indexed(data, batch_size, hflip, gen, rows)
         t = torch.randint(lo, hi + 1, (batch_size,), generator=gen, device=dev)[rows]
         eps = draw_like(batch_size, tuple(x.shape[1:]), rows, gen, dev)
+        y = None if labels is None else drop_labels(labels[idx], p_uncond, null_label, batch_size, rows, gen)
         alpha, sigma = schedule.at(t, torch.float32)
         z = alpha[:, None, None, None] * x + sigma[:, None, None, None] * eps
         if channels_last:
             z = z.contiguous(memory_format=torch.channels_last)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda"):
-            pred = net(z, t.float() / T)
+            pred = net(z, t.float() / T) if y is None else net(z, t.float() / T, y)
         return weighted_x_loss(pred.float(), kind, z, x, alpha, sigma, weighting, eps_target=eps).sum() / batch_size
 
     return loss_fn
+
+
+def check_train_labels(labels: torch.Tensor, n_images: int, num_classes: int) -> None:
+    """One label per training image, each a class 0..num_classes-1 (a DataError otherwise)."""
+    if labels.ndim != 1 or labels.shape[0] != n_images:
+        raise DataError(f"prepared labels have shape {tuple(labels.shape)}; expected one per image ({n_images},); "
+                        "re-run prepare_data")
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+        raise DataError(f"prepared labels span {int(labels.min())}..{int(labels.max())} but the manifest names "
+                        f"{num_classes} classes; re-run prepare_data")
 
 
 def loop_config(tp: Any, seed: int) -> LoopConfig:
@@ -96,6 +134,17 @@ def load_train_data(p: Params, data_dir: str | Path, device: torch.device) -> tu
             f"prepared images are {images.shape[1]}px but base.image_size is {p.base.image_size}; re-run prepare_data"
         )
     return manifest, torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2))).to(device)
+
+
+def load_train_labels(data_dir: str | Path, n_images: int, num_classes: int, device: torch.device) -> torch.Tensor:
+    """The prepared train labels (N,) long on ``device``, checked against the images and classes."""
+    path = Path(data_dir) / "train_labels.npy"
+    if not path.exists():
+        raise DataError(f"a class-conditional teacher needs the prepared labels, but {path} is missing; "
+                        "re-run prepare_data")
+    labels = torch.from_numpy(np.asarray(storage.load_array(path), dtype=np.int64))
+    check_train_labels(labels, n_images, num_classes)
+    return labels.to(device)
 
 
 def run_hash(p: Params, data_hash: str) -> str:
@@ -121,17 +170,23 @@ def train_teacher(
     manifest, data = load_train_data(p, data_dir, device)
     schedule = schedule_of(p)
     weighting = tp.weighting or DEFAULT_WEIGHTING[tp.parameterization]
+    labels, num_classes = None, None
+    if tp.conditioning is not None:  # class-conditional: the classes are the prepared data's
+        num_classes = len(manifest["class_names"])
+        labels = load_train_labels(data_dir, data.shape[0], num_classes, device)
     torch.manual_seed(p.base.seed)
-    net = UNet(tp.net.unet_config(p.base.image_size))
+    net = UNet(dataclasses.replace(tp.net.unet_config(p.base.image_size), num_classes=num_classes))
     if device.type == "cuda":
         net = net.to(memory_format=torch.channels_last)
     loop = loop_config(tp, p.base.seed)
     rh = run_hash(p, manifest["content_hash"])
-    loss_fn = diffusion_loss(data, schedule, tp.parameterization, weighting, tp.batch_size, tp.hflip)
+    loss_fn = diffusion_loss(data, schedule, tp.parameterization, weighting, tp.batch_size, tp.hflip, labels=labels,
+                             num_classes=num_classes, p_uncond=tp.conditioning.p_uncond if tp.conditioning else 0.0)
     result = train(net, loss_fn, loop, ckpt_dir, rh, device, progress=progress, desc="teacher", on_log=on_log)
     card = models.ModelCard(
         arch=models.UNetArch(result.net.cfg), role="teacher", parameterization=tp.parameterization,
         schedule=schedule_spec(p), image_size=p.base.image_size, sample_steps=p.schedule.T, weighting=weighting,
+        conditioning=models.Conditioning(num_classes),
         lineage=models.Lineage(dataset=p.base.dataset, class_names=tuple(manifest["class_names"]),
                                data_hash=manifest["content_hash"], params_hash=storage.sha256_json(p.teacher.model_dump()),
                                run_hash=rh, train_steps=tp.steps),
