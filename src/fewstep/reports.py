@@ -42,7 +42,8 @@ def evaluation_plots(results: dict[str, dict[str, Any]], out: Path) -> list[str]
     made = []
     fams: dict[str, list] = {}
     for name, r in results.items():
-        fams.setdefault(r["family"] + ("" if r["family"] != "olss" else f" ({r['model']})"), []).append(r)
+        fam = r["family"] + ("" if r["family"] != "olss" else f" ({r['model']})")
+        fams.setdefault(fam + (f" w={r['guidance']:g}" if r.get("guidance") else ""), []).append(r)  # guided: own curve
     for key, label in (("fd", "FD (evaluator features)"), ("rmse", "RMSE vs teacher full-step DDIM")):
         fig, ax = plt.subplots(figsize=(6.5, 4.2))
         for fam, rs in sorted(fams.items()):
