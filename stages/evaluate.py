@@ -6,6 +6,12 @@ same noise, equal NFE); the ranked rows again at evaluate.n_headline samples; th
 check on the test split (noise floor, blur). Outputs: metrics/evaluate.json (DVC metrics), plots/evaluate.csv (DVC
 plots: FD and RMSE vs NFE), reports/evaluation.md with PNG plots (FD vs NFE, RMSE vs NFE, FD vs
 GFLOPs with its Pareto front) and one sample grid per row under reports/grids/.
+
+A class-conditional model (card conditioning kind "class") gets one row per guidance scale of
+evaluate.guidance (a guided-distilled student: w = 0 only; OLSS: the scale it was fitted at), named
+"<row> w=<w>" for w > 0, with the evaluator's accuracy on the asked classes and, with
+evaluate.per_class, FD/KID per class against the test split (fewstep.per_class), a per-class table
+in reports/evaluation.md and a grid per row with one row of images per class (<row>-classes.png).
 """
 
 from __future__ import annotations

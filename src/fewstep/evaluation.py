@@ -407,6 +407,9 @@ def _class_reference(evaluator, ep, feats_of: Callable[[torch.Tensor], np.ndarra
     names = list(names) if names and len(names) == num_classes else [str(c) for c in range(num_classes)]
     if not ep.per_class:
         return class_reference(names)
+    if ep.n_samples < 2 * num_classes:
+        raise ClassEvaluationError(f"evaluate.per_class: {ep.n_samples} samples give fewer than 2 per class for "
+                                   f"{num_classes} classes; raise evaluate.n_samples or set per_class false")
     if class_test is None:
         raise ClassEvaluationError("evaluate.per_class needs the test split's images and labels "
                                    "(data/prepared/test_images.npy, test_labels.npy); or set it false")

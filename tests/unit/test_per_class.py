@@ -149,3 +149,24 @@ def test_the_readme_block_shows_the_conditional_rows_at_4_and_8_steps_with_their
     assert table[1].endswith("| 0.90 ± 0.02 | 5.00 / 0.90 | 6.00 / 0.90 |")
     assert "| 1 | 8 | 5.00 [4.00, 6.00] |" in table[1]
     assert "50 per class" in lines[0] and "chance 0.50" in lines[0]
+
+
+def test_which_scales_a_model_is_sampled_at_and_what_the_evaluator_must_match():
+    from types import SimpleNamespace as NS
+
+    from fewstep.config import EvaluateParams
+    from fewstep.evaluation import _class_reference, row_scales
+
+    ep = EvaluateParams(guidance=[0.0, 2.0], n_samples=10)
+    assert row_scales(NS(conditioning=NS(kind="none")), ep) == [None]  # unconditional: rows as ever
+    assert row_scales(NS(conditioning=NS(kind="class")), ep) == [0.0, 2.0]
+    assert row_scales(NS(conditioning=NS(kind="class"), guidance=2.0), ep) == [0.0]  # guided-distilled student
+    ev = NS(cfg=NS(num_classes=3))
+    with pytest.raises(ClassEvaluationError, match="evaluator classifies 3 classes but .* have 2"):
+        _class_reference(ev, ep, None, 2, None, None)
+    with pytest.raises(ClassEvaluationError, match="needs the test split's images and labels"):
+        _class_reference(ev, ep, None, 3, None, None)
+    with pytest.raises(ClassEvaluationError, match="10 samples give fewer than 2 per class for 6"):
+        _class_reference(NS(cfg=NS(num_classes=6)), ep, None, 6, None, None)
+    off = _class_reference(ev, EvaluateParams(per_class=False, n_samples=10), None, 3, ["a", "b", "c"], None)
+    assert off.names == ("a", "b", "c") and off.stats is None
