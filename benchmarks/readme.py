@@ -311,10 +311,48 @@ def ddim_study(root: Path) -> str:
     return f"{d['n_images']} test images, {d['spacing']} spacing:\n\n" + t1 + "\n" + t2
 
 
+COND_RESULTS = "results/cpu-cond"  # a profiles/cpu-cond.yaml run: its metrics/evaluate.json, copied here
+
+
+def per_class_table(ev: Mapping[str, Any], steps: tuple[int, ...] = (4, 8)) -> str:
+    """The class-conditional rows of ``ev`` (an evaluate.json) at ``steps``: DDIM, the headline
+    olss-N and the students, at every guidance scale w, with FD/KID overall, the evaluator's
+    accuracy on the asked class (± s.e.) and FD / accuracy per class."""
+    rows = {k: r for k, r in ev["rows"].items() if "accuracy" in r and r.get("steps") in steps
+            and r["family"] in ("ddim", "student", "olss")}
+    names = list(ev.get("class_names") or [])
+    if not rows:
+        return "No class-conditional rows at " + " or ".join(map(str, steps)) + " steps in this evaluation.\n"
+    n, k = ev["n_samples"], max(1, len(names))
+    body = []
+    for name, r in sorted(rows.items(), key=lambda kv: (kv[1]["steps"], kv[1]["guidance"], kv[1]["family"], kv[0])):
+        per = r.get("per_class", {})
+        note = f" (distilled at w={r['distilled_guidance']:g})" if r.get("distilled_guidance") is not None else ""
+        body.append([name + note, f"{r['guidance']:g}", str(r["nfe"]), _ci(r),
+                     f"{1e3 * r['kid']:.0f} ± {1e3 * r['kid_se']:.0f}",
+                     f"{_g(r['accuracy'], 2)} ± {_g(r['accuracy_se'], 1)}"]
+                    + [f"{_g(per[c]['fd'])} / {_g(per[c]['accuracy'], 2)}" if c in per else "-" for c in names])
+    return (f"{n} samples per row ({n // k} per class: seed s is of class (s - seed) mod {k}); w is the guidance scale "
+            "(diffusers' guidance_scale = 1 + w) and NFE counts both evaluations of a guided step; acc is the share "
+            f"of samples the evaluator classifies as the asked class (chance {1 / k:.2f}); per class: FD against the "
+            "test images of that class / acc.\n\n"
+            + _table(["row", "w", "NFE", "FD [95% CI]", "KID x1e3", "acc"] + [f"{c}: FD / acc" for c in names],
+                     list("lrrrrr") + ["r"] * len(names), body))
+
+
+def per_class(root: Path) -> str:
+    """The class-conditional CPU profile's results (``results/cpu-cond/evaluate.json``)."""
+    path = root / COND_RESULTS / "evaluate.json"
+    if not path.exists():
+        return (f"Not run yet: `python -m stages.profile cpu-cond && dvc repro`, then copy `metrics/evaluate.json` "
+                f"to `{COND_RESULTS}/`.\n")
+    return per_class_table(json.loads(path.read_text()))
+
+
 SECTIONS: dict[str, Callable[[Path], str]] = {
     "evaluation": evaluation, "grids": grids, "pareto": pareto, "teacher": teacher, "distill": distill,
     "ranking": ranking, "olss": olss, "study-rows": study_rows, "redundancy": redundancy, "objective": objective,
-    "ddim-study": ddim_study,
+    "ddim-study": ddim_study, "per-class": per_class,
 }
 
 

@@ -6,6 +6,12 @@ same noise, equal NFE); the ranked rows again at evaluate.n_headline samples; th
 check on the test split (noise floor, blur). Outputs: metrics/evaluate.json (DVC metrics), plots/evaluate.csv (DVC
 plots: FD and RMSE vs NFE), reports/evaluation.md with PNG plots (FD vs NFE, RMSE vs NFE, FD vs
 GFLOPs with its Pareto front) and one sample grid per row under reports/grids/.
+
+A class-conditional model (card conditioning kind "class") gets one row per guidance scale of
+evaluate.guidance (a guided-distilled student: w = 0 only; OLSS: the scale it was fitted at), named
+"<row> w=<w>" for w > 0, with the evaluator's accuracy on the asked classes and, with
+evaluate.per_class, FD/KID per class against the test split (fewstep.per_class), a per-class table
+in reports/evaluation.md and a grid per row with one row of images per class (<row>-classes.png).
 """
 
 from __future__ import annotations
@@ -21,7 +27,8 @@ from fewstep.images import from_uint8
 from fewstep.reports import write_evaluation_csv, write_evaluation_report
 from stages._common import StageContext, run_stage
 
-SCALARS = ("fd", "fd_lo", "fd_hi", "kid", "kid_se", "recall", "dup_rate", "rmse", "psnr", "nfe", "images_per_s")
+SCALARS = ("fd", "fd_lo", "fd_hi", "kid", "kid_se", "recall", "dup_rate", "rmse", "psnr", "nfe", "images_per_s",
+           "accuracy", "accuracy_se")  # accuracy: class-conditional rows only
 
 
 def add_args(ap: argparse.ArgumentParser) -> None:
@@ -40,15 +47,21 @@ def body(ctx: StageContext) -> None:
     if ep.inception_weights:  # standard FID: the user's Inception weights, same FD/KID code
         inception = partial(inception_reference, ep.inception_weights, Path(a.data) / "train_images.npy",
                             p.evaluator.ref_subset, ep.seed, device)
-    test = Path(a.data) / "test_images.npy"
-    test_images = from_uint8(storage.load_array(test)) if ep.blur_sigmas and test.exists() else None
+    test, test_labels = Path(a.data) / "test_images.npy", Path(a.data) / "test_labels.npy"
+    test_images = from_uint8(storage.load_array(test)) if (ep.blur_sigmas or ep.per_class) and test.exists() else None
+    class_test = None  # a class-conditional model's per-class references (unused for unconditional ones)
+    if ep.per_class and test_images is not None and test_labels.exists():
+        class_test = (test_images, storage.load_array(test_labels))
+    evaluator_cfg = storage.read_json(models_dir / "evaluator" / "config.json")
     done = run_evaluation(models_dir, Path(a.schedulers), ep, models_dir / "evaluator", device,
                           grid_dir=out / "grids", inception=inception,
-                          log=lambda line: print(f"evaluate: {line}", flush=True), test_images=test_images)
+                          log=lambda line: print(f"evaluate: {line}", flush=True),
+                          test_images=test_images if ep.blur_sigmas else None, class_test=class_test,
+                          class_names=evaluator_cfg.get("class_names"))
     if done is None:  # another rank of a torchrun
         return
     results = done.rows
-    acc = storage.read_json(models_dir / "evaluator" / "config.json").get("test_accuracy")
+    acc = evaluator_cfg.get("test_accuracy")
     write_evaluation_report(results, out, ep.n_samples, acc, done.reference_steps, meta=done.meta)
     storage.write_json("metrics/evaluate.json", {"n_samples": ep.n_samples, **done.meta, "rows": results})
     pick = lambda r: {k: v for k, v in r.items() if k in SCALARS}  # noqa: E731

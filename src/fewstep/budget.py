@@ -194,11 +194,13 @@ def project(p: Params) -> list[Work]:
             op = p.objective.teacher_for(p.teacher, v, P)
             out.append(Work(f"objective@{v}-{P}", f"P={P}", unet_gflops(op, size), train=op.steps * op.batch_size,
                             forward=p.objective.n_samples * p.objective.sample_steps + p.objective.n_test * 16))
+    cond = tp.source is None and tp.conditioning is not None  # class-conditional: guided steps cost 2 evaluations
+    traj_cfg = 2 if cond and p.trajectories.guidance > 0 else 1
     ref = p.trajectories.reference_steps
     for m in p.trajectories.models:
         n = min(ref, steps_of.get(m, T))
         out.append(Work(f"collect_trajectories@{m}", f"{n} steps", nets.get(m, tg),
-                        fp32_forward=p.trajectories.n_fit * n))
+                        fp32_forward=p.trajectories.n_fit * n * traj_cfg))
     op_ = p.olss
     from fewstep.olss_variants import VARIANTS
 
@@ -208,7 +210,7 @@ def project(p: Params) -> list[Work]:
         for n in op_.steps:
             closed = p.trajectories.n_fit * n  # the closed-loop refit (always fitted)
             out.append(Work(f"fit_olss@{m}-{n}", f"{n} steps", nets.get(m, tg),
-                            fp32_forward=closed + op_.n_holdout * (refn + n + len(VARIANTS) * n)))
+                            fp32_forward=(closed + op_.n_holdout * (refn + n + len(VARIANTS) * n)) * traj_cfg))
     ev = p.evaluate
     from fewstep.evaluation import Planned, teacher_plan
 
@@ -217,24 +219,27 @@ def project(p: Params) -> list[Work]:
     # ranked rows (evaluation.is_headline) at n_headline: the reference, DDIM at the students' steps, OLSS, students
     ranked = {steps_of[name] for name in rounds}
     n, n_h = ev.n_samples, ev.headline_n
-    fwd_teacher = n_h * ref.nfe + sum((n_h if r.sampler == "ddim" and not r.options and r.steps in ranked else n)
-                                      * r.nfe for r in plan)
+    # a class-conditional model: every DDIM/peer row once per evaluate.guidance scale (2 evaluations a
+    # step at w > 0, plus the reference at each scale); OLSS rows at the trajectories' scale
+    n_w, w_cost = (len(ev.guidance), sum(2 if w > 0 else 1 for w in ev.guidance)) if cond else (1, 1)
+    fwd_teacher = n_h * ref.nfe * w_cost + w_cost * sum(
+        (n_h if r.sampler == "ddim" and not r.options and r.steps in ranked else n) * r.nfe for r in plan)
     for m in op_.models:
         if m == "teacher":
-            fwd_teacher += n_h * variants * sum(op_.steps)
+            fwd_teacher += n_h * variants * sum(op_.steps) * traj_cfg
     out.append(Work("evaluate", "teacher rows", tg, forward=fwd_teacher))
     for name in rounds:
-        k = _ddim_nfe(steps_of[name]) + (variants * sum(op_.steps) if name in op_.models else 0)
+        k = _ddim_nfe(steps_of[name]) * w_cost + (variants * sum(op_.steps) * traj_cfg if name in op_.models else 0)
         out.append(Work("evaluate", f"{name} rows", nets[name], forward=n_h * k))
     for name, (g, _) in study.items():
-        k = sum(_ddim_nfe(n) for n in ev.study_steps if n <= T)
+        k = sum(_ddim_nfe(n) for n in ev.study_steps if n <= T) * w_cost
         out.append(Work("evaluate", f"{name} rows", g, forward=ev.n_samples * k))
-    n_rows = (len(plan) + 1 + len(p.distill.rounds) + variants * len(op_.steps) * len(op_.models)
-              + len(ev.study_steps) * len(study))
+    n_rows = (n_w * (len(plan) + 1 + len(p.distill.rounds) + len(ev.study_steps) * len(study))
+              + variants * len(op_.steps) * len(op_.models))
     eg = evaluator_gflops(p)
     out.append(Work("train_evaluator", "evaluator CNN", eg, train=p.evaluator.steps * p.evaluator.batch_size))
-    n_ranked = 1 + len(rounds) + variants * len(op_.steps) * len(op_.models) + sum(
-        r.sampler == "ddim" and not r.options and r.steps in ranked for r in plan)
+    n_ranked = n_w * (1 + len(rounds) + sum(r.sampler == "ddim" and not r.options and r.steps in ranked
+                                            for r in plan)) + variants * len(op_.steps) * len(op_.models)
     out.append(Work("evaluate", "evaluator features", eg, forward=n * n_rows + (n_h - n) * n_ranked
                     + p.evaluator.ref_subset + (len(ev.blur_sigmas) + 1) * n))  # + the FD sensitivity check
     rp = p.redundancy

@@ -12,7 +12,7 @@ from fewstep.errors import UserError
 import os
 import re
 from pathlib import Path
-from typing import Any, ClassVar, Literal, Optional
+from typing import Annotated, Any, ClassVar, Literal, Optional
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, ValidationError, model_serializer, \
@@ -291,11 +291,21 @@ class EvaluateParams(_Strict):
                                 "nearest-neighbour distances in evaluator features")
     blur_sigmas: list[float] = Field(default_factory=lambda: [0.5, 1.0],
                                      description="FD sensitivity: Gaussian blurs (pixels) of the test split")
+    guidance: list[Annotated[float, Field(ge=0.0, allow_inf_nan=False)]] = Field(
+        default_factory=lambda: [0.0], min_length=1, description="classifier-free guidance scales w (>= 0; "
+        "diffusers' s = 1 + w) a class-conditional model's rows are sampled at, one row per w (0: plain "
+        "conditional); unconditional models ignore it")
+    per_class: bool = Field(True, description="class-conditional rows: FD/KID and the evaluator's accuracy per "
+                            "class, against the test split's images of that class")
+
+    _added_keys: ClassVar[dict[str, Any]] = {"guidance": [0.0], "per_class": True}
 
     @model_validator(mode="after")
     def _sigmas(self) -> "EvaluateParams":
         if any(s <= 0 for s in self.blur_sigmas):
             raise ValueError(f"evaluate.blur_sigmas must be positive, got {self.blur_sigmas}")
+        if len(set(self.guidance)) != len(self.guidance):
+            raise ValueError(f"evaluate.guidance has duplicates: {self.guidance}")
         return self
 
     @property
@@ -552,9 +562,14 @@ class Params(_Strict):
 
 def deep_merge(a: dict, b: dict) -> dict:
     """``b`` over ``a``: mappings merge key by key, anything else replaces. An empty mapping in ``b``
-    replaces too, so a profile can turn a section off (``split: {models: {}}``)."""
+    replaces too, so a profile can turn a section off (``split: {models: {}}``); a null in ``b``
+    over a mapping in ``a`` removes that key, so a profile can drop one named entry
+    (``distill: {rounds: {student-2: null}}``)."""
     out = dict(a)
     for k, v in b.items():
+        if v is None and isinstance(out.get(k), dict):
+            del out[k]
+            continue
         out[k] = deep_merge(out[k], v) if isinstance(v, dict) and v and isinstance(out.get(k), dict) else v
     return out
 

@@ -19,7 +19,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import torch
@@ -27,11 +27,15 @@ import torch
 from fewstep import models, parallel, samplers
 from fewstep.math import metrics as M
 from fewstep.math.ddim import PerImageNoise
+from fewstep.math.guidance import ClassGuidance, fitted_scale
 from fewstep.math.olss import OLSSScheduler
 from fewstep.math.param import NetDenoiser
 from fewstep.math.split import SIDES, SplitDenoiser
 from fewstep.olss_variants import variant_of
 from fewstep.samplers import SampleFn
+
+if TYPE_CHECKING:
+    from fewstep.per_class import ClassReference
 
 
 @dataclass
@@ -45,6 +49,9 @@ class Row:
     nfe_by_net: dict[str, int] | None = None  # a split model: evaluations per image on each network
     gflops_by_net: dict[str, float] | None = None
     note: str = ""  # what the row is beyond its name: an OLSS row says paper / beyond paper / which variant olss-N is
+    steps: int | None = None  # the sampler's step count (None: = nfe)
+    guidance: float | None = None  # a class-conditional row: the guidance scale w it samples at; None: unconditional
+    distilled_guidance: float | None = None  # a guided-distilled student: the w it was distilled at (sampled at 0)
 
 
 def gflops_per_call(den: NetDenoiser, shape: tuple[int, int, int]) -> float:
@@ -101,11 +108,60 @@ def teacher_plan(ep, T: int) -> list[Planned]:
     return plan
 
 
-def _row(model: str, den, plan: Planned, family: str | None = None, artifact: str | None = None) -> Row:
+def row_scales(card: models.ModelCard, ep) -> list[float | None]:
+    """The guidance scales of a model's rows: [None] for an unconditional model (its rows as ever);
+    [0.0] for a guided-distilled student (card ``guidance`` set: its one conditional forward already
+    approximates the teacher guided at that w); else every w of ``evaluate.guidance``."""
+    if card.conditioning.kind != "class":
+        return [None]
+    if getattr(card, "guidance", None) is not None:
+        return [0.0]
+    return [float(w) for w in ep.guidance]
+
+
+def class_bound(spec: samplers.SamplerSpec, den, guidance: ClassGuidance, steps: int, options: dict) -> SampleFn:
+    """(x_T, noise) -> x_0 of a class-conditional model: the image of seed s is of class
+    (s - guidance.first_seed) mod K (its seed from ``noise``), sampled at guidance.w."""
+
+    def fn(x_T: torch.Tensor, noise: PerImageNoise) -> torch.Tensor:
+        return spec(guidance.wrap(den, noise.seeds), x_T, steps=steps, noise=noise, **options)
+
+    return fn
+
+
+def _row(model: str, den, plan: Planned, family: str | None = None, artifact: str | None = None,
+         w: float | None = None, first_seed: int = 0) -> Row:
+    """One row; ``w`` not None: a class-conditional model at guidance scale w (its NFE counts guidance)."""
     spec = samplers.get(plan.sampler)
     label = {"artifact": artifact} if artifact else plan.options
-    return Row(samplers.row_name(model, spec.name, steps=plan.steps, **label), family or spec.family(label), model,
-               plan.nfe, spec.bind(den, steps=plan.steps, **plan.options))
+    name = samplers.row_name(model, spec.name, steps=plan.steps, guidance=w, **label)
+    fam = family or spec.family(label)
+    if w is None:
+        return Row(name, fam, model, plan.nfe, spec.bind(den, steps=plan.steps, **plan.options), steps=plan.steps)
+    g = ClassGuidance(den.card.conditioning.num_classes, w, first_seed)
+    return Row(name, fam, model, samplers.nfe(spec, plan.steps, guidance=w),
+               class_bound(spec, den, g, plan.steps, plan.options), steps=plan.steps, guidance=w,
+               distilled_guidance=getattr(den.card, "guidance", None))
+
+
+def _rows(model: str, den, plan: Planned, ep, family: str | None = None, artifact: str | None = None) -> list[Row]:
+    """The rows of one sampler setting on one model: one per guidance scale of :func:`row_scales`."""
+    return [_row(model, den, plan, family, artifact, w, ep.seed) for w in row_scales(den.card, ep)]
+
+
+def olss_scale(den, sched: OLSSScheduler, ep) -> tuple[float | None, str | None]:
+    """(the guidance scale to sample OLSS scheduler ``sched`` at, None) or (None, why it is skipped).
+    Unconditional model: (None, None). Class-conditional: the scale its meta records (it was fitted
+    on trajectories guided at that scale and is refused at any other)."""
+    if row_scales(den.card, ep) == [None]:
+        return None, None
+    g = sched.meta.get("guidance")
+    if not g:
+        return None, "fitted without a recorded guidance scale (meta.guidance) on a class-conditional model"
+    if int(g.get("num_classes", -1)) != den.card.conditioning.num_classes:
+        return None, (f"fitted for {g.get('num_classes')} classes, the model has "
+                      f"{den.card.conditioning.num_classes}")
+    return fitted_scale(sched.meta), None
 
 
 def olss_note(artifact: str, sched: OLSSScheduler) -> str:
@@ -121,31 +177,44 @@ def olss_note(artifact: str, sched: OLSSScheduler) -> str:
     return f"= {src}" + (f", {method.replace('-', ' ')}" if method else "")
 
 
-def build_rows(models_dir: Path, schedulers_dir: Path, ep, device: torch.device) -> tuple[list[Row], dict]:
+def build_rows(models_dir: Path, schedulers_dir: Path, ep, device: torch.device,
+               log: Callable[[str], None] | None = None) -> tuple[list[Row], dict]:
     """Rows for the teacher (DDIM, eta family, OLSS variants), students and OLSS on them, the
     patch-study teachers and split models (models/teacher-*), peers; every row a registered
-    sampler (fewstep.samplers) named by samplers.row_name."""
+    sampler (fewstep.samplers) named by samplers.row_name. A class-conditional model has one row
+    per guidance scale (:func:`row_scales`); its OLSS rows sample at the scale they were fitted at
+    (:func:`olss_scale`; one without a recorded scale is skipped, said through ``log``)."""
     rows: list[Row] = []
     dens: dict[str, NetDenoiser] = {}
     teacher = models.load_denoiser(models_dir / "teacher", device)
     dens["teacher"] = teacher
     plan = teacher_plan(ep, teacher.schedule.T)
-    rows += [_row("teacher", teacher, r) for r in plan if not samplers.get(r.sampler).needs_diffusers]
+    rows += [x for r in plan if not samplers.get(r.sampler).needs_diffusers for x in _rows("teacher", teacher, r, ep)]
     for d in sorted(p for p in models_dir.iterdir() if (p / models.CONFIG).exists() and p.name.startswith("student")):
         den = models.load_denoiser(d, device)
         dens[d.name] = den
-        rows.append(_row(d.name, den, Planned("ddim", den.card.sample_steps), family="student"))
+        rows += _rows(d.name, den, Planned("ddim", den.card.sample_steps), ep, family="student")
     # patch-study teachers (teacher-p<P>) and split models: DDIM at evaluate.study_steps, family = the model
     for d in sorted(p for p in models_dir.iterdir() if (p / models.CONFIG).exists() and p.name.startswith("teacher-")):
         den = models.load_denoiser(d, device)
         dens[d.name] = den
-        rows += [_row(d.name, den, Planned("ddim", n), family=d.name) for n in ep.study_steps if n <= den.schedule.T]
+        rows += [x for n in ep.study_steps if n <= den.schedule.T
+                 for x in _rows(d.name, den, Planned("ddim", n), ep, family=d.name)]
     for model_dir in sorted(schedulers_dir.glob("*")) if schedulers_dir.exists() else []:
         den = dens.get(model_dir.name) or models.load_denoiser(models_dir / model_dir.name, device)
         dens[model_dir.name] = den
         for f in sorted(model_dir.glob("olss*.json")):
             sched = OLSSScheduler.from_json(f.read_text())
-            row = _row(model_dir.name, den, Planned("olss", sched.steps, {"scheduler": sched}), artifact=f.name)
+            w, skip = olss_scale(den, sched, ep)
+            if skip:
+                if log is not None:
+                    log(f"skipped {model_dir.name}/{f.name}: {skip}")
+                continue
+            if w is not None and w not in ep.guidance and log is not None:
+                log(f"{model_dir.name}/{f.name} samples at its fitted scale w={w:g}, not in evaluate.guidance "
+                    f"{list(ep.guidance)}: no DDIM row at that scale to compare it with")
+            row = _row(model_dir.name, den, Planned("olss", sched.steps, {"scheduler": sched}), artifact=f.name,
+                       w=w, first_seed=ep.seed)
             row.note = olss_note(f.name, sched)
             rows.append(row)
     peer_rows = [r for r in plan if samplers.get(r.sampler).needs_diffusers]
@@ -153,7 +222,7 @@ def build_rows(models_dir: Path, schedulers_dir: Path, ep, device: torch.device)
         from fewstep import peers
 
         peers.load_diffusers()  # imported here, not inside the first peer row's timed sampling
-        rows += [_row("teacher", teacher, r) for r in peer_rows]
+        rows += [x for r in peer_rows for x in _rows("teacher", teacher, r, ep)]
     shape = teacher.card.image_shape
     flops = {k: gflops_per_net(v, shape) for k, v in dens.items()}
     for r in rows:
@@ -237,7 +306,8 @@ def is_headline(row: Row, ref_steps: int, student_steps: set[int]) -> bool:
     steps, every student, every OLSS variant (family olss*)."""
     if row.family == "student" or row.family.startswith("olss"):
         return True
-    return row.model == "teacher" and row.family == "ddim" and row.nfe in {ref_steps, *student_steps}
+    steps = row.nfe if row.steps is None else row.steps
+    return row.model == "teacher" and row.family == "ddim" and steps in {ref_steps, *student_steps}
 
 
 def gaussian_blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -324,11 +394,36 @@ class Evaluation:
     meta: dict = field(default_factory=dict)
 
 
+def _class_reference(evaluator, ep, feats_of: Callable[[torch.Tensor], np.ndarray], num_classes: int,
+                     names: list[str] | None, class_test: tuple[torch.Tensor, np.ndarray] | None) -> ClassReference:
+    """The per-class reference of the class-conditional rows: the evaluator must classify exactly the
+    models' classes; with ``ep.per_class`` each class's test images give its statistics."""
+    from fewstep.per_class import ClassEvaluationError, class_reference
+
+    k_eval = evaluator.cfg.num_classes
+    if k_eval != num_classes:
+        raise ClassEvaluationError(f"the evaluator classifies {k_eval} classes but the class-conditional models "
+                                   f"have {num_classes}: train both on the same prepared data")
+    names = list(names) if names and len(names) == num_classes else [str(c) for c in range(num_classes)]
+    if not ep.per_class:
+        return class_reference(names)
+    if ep.n_samples < 2 * num_classes:
+        raise ClassEvaluationError(f"evaluate.per_class: {ep.n_samples} samples give fewer than 2 per class for "
+                                   f"{num_classes} classes; raise evaluate.n_samples or set per_class false")
+    if class_test is None:
+        raise ClassEvaluationError("evaluate.per_class needs the test split's images and labels "
+                                   "(data/prepared/test_images.npy, test_labels.npy); or set it false")
+    images, labels = class_test
+    return class_reference(names, feats_of(images), np.asarray(labels), subset=len(images), seed=ep.seed)
+
+
 def run_evaluation(models_dir: Path, schedulers_dir: Path, ep, evaluator_dir: Path,
                    device: torch.device, grid_dir: Path | None = None,
                    inception: Callable[[], tuple[Callable[[torch.Tensor], np.ndarray], dict]] | None = None,
                    log: Callable[[str], None] | None = None,
-                   test_images: torch.Tensor | None = None) -> Evaluation | None:
+                   test_images: torch.Tensor | None = None,
+                   class_test: tuple[torch.Tensor, np.ndarray] | None = None,
+                   class_names: list[str] | None = None) -> Evaluation | None:
     """Every row of :func:`build_rows` sampled on seeds ep.seed.. and scored (:func:`score`, plus
     standard FID with ``inception``) against the teacher's ``ep.reference_steps``-step DDIM images
     from the same noise (the image shape is the teacher card's); one sample grid per row under
@@ -337,25 +432,47 @@ def run_evaluation(models_dir: Path, schedulers_dir: Path, ep, evaluator_dir: Pa
     ``test_images`` (the test split, in [-1, 1]) the FD sensitivity check runs too. Returns the
     :class:`Evaluation` on rank 0; None on the other ranks of a torchrun (they sample their share,
     rank 0 scores). ``inception`` is called once the rows are built (e.g. a partial of
-    :func:`inception_reference`) and gives the feature function and reference statistics."""
+    :func:`inception_reference`) and gives the feature function and reference statistics.
+
+    Class-conditional models (fewstep.per_class): a row at guidance scale w samples seed s as class
+    (s - ep.seed) mod K, its RMSE reference is the teacher's reference-steps DDIM at the same w (a
+    guided-distilled student's: at the w it was distilled at), and it adds the evaluator's accuracy
+    and, with ``ep.per_class``, FD/KID per class against the test images of that class
+    (``class_test``: the test split's images in [-1, 1] and labels; ``class_names`` name the
+    classes) and a per-class grid (one row per class)."""
     from fewstep.images import save_grid
+    from fewstep.per_class import class_major, class_scores
     from fewstep.reports import slug
     from fewstep.train.evaluator import features, load_evaluator
 
     evaluator, stats = load_evaluator(evaluator_dir, device)
-    rows, dens = build_rows(models_dir, schedulers_dir, ep, device)
+    rows, dens = build_rows(models_dir, schedulers_dir, ep, device, log=log)
     inc = inception() if inception is not None else None
     teacher = dens["teacher"]
     n, n_h = ep.n_samples, ep.headline_n
     shape = teacher.card.image_shape
     n_ref = min(ep.reference_steps, teacher.schedule.T)
-    student_steps = {r.nfe for r in rows if r.family == "student"}
+    student_steps = {r.steps for r in rows if r.family == "student"}
     heads = {r.name for r in rows if is_headline(r, n_ref, student_steps)} if n_h > n else set()
     seeds = list(range(ep.seed, ep.seed + (n_h if heads else n)))
-    ddim = samplers.get("ddim")
-    ref_row = Row("reference", ddim.family({}), "teacher", ddim.nfe(n_ref), ddim.bind(teacher, steps=n_ref))
-    reference, ref_ips = run_row(ref_row, seeds, shape, ep.batch_size, device)
-    ref_name = samplers.row_name("teacher", "ddim", steps=n_ref)  # same sampler, steps, seeds: the reference images
+    teacher_conditional = row_scales(teacher.card, ep) != [None]
+    refs: dict[float | None, tuple[torch.Tensor, float]] = {}
+
+    def reference(w: float | None) -> tuple[torch.Tensor, float]:
+        """The teacher's n_ref-step DDIM images of every seed (at guidance scale w), sampled once."""
+        if w not in refs:
+            refs[w] = run_row(_row("teacher", teacher, Planned("ddim", n_ref), w=w, first_seed=ep.seed), seeds, shape,
+                              ep.batch_size, device)
+        return refs[w]
+
+    def ref_scale(row: Row) -> float | None:
+        if not teacher_conditional:
+            return None
+        return row.distilled_guidance if row.distilled_guidance is not None else (row.guidance or 0.0)
+
+    reference(row_scales(teacher.card, ep)[0])  # first, as ever: its images/s are measured unshared
+    ref_names = {w: samplers.row_name("teacher", "ddim", steps=n_ref, guidance=w)
+                 for w in row_scales(teacher.card, ep)}  # same sampler, steps, seeds: the reference images
     if grid_dir is not None:
         grid_dir.mkdir(parents=True, exist_ok=True)
     thresholds = dup_thresholds(stats["subset"], {n, n_h} if heads else {n}, ep.dup_quantile)
@@ -363,44 +480,67 @@ def run_evaluation(models_dir: Path, schedulers_dir: Path, ep, evaluator_dir: Pa
     def feats_of(images: torch.Tensor) -> np.ndarray:
         return features(evaluator, images.to(device) if device.type == "cuda" else images)
 
-    def scores(f: np.ndarray, images: torch.Tensor) -> dict:
+    def scores(f: np.ndarray, images: torch.Tensor, ref: torch.Tensor) -> dict:
         m = len(f)
-        return score(f, images, reference[:m], stats, ep.kid_subsets, ep.seed, resamples=ep.fd_resamples,
+        return score(f, images, ref[:m], stats, ep.kid_subsets, ep.seed, resamples=ep.fd_resamples,
                      dup_threshold=thresholds[m])
+
+    cond_rows = [r for r in rows if r.guidance is not None]
+    class_ref = None
+    if cond_rows and parallel.is_main():
+        k = dens[cond_rows[0].model].card.conditioning.num_classes
+        class_ref = _class_reference(evaluator, ep, feats_of, k, class_names, class_test)
+    asked = np.array([(s - ep.seed) % class_ref.num_classes for s in seeds]) if class_ref else None
 
     results = {}
     for row in rows:
-        if row.name == ref_name:
-            images, ips = reference, ref_ips
+        rw = ref_scale(row)
+        if row.name == ref_names.get(rw) and row.model == "teacher":
+            images, ips = reference(rw)
         else:
             images, ips = run_row(row, seeds[: n_h if row.name in heads else n], shape, ep.batch_size, device)
+        ref_images = reference(rw)[0]
         if not parallel.is_main():
             continue
         f = feats_of(images)
-        r = scores(f[:n], images[:n])
+        r = scores(f[:n], images[:n], ref_images)
         if row.name in heads:
-            r["headline"] = scores(f, images)
+            r["headline"] = scores(f, images, ref_images)
         r.update(family=row.family, model=row.model, nfe=row.nfe, gflops=row.gflops, images_per_s=ips)
         if row.note:
             r["note"] = row.note
-        if row.name == ref_name:
+        if row.name == ref_names.get(rw) and row.model == "teacher":
             r["is_reference"] = True  # not sampled twice
         if row.gflops_by_net:  # a split model: the cost per network
             r.update(nfe_by_net=row.nfe_by_net, gflops_by_net=row.gflops_by_net)
+        if row.guidance is not None:  # class-conditional: only these rows carry the keys below
+            r.update(guidance=row.guidance, steps=row.steps)
+            if row.distilled_guidance is not None:
+                r["distilled_guidance"] = row.distilled_guidance
+            pred = evaluator.head(torch.as_tensor(f[:n], dtype=torch.float32, device=device)).argmax(1).cpu().numpy()
+            r.update(class_scores(f[:n], pred, asked[:n], class_ref, kid_subsets=ep.kid_subsets, seed=ep.seed,
+                                  resamples=ep.fd_resamples))
         if inc is not None:
             r["inception"] = feature_scores(inc[0](images[:n]), inc[1], ep.kid_subsets, ep.seed)
         results[row.name] = r
         if grid_dir is not None:
             save_grid(images[: ep.grid_n], grid_dir / f"{slug(row.name)}.png", scale=max(1, 32 // shape[-1]))
+            if row.guidance is not None:  # one row per class
+                m = max(1, min(ep.grid_n // class_ref.num_classes, n // class_ref.num_classes))
+                save_grid(images[class_major(asked[:n], class_ref.num_classes, m)],
+                          grid_dir / f"{slug(row.name)}-classes.png", nrow=m, scale=max(1, 32 // shape[-1]))
         if log is not None:
             h = r.get("headline")
             log(f"{row.name:32s} NFE {row.nfe:4d} FD {r['fd']:8.3f} RMSE {r['rmse']:.4f}"
+                + (f" acc {r['accuracy']:.3f}" if "accuracy" in r else "")
                 + (f" | n={h['n']} FD {h['fd']:.3f} [{h.get('fd_lo', math.nan):.3f}, {h.get('fd_hi', math.nan):.3f}]"
                    if h else ""))
     if not parallel.is_main():
         return None
     meta: dict = {"n_headline": n_h if heads else n, "dup_threshold": {str(k): v for k, v in thresholds.items()},
                   "dup_quantile": ep.dup_quantile, "fd_resamples": ep.fd_resamples}
+    if class_ref is not None:  # absent for unconditional models: their evaluate.json keeps its keys
+        meta.update(class_names=list(class_ref.names), guidance=list(ep.guidance), per_class=ep.per_class)
     if test_images is not None and len(test_images) >= 2:
         meta.update(fd_sensitivity(feats_of, stats, test_images, list(ep.blur_sigmas), n, ep.kid_subsets, ep.seed,
                                    ep.fd_resamples))

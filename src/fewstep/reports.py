@@ -42,7 +42,8 @@ def evaluation_plots(results: dict[str, dict[str, Any]], out: Path) -> list[str]
     made = []
     fams: dict[str, list] = {}
     for name, r in results.items():
-        fams.setdefault(r["family"] + ("" if r["family"] != "olss" else f" ({r['model']})"), []).append(r)
+        fam = r["family"] + ("" if r["family"] != "olss" else f" ({r['model']})")
+        fams.setdefault(fam + (f" w={r['guidance']:g}" if r.get("guidance") else ""), []).append(r)  # guided: own curve
     for key, label in (("fd", "FD (evaluator features)"), ("rmse", "RMSE vs teacher full-step DDIM")):
         fig, ax = plt.subplots(figsize=(6.5, 4.2))
         for fam, rs in sorted(fams.items()):
@@ -93,8 +94,45 @@ def _ci(r: Mapping[str, Any], key: str, fmt: str) -> str:
 
 
 def _note(r: Mapping[str, Any]) -> str:
-    """A row's note after its name (OLSS: paper / beyond paper / which variant olss-N is)."""
-    return f" ({r['note']})" if r.get("note") else ""
+    """A row's note after its name (OLSS: paper / beyond paper / which variant olss-N is; a
+    guided-distilled student: the scale it was distilled at)."""
+    notes = [r["note"]] if r.get("note") else []
+    if r.get("distilled_guidance") is not None:
+        notes.append(f"distilled at w={r['distilled_guidance']:g}")
+    return f" ({'; '.join(notes)})" if notes else ""
+
+
+def _acc(b: Mapping[str, Any]) -> str:
+    return f"{b['accuracy']:.3f} ± {b['accuracy_se']:.3f}"
+
+
+def per_class_markdown(results: Mapping[str, Mapping[str, Any]], meta: Mapping[str, Any]) -> list[str]:
+    """Class-conditional rows (the ones with ``accuracy``): the evaluator's accuracy on their
+    samples, overall and per class, FD per class against the test images of that class, and the
+    per-class grids (one row per class) of the reference, student and olss-N rows."""
+    cond = {k: r for k, r in results.items() if "accuracy" in r}
+    if not cond:
+        return []
+    names = list(meta.get("class_names") or [])
+    per = any("per_class" in r for r in cond.values())
+    lines = ["## Per class (class-conditional models)", "",
+             "The sample of seed s is of class (s - evaluate.seed) mod K; w is the classifier-free guidance scale "
+             "(diffusers' guidance_scale = 1 + w); NFE counts both evaluations of a guided step. acc: the fraction "
+             "of samples the evaluator classifies as the asked class (± its standard error; chance = 1/K)."
+             + (" Per class: FD [95% CI] / acc of that class's samples against the test images of that class "
+                "(compare within this table only)." if per else ""), ""]
+    head = "| sampler | w | NFE | acc |" + "".join(f" {c} |" for c in names if per) + " grid |"
+    lines += [head, "|---|---:|---:|---:|" + "---:|" * (len(names) if per else 0) + "---|"]
+    for name, r in sorted(cond.items(), key=lambda kv: (kv[1]["nfe"], kv[1].get("guidance", 0), kv[1]["fd"])):
+        cells = "".join(f" {_ci(r['per_class'][c], 'fd', '.2f')} / {r['per_class'][c]['accuracy']:.2f} |"
+                        for c in names if per and c in r.get("per_class", {}))
+        lines.append(f"| {name}{_note(r)} | {r.get('guidance', 0):g} | {r['nfe']} | {_acc(r)} |{cells} "
+                     f"[grid](grids/{slug(name)}-classes.png) |")
+    shown = [k for k, r in cond.items() if r.get("is_reference") or r["family"] in ("student", "olss")]
+    if shown:
+        lines += ["", "Samples, one row per class (" + ", ".join(names) + "):" if names else "", ""]
+        lines += [f"![{k}](grids/{slug(k)}-classes.png) {k}" for k in shown]
+    return lines + [""]
 
 
 def _dup(r: Mapping[str, Any]) -> str:
@@ -152,7 +190,7 @@ def evaluation_markdown(results: dict[str, dict[str, Any]], pngs: list[str], n: 
     note (OLSS: paper / beyond paper / which variant olss-N is) follows its name."""
     meta = meta or {}
     lines = [f"# Evaluation ({n} samples per row, evaluator test accuracy {acc})", ""]
-    lines += headline_markdown(results) + sensitivity_markdown(meta)
+    lines += headline_markdown(results) + sensitivity_markdown(meta) + per_class_markdown(results, meta)
     dup = meta.get("dup_threshold")
     lines += [f"## All rows ({n} samples each)", "",
               "FD is comparable only at equal n (small-sample bias, DESIGN.md). RMSE/PSNR against the teacher's "

@@ -128,12 +128,15 @@ def nfe(sampler: str | SamplerSpec, steps: int, den: object = None, *, guidance:
     return spec.nfe(steps) * per_call
 
 
-def row_name(model: str, sampler: str, *, steps: int, **options: Any) -> str:
+def row_name(model: str, sampler: str, *, steps: int, guidance: float | None = None, **options: Any) -> str:
     """The evaluation row name of ``sampler`` at ``steps`` on model dir ``model`` (the one place
-    row names are made: evaluation rows, promotion's lookup)."""
+    row names are made: evaluation rows, promotion's lookup). A class-conditional row sampled with
+    classifier-free guidance at w > 0 ends in `` w=<w>`` (``teacher ddim 8 w=1``); at w = 0 (plain
+    conditional) or unconditional (None) it has no suffix."""
     spec = get(sampler)
     label = spec.label(steps, options)
-    return f"{model} {label}" if spec.model_in_name else label
+    name = f"{model} {label}" if spec.model_in_name else label
+    return name + (f" w={check_guidance_scale(guidance):g}" if guidance else "")
 
 
 def row_for_version(version: Mapping[str, Any]) -> str | None:
