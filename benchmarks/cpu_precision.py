@@ -395,8 +395,9 @@ def markdown(results: list[LoopResult], vs: list[Variant]) -> str:
         ratios = " | ".join(f"{r.ratio[n]:.2f}x" for n in names[1:])
         err = r.bf16_error
         extra = f" (target {err['target_max_rel']:.1e})" if "target_max_rel" in err else ""
-        lines.append(f"| {r.loop}{' (' + r.note + ')' if r.note else ''} | {r.batch} | {ms} | {ratios} | "
-                     f"{err.get('max_rel', float('nan')):.1e}{extra} | {err.get('l2_rel', float('nan')):.1e} |")
+        mx = f"{err['max_rel']:.1e}{extra}" if "max_rel" in err else "-"
+        l2 = f"{err['l2_rel']:.1e}" if "l2_rel" in err else "-"
+        lines.append(f"| {r.loop}{' (' + r.note + ')' if r.note else ''} | {r.batch} | {ms} | {ratios} | {mx} | {l2} |")
     return "\n".join(lines)
 
 
@@ -472,7 +473,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(table)
     print()
     print(f"bf16 errors: bf16 autocast vs float32 on the same weights and inputs (sample/trajectory: images after "
-          f"{a.error_steps} DDIM steps, {a.error_n} images); ratios: fp32 ms / variant ms at {threads} threads "
+          f"{a.error_steps} DDIM steps, {a.error_n} images); ratios: fp32 ms / variant ms, fp32 at {threads} thread(s) "
           f"(> 1 = faster), medians of interleaved repetitions. {time.perf_counter() - t0:.0f} s.")
     payload = {
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "torch": torch.__version__,
