@@ -3,8 +3,9 @@ table: teacher training images/s against diffusers' UNet2DModel (train_throughpu
 and sampling images/s for P = 1, 2, 4, 8 and the split nets (patch_study.py), the OLSS fit time
 (olss_fit.py), the sampler table (samplers.py, needs a finished pipeline) and the per-stage wall time
 of the last pipeline run (stage_times.py, from the MLflow stage runs), where a training and a sampling
-step spend their time with the MFU (profile_step.py) and the GPU profile's projected time per stage
-(gpu_budget.py).
+step spend their time with the MFU (profile_step.py), the GPU profile's projected time per stage
+(gpu_budget.py) and, on the CPU, what bf16 / channels_last / threads do to every hot loop
+(cpu_precision.py --quick).
 
     python benchmarks/run_all.py              # CPU: small settings (minutes)
     python benchmarks/run_all.py --gpu        # the GPU sizes (batch 128 training, batch 1000 sampling)
@@ -51,6 +52,7 @@ def main() -> None:
             "stage_times": [py, "benchmarks/stage_times.py"],
             "profile_step": [py, "benchmarks/profile_step.py", "--steps", "5"],
             "gpu_budget": [py, "benchmarks/gpu_budget.py"],
+            "cpu_precision": [py, "benchmarks/cpu_precision.py", "--quick"],
         }
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
     print(f"# fewstep benchmarks, {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC, commit {commit.strip()}, "

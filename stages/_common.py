@@ -40,6 +40,7 @@ import torch
 from fewstep import parallel
 from fewstep.config import Params, load_params
 from fewstep.errors import UserError
+from fewstep.math import precision
 from fewstep.models import resolve_device
 from fewstep.settings import Settings, current
 
@@ -170,12 +171,16 @@ def _stage_name(name: str | Callable[[argparse.Namespace], str], args: argparse.
 
 
 def _context(name: str, args: argparse.Namespace, settings: Settings, rec: StageRecord) -> StageContext:
-    """Validate params before any work; pick the device and thread count. Under torchrun
-    (WORLD_SIZE > 1) join the process group: this rank's device (cuda:LOCAL_RANK or the CPU)."""
+    """Validate params before any work; pick the device, thread count and CPU precision policy
+    (base.cpu_bf16, base.channels_last: fewstep.math.precision). Under torchrun (WORLD_SIZE > 1)
+    join the process group: this rank's device (cuda:LOCAL_RANK or the CPU)."""
     p = load_params(args.params, args.profile or settings.profile)
     if p.base.threads:
         torch.set_num_threads(p.base.threads)
+    cpu = precision.configure_from(p.base)
     rec.params = {**p.model_dump(mode="json"), "args": {k: v for k, v in vars(args).items() if v is not None}}
+    rec.set_tags(**{"fewstep.cpu_bf16": cpu.bf16, "fewstep.cpu_channels_last": cpu.channels_last,
+                    "fewstep.cpu_native_bf16": precision.detect().native_bf16})
     return StageContext(name, args, p, parallel.init(resolve_device(p.base.device)), settings, rec)
 
 

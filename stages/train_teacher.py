@@ -72,6 +72,7 @@ def body(ctx: StageContext) -> None:
     }
     if result.steps_run:
         metrics["images_per_s"] = result.steps_run * p.teacher.batch_size / result.seconds
+        metrics["train_seconds"] = result.seconds  # this process's steps (benchmarks/stock_recipe.py)
     if parallel.world_size() > 1:
         metrics["world_size"] = parallel.world_size()
     storage.write_json(a.metrics, metrics)

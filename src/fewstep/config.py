@@ -15,11 +15,12 @@ from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, ValidationError, model_serializer, \
-    model_validator
+from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, ValidationError, field_validator, \
+    model_serializer, model_validator
 
 from fewstep.math.losses import DEFAULT_WEIGHTING, WEIGHTINGS, Weighting, divergence
 from fewstep.math.param import KINDS, Parameterization
+from fewstep.math.precision import CpuBf16
 from fewstep.math.schedules import ScheduleKind, Spacing
 from fewstep.nets.unet import PatchSize, UNetConfig
 
@@ -44,12 +45,33 @@ class _Strict(BaseModel):
         return d
 
 
+# base keys that say how a run computes, not what it computes: left out of the training run hashes
+EXECUTION_KEYS: frozenset[str] = frozenset({"device", "threads", "cpu_bf16", "channels_last"})
+
+
 class BaseParams(_Strict):
     dataset: str = Field("cifar10", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     seed: int = Field(0, ge=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     image_size: int = Field(16, ge=4, le=1024)
     threads: int = Field(0, ge=0, description="torch CPU threads; 0 = torch's default")
+    # How the CPU computes, not what (like device and threads: left out of the run hashes). Applied
+    # by the stage runner (fewstep.math.precision.configure_from); CUDA keeps its own rules.
+    cpu_bf16: CpuBf16 = Field("auto", description="bf16 autocast of the network forwards on the CPU (training, "
+                              "sampling; never distillation targets or OLSS): auto = only where the CPU runs bf16 "
+                              "natively (AVX-512 BF16, AMX, Arm BF16), true, false")
+    channels_last: bool = Field(False, description="channels_last weights and inputs on the CPU")
+
+    _added_keys: ClassVar[dict[str, Any]] = {"cpu_bf16": "auto", "channels_last": False}
+
+    @field_validator("cpu_bf16", mode="before")
+    @classmethod
+    def _cpu_bf16(cls, v: Any) -> Any:
+        if isinstance(v, bool) or v == "auto":
+            return v
+        if isinstance(v, str) and v.lower() in ("true", "false"):
+            return v.lower() == "true"
+        raise ValueError(f"must be auto, true or false, got {v!r}")
 
 
 class ScheduleParams(_Strict):

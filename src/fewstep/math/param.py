@@ -11,6 +11,7 @@ from typing import Iterator, Literal, Protocol, get_args, runtime_checkable
 
 import torch
 
+from fewstep.math import precision
 from fewstep.math.schedules import Schedule
 
 # The parameterisation names, defined here once (fewstep.config and the model card import them).
@@ -126,15 +127,18 @@ class NetDenoiser(torch.nn.Module):
     queried on any sub-sequence of it.
 
     Precision: with ``autocast`` (the default) the forward runs under bf16 autocast on CUDA, and on
-    the CPU as well when ``cpu_autocast`` is set (off by default, so CPU outputs are plain float32;
-    tests and ``benchmarks/fp32_targets.py`` use it to emulate the GPU path). Without autocast the
+    the CPU as well when ``cpu_autocast`` is set; ``cpu_autocast=None`` (the default) follows the
+    process's CPU policy (fewstep.math.precision, params ``base.cpu_bf16``: off unless the CPU runs
+    bf16 natively, so CPU outputs are plain float32 there; tests and ``benchmarks/fp32_targets.py``
+    set it to emulate the GPU path). The policy's ``channels_last`` puts the input in that memory
+    format on the CPU. Without autocast the
     forward is IEEE float32, TF32 off on CUDA, whatever autocast region the caller is in. Either way
     the output is float32. :func:`full_precision` turns autocast off for a block: the teacher's
     distillation targets, OLSS trajectories and fits run in it.
     """
 
     def __init__(self, net: torch.nn.Module, schedule: Schedule, kind: str, autocast: bool = True,
-                 cpu_autocast: bool = False):
+                 cpu_autocast: bool | None = None):
         super().__init__()
         if kind not in KINDS:
             raise ValueError(f"unknown parameterisation {kind!r}; expected one of {KINDS}")
@@ -154,7 +158,11 @@ class NetDenoiser(torch.nn.Module):
 
     def amp(self, device: torch.device) -> bool:
         """Whether a forward on ``device`` runs under bf16 autocast."""
-        return self.autocast and (device.type == "cuda" or (device.type == "cpu" and self.cpu_autocast))
+        if not self.autocast:
+            return False
+        if device.type == "cpu":
+            return precision.cpu_bf16(device) if self.cpu_autocast is None else self.cpu_autocast
+        return device.type == "cuda"
 
     def continuous(self, z: torch.Tensor, tc: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """The network at continuous time tc in [0, 1] (index / T); for solvers off the grid."""
@@ -162,8 +170,9 @@ class NetDenoiser(torch.nn.Module):
         amp = self.amp(dev)
         region = torch.autocast(dev.type, dtype=AMP_DTYPE, enabled=amp) if dev.type in ("cuda", "cpu") \
             else contextlib.nullcontext()
+        z = precision.to_format(z.float(), precision.memory_format(dev, cuda=False))
         with region, (contextlib.nullcontext() if amp else _ieee_fp32(dev)):
-            out = self.net(z.float(), tc) if y is None else self.net(z.float(), tc, y)
+            out = self.net(z, tc) if y is None else self.net(z, tc, y)
         return out.float()
 
 
@@ -173,7 +182,8 @@ def net_denoisers(den: object) -> list[NetDenoiser]:
 
 
 def set_autocast(den: object, enabled: bool = True, cpu: bool | None = None) -> None:
-    """Set ``autocast`` (and ``cpu_autocast`` when ``cpu`` is given) on every network of ``den``."""
+    """Set ``autocast`` (and ``cpu_autocast`` when ``cpu`` is given; there is no way back to "follow
+    the CPU policy" but ``m.cpu_autocast = None``) on every network of ``den``."""
     for m in net_denoisers(den):
         m.autocast = enabled
         if cpu is not None:

@@ -26,6 +26,7 @@ import torch
 
 from fewstep import models, storage
 from fewstep.parallel import BatchPart
+from fewstep.math import precision
 from fewstep.math.distill import distill_target_path
 from fewstep.math.schedules import timesteps
 from fewstep.errors import UserError
@@ -78,6 +79,7 @@ def distill_loss(
     T = sch.T
     dev = data.device
     grid = torch.tensor(teacher_grid(T, 2 * student_steps), device=dev)  # tau_0..tau_N (module docstring)
+    fmt = precision.memory_format(dev, cuda=False)  # the CPU's base.channels_last (CUDA: as before)
 
     def loss_fn(student: torch.nn.Module, gen: torch.Generator, part: BatchPart = BatchPart()) -> torch.Tensor:
         rows = part.rows(batch_size)  # this rank's rows of the global batch (fewstep.train.loop)
@@ -88,8 +90,9 @@ def distill_loss(
         alpha, sigma = sch.at(t, torch.float32)
         z = alpha[:, None, None, None] * x + sigma[:, None, None, None] * eps
         x_tgt = distill_target_path(teacher, z, t, grid[2 * i - 1], grid[2 * i - 2])
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda"):
-            pred = student(z, t.float() / T)
+        # the student's forward: bf16 on CUDA, on the CPU by base.cpu_bf16 (the targets above stay float32)
+        with precision.autocast(dev):
+            pred = student(precision.to_format(z, fmt), t.float() / T)
         return weighted_x_loss(pred.float(), kind, z, x_tgt, alpha, sigma, weighting).sum() / batch_size
 
     return loss_fn
@@ -115,6 +118,7 @@ def distill_round(
     data = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2))).to(device)
 
     student = models.student_start(teacher)  # a copy of the teacher, both nets of a split one (PD Alg. 2)
+    student = student.to(memory_format=precision.memory_format(device, cuda=False))  # the CPU's base.channels_last
     loop = LoopConfig(steps=rp.train_steps, lr=rp.lr, warmup=0, lr_decay="linear", grad_clip=rp.grad_clip,
                       ema_decay=rp.ema_decay, checkpoint_every=rp.checkpoint_every, keep_checkpoints=2,
                       log_every=rp.log_every, seed=seed)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from fewstep import storage
 from fewstep.images import from_uint8
+from fewstep.math import precision
 from fewstep.nets.evaluator import Evaluator, EvaluatorConfig
 from fewstep.train.loop import LoopConfig, train
 
@@ -25,6 +26,24 @@ def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     pad = F.pad(x, (2, 2, 2, 2), mode="reflect")
     dy, dx = (int(v) for v in torch.randint(0, 5, (2,), generator=gen, device=x.device))
     return pad[:, :, dy : dy + H, dx : dx + W]
+
+
+def classifier_loss(x: torch.Tensor, y: torch.Tensor, batch_size: int) -> Callable[[torch.nn.Module, torch.Generator],
+                                                                                  torch.Tensor]:
+    """loss_fn(model, gen) of the evaluator's training: a batch drawn with replacement from images
+    ``x`` in [-1, 1] (N, 3, H, W) with labels ``y``, augmented, label-smoothed cross-entropy. On the
+    CPU the forward follows the precision policy (base.cpu_bf16, base.channels_last); CUDA trains
+    in float32."""
+    dev = x.device
+    fmt = precision.memory_format(dev, cuda=False)
+
+    def loss_fn(model: torch.nn.Module, gen: torch.Generator) -> torch.Tensor:
+        idx = torch.randint(0, len(x), (batch_size,), generator=gen, device=dev)
+        with precision.autocast(dev, cuda=False):
+            logits = model(precision.to_format(_augment(x[idx], gen), fmt))
+        return F.cross_entropy(logits.float(), y[idx], label_smoothing=0.1)
+
+    return loss_fn
 
 
 @torch.no_grad()
@@ -57,10 +76,8 @@ def train_evaluator(ep: Any, data_dir: Path, out_dir: Path, ckpt_dir: Path, seed
     torch.manual_seed(seed)
     net = Evaluator(cfg)
     xd, yd = x_train.to(device), y_train.to(device)
-
-    def loss_fn(model: torch.nn.Module, gen: torch.Generator) -> torch.Tensor:
-        idx = torch.randint(0, len(xd), (ep.batch_size,), generator=gen, device=device)
-        return F.cross_entropy(model(_augment(xd[idx], gen)), yd[idx], label_smoothing=0.1)
+    net = net.to(memory_format=precision.memory_format(device, cuda=False))
+    loss_fn = classifier_loss(xd, yd, ep.batch_size)
 
     loop = LoopConfig(steps=ep.steps, lr=ep.lr, warmup=min(100, ep.steps // 10), lr_decay="cosine",
                       weight_decay=ep.weight_decay, grad_clip=5.0, ema_decay=None, checkpoint_every=ep.steps,

@@ -17,7 +17,8 @@ from typing import Any
 import torch
 
 from fewstep import models, storage
-from fewstep.config import Params
+from fewstep.config import EXECUTION_KEYS, Params
+from fewstep.math import precision
 from fewstep.math.losses import DEFAULT_WEIGHTING
 from fewstep.math.split import SIDES, boundary_index, boundary_logsnr
 from fewstep.nets.unet import UNet
@@ -61,7 +62,7 @@ def train_split(
     lam_b = boundary_logsnr(sp.boundary_snr)
     t_b = boundary_index(schedule, lam_b)
     ranges = side_ranges(schedule.T, t_b)
-    base = {"schedule": p.schedule.model_dump(), "base": p.base.model_dump(exclude={"device", "threads"}),
+    base = {"schedule": p.schedule.model_dump(), "base": p.base.model_dump(exclude=set(EXECUTION_KEYS)),
             "data": manifest["content_hash"], "boundary_snr": sp.boundary_snr}
     results: dict[str, LoopResult] = {}
     nets: dict[str, UNet] = {}
@@ -75,8 +76,7 @@ def train_split(
             copied, total = init_matching(net, nets["high"])
             init = {"from": "high", "run_hash": info["high"]["run_hash"], "tensors_copied": copied,
                     "tensors": total}
-        if device.type == "cuda":
-            net = net.to(memory_format=torch.channels_last)
+        net = net.to(memory_format=precision.memory_format(device))  # CUDA; the CPU by base.channels_last
         weighting = tp.weighting or DEFAULT_WEIGHTING[tp.parameterization]
         rh = storage.sha256_json({**base, "side": side, "teacher": tp.model_dump(), "t_range": list(ranges[side]),
                                   "init": init})

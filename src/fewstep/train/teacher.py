@@ -11,8 +11,9 @@ import torch
 
 from fewstep import parallel, models, storage
 from fewstep.parallel import BatchPart
-from fewstep.config import Params
+from fewstep.config import EXECUTION_KEYS, Params
 from fewstep.data import DataError
+from fewstep.math import precision
 from fewstep.math.losses import DEFAULT_WEIGHTING, weighted_x_loss
 from fewstep.math.schedules import Schedule, make_schedule
 from fewstep.nets.unet import UNet
@@ -86,7 +87,7 @@ def diffusion_loss(
     lo, hi = t_range or (1, T)
     if not 1 <= lo <= hi <= T:
         raise ValueError(f"t_range {t_range} must satisfy 1 <= lo <= hi <= T={T}")
-    channels_last = dev.type == "cuda"
+    fmt = precision.memory_format(dev)  # channels_last on CUDA; on the CPU by base.channels_last
 
     def loss_fn(net: torch.nn.Module, gen: torch.Generator, part: BatchPart = BatchPart()) -> torch.Tensor:
         rows = part.rows(batch_size)
@@ -96,9 +97,8 @@ def diffusion_loss(
         y = None if labels is None else drop_labels(labels[idx], p_uncond, null_label, batch_size, rows, gen)
         alpha, sigma = schedule.at(t, torch.float32)
         z = alpha[:, None, None, None] * x + sigma[:, None, None, None] * eps
-        if channels_last:
-            z = z.contiguous(memory_format=torch.channels_last)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+        z = precision.to_format(z, fmt)
+        with precision.autocast(dev):  # bf16 on CUDA; on the CPU by base.cpu_bf16 (fewstep.math.precision)
             pred = net(z, t.float() / T) if y is None else net(z, t.float() / T, y)
         return weighted_x_loss(pred.float(), kind, z, x, alpha, sigma, weighting, eps_target=eps).sum() / batch_size
 
@@ -150,7 +150,7 @@ def load_train_labels(data_dir: str | Path, n_images: int, num_classes: int, dev
 def run_hash(p: Params, data_hash: str) -> str:
     """What a checkpoint must match to be resumed: the params that shape the run, and the data."""
     return storage.sha256_json({"teacher": p.teacher.model_dump(), "schedule": p.schedule.model_dump(),
-                                "base": p.base.model_dump(exclude={"device", "threads"}), "data": data_hash})
+                                "base": p.base.model_dump(exclude=set(EXECUTION_KEYS)), "data": data_hash})
 
 
 def train_teacher(
@@ -176,8 +176,7 @@ def train_teacher(
         labels = load_train_labels(data_dir, data.shape[0], num_classes, device)
     torch.manual_seed(p.base.seed)
     net = UNet(dataclasses.replace(tp.net.unet_config(p.base.image_size), num_classes=num_classes))
-    if device.type == "cuda":
-        net = net.to(memory_format=torch.channels_last)
+    net = net.to(memory_format=precision.memory_format(device))
     loop = loop_config(tp, p.base.seed)
     rh = run_hash(p, manifest["content_hash"])
     loss_fn = diffusion_loss(data, schedule, tp.parameterization, weighting, tp.batch_size, tp.hflip, labels=labels,
