@@ -39,3 +39,36 @@ def tiny_sd_snapshot(d: Path, prediction_type: str = "epsilon", seed: int = 0, o
 def random_prompts(n: int, seq_len: int = 5, dim: int = EMBED_DIM, n_negative: int = 1, seed: int = 1):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(n, seq_len, dim, generator=g), torch.randn(n_negative, seq_len, dim, generator=g)
+
+
+def add_tiny_text_encoder(d: Path, max_length: int = 8) -> Path:
+    """text_encoder/ (a 1-layer CLIPTextModel, hidden size EMBED_DIM, safetensors) and tokenizer/ (a
+    CLIP BPE tokenizer over single letters and a few words) into the snapshot ``d``, plus its
+    model_index.json entries."""
+    import json
+
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    vocab: dict[str, int] = {}
+    for suffix in ("", "</w>"):
+        for ch in "abcdefghijklmnopqrstuvwxyz":
+            vocab[ch + suffix] = len(vocab)
+    for w in ("a</w>", "cat</w>", "dog</w>", "fox</w>", "red</w>", "<|startoftext|>", "<|endoftext|>"):
+        vocab.setdefault(w, len(vocab))
+    raw = d / "_vocab"
+    raw.mkdir(parents=True, exist_ok=True)
+    (raw / "vocab.json").write_text(json.dumps(vocab))
+    (raw / "merges.txt").write_text("#version: 0.2\n")
+    tok = CLIPTokenizer(str(raw / "vocab.json"), str(raw / "merges.txt"), model_max_length=max_length,
+                        pad_token="<|endoftext|>")
+    tok.save_pretrained(d / "tokenizer")
+    torch.manual_seed(3)
+    cfg = CLIPTextConfig(vocab_size=len(vocab), hidden_size=EMBED_DIM, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=max_length, projection_dim=EMBED_DIM,
+                         bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"],
+                         pad_token_id=vocab["<|endoftext|>"])
+    CLIPTextModel(cfg).save_pretrained(d / "text_encoder", safe_serialization=True)
+    (d / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline",
+                                                    "text_encoder": ["transformers", "CLIPTextModel"],
+                                                    "tokenizer": ["transformers", "CLIPTokenizer"]}))
+    return d

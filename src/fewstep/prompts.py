@@ -276,3 +276,48 @@ def guidance_from_meta(d: Mapping[str, Any] | None, prompts: PromptSet | None = 
     if d.get("kind") == "text":
         return TextGuidance.from_dict(d, prompts)
     return ClassGuidance.from_dict(d)
+
+
+def resolve_prompts(spec: str | Path, model_dir: str | Path, cache_dir: str | Path) -> PromptSet:
+    """The prompt set params name (``trajectories.prompts``): a prompt file (.safetensors) as is, or
+    plain prompts (.txt one a line, .json a list of strings) encoded once with the text encoder of
+    the model in ``model_dir`` (fewstep.interop.sd.encode_prompts, negative prompt "") into
+    ``cache_dir/<model>-<key>.safetensors``, key = sha256 of the texts and of the model's weights, so a
+    later stage (fit_olss) reads the same file and the same sha256."""
+    spec, model_dir = Path(spec), Path(model_dir)
+    if spec.suffix == ".safetensors":
+        return load_prompt_file(spec)
+    if spec.suffix not in TEXT_SUFFIXES:
+        raise PromptFileError(f"trajectories.prompts {spec}: expected a .safetensors prompt file or plain prompts "
+                              f"(.txt one a line, .json a list of strings)")
+    if not spec.is_file():
+        raise PromptFileError(f"trajectories.prompts {spec} does not exist")
+    if spec.suffix == ".json":
+        texts = json.loads(spec.read_text(encoding="utf-8"))
+        if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+            raise PromptFileError(f"{spec}: must be a JSON list of prompt strings")
+    else:
+        texts = [t for t in spec.read_text(encoding="utf-8").splitlines() if t.strip()]
+    from fewstep import models
+
+    card = models.load_card(model_dir)
+    key = storage.sha256_json({"texts": texts, "weights": card.weights_sha256,
+                               "source": (card.lineage.source or {}).get("sha256")})[:16]
+    cached = Path(cache_dir) / f"{model_dir.name}-{key}.safetensors"
+    if cached.is_file():
+        return load_prompt_file(cached)
+    from fewstep.interop.sd import encode_prompts  # transformers: only when encoding
+
+    return encode_prompts(model_dir, texts, cached)
+
+
+def stage_prompts(spec: str | None, den: object, model_dir: Path, traj_root: Path) -> PromptSet | None:
+    """The prompts a stage gives a model: None for a model that is not text-conditional (where
+    ``spec`` is ignored), else :func:`resolve_prompts` (cache ``traj_root/.prompts``); a text model
+    without ``spec`` is one clear error."""
+    if text_conditioning(den) is None:
+        return None
+    if spec is None:
+        raise PromptFileError(f"{model_dir} is text-conditional: set trajectories.prompts (a prompt file or plain "
+                              f"prompts)")
+    return resolve_prompts(spec, model_dir, traj_root / ".prompts")

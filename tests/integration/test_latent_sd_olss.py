@@ -92,3 +92,29 @@ def test_latent_olss_exports_into_stable_diffusion_and_beats_ddim(tmp_path):
     other = save_prompt_file(tmp_path / "other.safetensors", *random_prompts(3, seed=7))
     with pytest.raises(PromptFileError, match="not the prompt file"):
         fit_olss(den, "teacher", tmp_path / "traj", STEPS, op, 0, "cpu", prompts=other)
+
+
+def test_plain_prompts_are_encoded_once_as_the_pipeline_does_and_text_parts_export(tmp_path):
+    from tests.sd_snapshot import add_tiny_text_encoder
+
+    snap = add_tiny_text_encoder(tiny_sd_snapshot(tmp_path / "snap"))
+    card = sd.import_sd(snap, tmp_path / "teacher")
+    assert card.conditioning.seq_len == 8 and sd.has_text_encoder(tmp_path / "teacher")
+    assert "text_encoder/model.safetensors" in card.lineage.source["files"]
+    texts = ["a red fox", "a cat"]
+    ps = sd.encode_prompts(tmp_path / "teacher", texts, tmp_path / "p.safetensors")
+    assert ps.embeds.shape == (2, 8, 16) and ps.negative.shape == (1, 8, 16) and ps.texts == tuple(texts)
+    TextGuidance.for_model(models.load_denoiser(tmp_path / "teacher"), ps, 1.0, 0)  # fits the model's card
+
+    out = sd.export_sd(tmp_path / "teacher", tmp_path / "export")
+    index = json.loads((out / "model_index.json").read_text())
+    assert index["text_encoder"] == ["transformers", "CLIPTextModel"] and (out / "tokenizer").is_dir()
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(out, use_safetensors=True)
+    pc, pu = pipe.encode_prompt(texts, "cpu", 1, True, negative_prompt=[""] * 2)
+    torch.testing.assert_close(ps.embeds, pc, rtol=0, atol=1e-6)
+    torch.testing.assert_close(ps.negative.expand(2, -1, -1), pu, rtol=0, atol=1e-6)
+    with pytest.raises(PromptFileError, match="no text encoder"):
+        sd.import_sd(tiny_sd_snapshot(tmp_path / "bare"), tmp_path / "bare-teacher")
+        sd.encode_prompts(tmp_path / "bare-teacher", texts, tmp_path / "q.safetensors")

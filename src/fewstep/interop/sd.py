@@ -430,3 +430,48 @@ def export_sd(model_dir: str | Path, out: str | Path, *, scheduler: Any = None,
             storage.write_json(tmp / MODEL_INDEX, index)
         storage.write_json(tmp / "fewstep.json", export_info)
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# a sample grid (stage train_teacher of an imported text-to-image teacher)
+
+
+@torch.no_grad()
+def text_grid(model_dir: str | Path, out: str | Path, sp: Any, prompts: Any, device: torch.device | str = "cpu") -> None:
+    """DDIM samples (sp.steps trailing steps, unclipped latents) of the seeds sp.seed.. at their
+    prompts ((s - sp.seed) mod N) guided at sp.guidance, decoded by the VAE, as a PNG grid."""
+    from fewstep.images import save_grid
+    from fewstep.math.ddim import PerImageNoise, sample_ddim
+    from fewstep.math.schedules import timesteps
+    from fewstep.prompts import TextGuidance
+
+    den = models.load_denoiser(model_dir, device)
+    arch = _arch(den.card, model_dir)
+    g = TextGuidance.for_model(den, prompts, sp.guidance, sp.seed)
+    seeds = list(range(sp.seed, sp.seed + sp.n))
+    x_T = PerImageNoise(seeds, device).randn(*den.card.image_shape)
+    steps = timesteps(den.schedule.T, min(sp.steps or den.schedule.T, den.schedule.T), sp.spacing)
+    z = sample_ddim(g.wrap(den, seeds), x_T, steps, clip=False)
+    img = decode(load_vae(model_dir, device), z, arch.scaling_factor) * 2 - 1  # [-1, 1], as fewstep's images
+    save_grid(img.cpu(), out, scale=max(1, 64 // img.shape[-1]))
+
+
+def sd_gflops(snapshot: str | Path) -> float:
+    """GFLOPs of one UNet call on one latent (prompt length = the text encoder's max positions, else
+    77), from the snapshot's unet/config.json alone: the UNet is built on the meta device (no
+    weights, no memory) and its forward counted by torch's FLOP counter. The budget's cost of a
+    latent teacher (fewstep.budget); a guided step costs twice this."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    d = Path(snapshot)
+    cfg = public_config(json.loads((d / "unet" / "config.json").read_text()))
+    te = d / "text_encoder" / "config.json"
+    L = int(json.loads(te.read_text()).get("max_position_embeddings", 77)) if te.exists() else 77
+    size = _size(cfg, "unet")
+    with torch.device("meta"):
+        unet = _diffusers().UNet2DConditionModel.from_config(cfg).eval()
+        z = torch.zeros(1, int(cfg.get("in_channels", 4)), size, size)
+        y = torch.zeros(1, L, int(cfg.get("cross_attention_dim", 1280)))
+        with FlopCounterMode(display=False) as fc, torch.no_grad():
+            unet(z, torch.ones(1), encoder_hidden_states=y)
+    return fc.get_total_flops() / 1e9
