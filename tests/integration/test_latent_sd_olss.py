@@ -86,6 +86,13 @@ def test_latent_olss_exports_into_stable_diffusion_and_beats_ddim(tmp_path):
     mine = sd.decode(sd.load_vae(teacher), ours, den.card.arch.scaling_factor)
     assert img.shape == (6, 3, 16, 16) and (img - mine).abs().max().item() <= 1e-4
 
+    # the plain export: its DDIMScheduler (trailing) is fewstep's unclipped DDIM at the same steps
+    plain = StableDiffusionPipeline.from_pretrained(sd.export_sd(teacher, tmp_path / "ddim"), use_safetensors=True,
+                                                    text_encoder=None, tokenizer=None)
+    plain.set_progress_bar_config(disable=True)
+    lat = plain(**kw, latents=x_T.clone(), output_type="latent").images
+    assert (lat - ddim).abs().max().item() <= 1e-4 * max(1.0, ddim.abs().max().item())
+
     # the scheduler fits one scale and one prompt file
     with pytest.raises(GuidanceError, match="w=2"):
         sample_olss(TextGuidance(ps, 0.5, FIRST).wrap(den, seeds), x_T, sched, clip=False)

@@ -408,8 +408,8 @@ def export_sd(model_dir: str | Path, out: str | Path, *, scheduler: Any = None,
                                    "pip install 'fewstep[peers]'") from None
     unet = arch.make_unet()
     unet.load_state_dict(storage.load_tensors(model_dir / models.WEIGHTS), strict=True)
-    if scheduler is None:
-        scheduler = d.DDIMScheduler(**scheduler_config(card, clip=False))
+    if scheduler is None:  # steps_offset 1 as the pipeline wants it; trailing spacing does not use it
+        scheduler = d.DDIMScheduler(**{**scheduler_config(card, clip=False), "steps_offset": 1})
     pipe = StableDiffusionPipeline(vae=load_vae(model_dir), text_encoder=None, tokenizer=None, unet=unet.eval(),
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
