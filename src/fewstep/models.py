@@ -10,7 +10,8 @@ On disk the card is one flat JSON object (the keys of format 1 plus ``family``, 
 class with ``family``, ``to_dict``/``from_dict``, ``channels``, ``patch_sizes`` and ``build``,
 registered with :func:`register_family`; a family defined in another module is named in
 :data:`LAZY_FAMILIES` and imported on first use (``diffusers-unet2d``: fewstep.interop.unet2d, a
-diffusers ``UNet2DModel``; importing it does not import diffusers).
+diffusers ``UNet2DModel``; ``diffusers-sd``: fewstep.interop.sd, a latent text-to-image pipeline,
+whose image shape is the latent's; importing them does not import diffusers).
 """
 
 from __future__ import annotations

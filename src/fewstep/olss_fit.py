@@ -41,8 +41,8 @@ from fewstep.math.olss import (OLSSScheduler, PathSearch, fit_weights, refit_clo
                                uniform_path)
 from fewstep.math.param import Denoiser, full_precision
 from fewstep.math.schedules import timesteps
-from fewstep.prompts import guidance_from_meta
 from fewstep.olss_variants import BY_PREFIX, HEADLINE, VARIANTS, Variant
+from fewstep.prompts import guidance_from_meta
 from fewstep.teacher_source import card_source_sha256
 from fewstep.trajectories import StaleTrajectoriesError, load_steps, load_subsample
 

@@ -7,7 +7,6 @@ fewstep's OLSS latents and decoded images; OLSS beats DDIM at equal steps on hel
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest

@@ -183,3 +183,28 @@ def test_bad_snapshots_give_one_line_errors(snap, tmp_path):
         sd.import_sd(d, tmp_path / "o5")
     for k in range(1, 6):
         assert not (tmp_path / f"o{k}").exists()
+
+
+SD15_UNET = {"_class_name": "UNet2DConditionModel", "sample_size": 64, "in_channels": 4, "out_channels": 4,
+             "cross_attention_dim": 768, "block_out_channels": [320, 640, 1280, 1280], "layers_per_block": 2,
+             "attention_head_dim": 8, "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+             "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3}
+
+
+def test_the_sd_latent_profile_loads_and_its_stated_size_holds(tmp_path):
+    """profiles/sd-latent.yaml: a diffusers-sd source and prompts; its comment's sizing (803 GFLOPs a
+    UNet call, ~23 PFLOP for trajectories + both fits) recomputed from the profile's own numbers."""
+    from fewstep.config import load_params
+    from tests.helpers import ROOT
+
+    p = load_params(ROOT / "params.yaml", "sd-latent")
+    assert p.teacher.source.kind == "diffusers-sd" and (ROOT / p.trajectories.prompts).is_file()
+    (tmp_path / "unet").mkdir()
+    (tmp_path / "unet/config.json").write_text(json.dumps(SD15_UNET))
+    g = sd.sd_gflops(tmp_path)  # the UNet built on the meta device: no weights, no memory
+    assert 780 < g < 830
+    tp, op = p.trajectories, p.olss
+    calls = tp.n_fit * tp.reference_steps * 2  # guided: 2 UNet images a step
+    for n in op.steps:
+        calls += op.n_holdout * (tp.reference_steps + n + 5 * n) * 2 + tp.n_fit * n * 2
+    assert 21 < calls * g / 1e6 < 25  # PFLOP, as the profile states (~23)

@@ -320,7 +320,8 @@ def import_sd(source: str | os.PathLike, out: str | Path, *, name: str = "teache
         ucfg_pub, vcfg_pub = public_config(unet.config), public_config(vae.config)
         size, C, D = _size(ucfg_pub, "unet"), int(ucfg_pub["in_channels"]), int(ucfg_pub["cross_attention_dim"])
         with torch.no_grad():  # the UNet runs at its sample size with (1, 1, D) embeddings
-            shape = tuple(unet(torch.zeros(1, C, size, size), 0, encoder_hidden_states=torch.zeros(1, 1, D)).sample.shape)
+            probe = unet(torch.zeros(1, C, size, size), 0, encoder_hidden_states=torch.zeros(1, 1, D)).sample
+        shape = tuple(probe.shape)
         if shape != (1, C, size, size):
             raise DiffusersSourceError(f"{src.url}: the UNet maps (1, {C}, {size}, {size}) to {shape}; "
                                        f"supported: {SUPPORTED}")
@@ -437,7 +438,8 @@ def export_sd(model_dir: str | Path, out: str | Path, *, scheduler: Any = None,
 
 
 @torch.no_grad()
-def text_grid(model_dir: str | Path, out: str | Path, sp: Any, prompts: Any, device: torch.device | str = "cpu") -> None:
+def text_grid(model_dir: str | Path, out: str | Path, sp: Any, prompts: Any,
+              device: torch.device | str = "cpu") -> None:
     """DDIM samples (sp.steps trailing steps, unclipped latents) of the seeds sp.seed.. at their
     prompts ((s - sp.seed) mod N) guided at sp.guidance, decoded by the VAE, as a PNG grid."""
     from fewstep.images import save_grid
