@@ -68,6 +68,8 @@ def test_latent_olss_exports_into_stable_diffusion_and_beats_ddim(tmp_path):
     ddim = sample_ddim(gd, x_T, timesteps(1000, STEPS), clip=False)
     rmse = lambda a: (a - ref).pow(2).mean().sqrt().item()  # noqa: E731
     assert rmse(ours) < 0.5 * rmse(ddim)
+    print(f"latent RMSE to the 32-step guided DDIM: fit's held-out {res}; here DDIM-{STEPS} {rmse(ddim):.4f}, "
+          f"olss-{STEPS} {rmse(ours):.4f}")
 
     out = export_olss(tmp_path / "olss" / f"olss-{STEPS}.json", teacher, tmp_path / "export")
     info = json.loads((out / "fewstep.json").read_text())
