@@ -68,9 +68,10 @@ def test_the_adapter_is_the_unet_at_diffusers_timesteps(snap, teacher):
         den(z, torch.full((2,), 10))  # a text model without embeddings: one clear error
 
 
-def test_v_prediction_imports_as_v(tmp_path):
-    snap = tiny_sd_snapshot(tmp_path / "snap", prediction_type="v_prediction")
-    assert sd.import_sd(snap, tmp_path / "t").parameterization == "v"
+def test_v_prediction_imports_as_v(snap, tmp_path):
+    d = _broken(snap, tmp_path, "v")
+    _edit(d / "scheduler/scheduler_config.json", prediction_type="v_prediction")
+    assert sd.import_sd(d, tmp_path / "t").parameterization == "v"
 
 
 def test_text_guided_denoiser_is_cfg_in_one_batched_forward(teacher):
