@@ -12,7 +12,8 @@ of them (the outs dvc.yaml declares):
 and olss-N, a copy of the variant with the lowest RMSE on held-out seeds (its meta says which:
 ``chosen_from``). metrics/olss/MODEL-N.json: RMSE to the full-step DDIM result on held-out seeds for
 DDIM and every variant, which one olss-N is, the searched path of each basis, the bound D and the
-fit time.
+fit time. A text-conditional model's fit reads the prompt file its trajectories were collected
+with (trajectories.prompts; the same sha256).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Sequence
 
 from fewstep import models, storage
 from fewstep.olss_fit import fit_olss, write_schedulers
+from fewstep.prompts import stage_prompts
 from stages._common import StageContext, run_stage
 
 
@@ -39,7 +41,8 @@ def body(ctx: StageContext) -> None:
     a, p = ctx.args, ctx.params
     name, n = a.model, a.steps
     den = models.load_denoiser(Path(a.models) / name, ctx.device)
-    fit = fit_olss(den, name, Path(a.trajectories) / name, n, p.olss, p.base.seed, ctx.device)
+    prompts = stage_prompts(p.trajectories.prompts, den, Path(a.models) / name, Path(a.trajectories))
+    fit = fit_olss(den, name, Path(a.trajectories) / name, n, p.olss, p.base.seed, ctx.device, prompts=prompts)
     out = Path(a.out) / name
     write_schedulers(fit.schedulers, out)
     storage.write_json(Path(a.metrics) / f"{name}-{n}.json", fit.metrics)

@@ -39,7 +39,16 @@ def imported(ctx: StageContext) -> None:
         card = import_source(p, a.model)
         Path(a.checkpoints).mkdir(parents=True, exist_ok=True)  # the declared out: nothing to resume
     parallel.barrier()
-    sample_grid(Path(a.model), Path(a.grid), p.teacher.sample, device)
+    if models.load_card(a.model).conditioning.kind == "text":  # a latent text-to-image pipeline (issue 17)
+        if parallel.is_main():
+            from fewstep.interop.sd import text_grid
+            from fewstep.prompts import stage_prompts
+
+            den = models.load_denoiser(a.model, device)
+            prompts = stage_prompts(p.trajectories.prompts, den, Path(a.model), Path("trajectories"))
+            text_grid(Path(a.model), Path(a.grid), p.teacher.sample, prompts, device)
+    else:
+        sample_grid(Path(a.model), Path(a.grid), p.teacher.sample, device)
     if not parallel.is_main():
         return
     write_loss_csv(Path(a.loss_csv), [])

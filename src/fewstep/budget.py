@@ -107,7 +107,11 @@ def _source_cost(path: str) -> tuple[float, int]:
 
     local = None if storage.is_remote(path) else Path(path)
     cfg = local / "config.json" if local else None
-    if cfg is not None and cfg.exists():
+    if local is not None and (local / "vae" / "config.json").exists():  # a latent text-to-image pipeline
+        from fewstep.interop.sd import sd_gflops
+
+        g = sd_gflops(local)
+    elif cfg is not None and cfg.exists():
         from fewstep.interop.standin import unet_from_config
 
         unet = unet_from_config(cfg).eval()

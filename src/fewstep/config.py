@@ -135,7 +135,7 @@ class SampleParams(_Strict):
     _added_keys: ClassVar[dict[str, Any]] = {"guidance": 0.0}
 
 
-SOURCE_KINDS: tuple[str, ...] = ("diffusers",)
+SOURCE_KINDS: tuple[str, ...] = ("diffusers", "diffusers-sd")
 SHA256_HEX = r"^[0-9a-f]{64}$"
 
 
@@ -143,12 +143,15 @@ class TeacherSource(_Strict):
     """A pretrained teacher imported instead of trained (stage train_teacher; issue 16).
 
     ``kind``: ``diffusers`` = a ``save_pretrained`` dir of an unconditional ``UNet2DModel`` with its
-    scheduler config (fewstep.interop.unet2d.import_teacher). ``path``: a local dir or any fsspec URL
+    scheduler config (fewstep.interop.unet2d.import_teacher); ``diffusers-sd`` = a latent
+    text-to-image pipeline dir (unet/ UNet2DConditionModel, vae/ AutoencoderKL, scheduler/, optional
+    text_encoder/ + tokenizer/; fewstep.interop.sd.import_sd; its trajectories need
+    ``trajectories.prompts``). ``path``: a local dir or any fsspec URL
     (s3://...); ``$FEWSTEP_DDPM_SOURCE``-style variables are expanded. ``sha256``: optional pin of the
     source's digest (the one the card records as ``source.sha256``): the import refuses a source
     that does not match, and, being a param, a new pin is what tells DVC the source changed."""
 
-    kind: Literal["diffusers"]
+    kind: Literal["diffusers", "diffusers-sd"]
     path: str = Field(min_length=1)
     sha256: Optional[str] = Field(None, pattern=SHA256_HEX, description="expected source digest (lowercase hex)")
 
@@ -256,8 +259,12 @@ class TrajectoryParams(_Strict):
     guidance: float = Field(0.0, ge=0.0, description="classifier-free guidance scale w of a class-conditional "
                             "model's trajectories (seed s: class (s - seed_offset) mod num_classes); OLSS fitted "
                             "on them records it and refuses another scale")
+    prompts: Optional[str] = Field(None, min_length=1, description="a text-conditional model's prompts (issue 17): a "
+                                   "prompt file (safetensors: prompt_embeds [N, L, D], negative_prompt_embeds "
+                                   "[N or 1, L, D]) or plain prompts (.txt one a line, .json a list) encoded once "
+                                   "with the model's text encoder; seed s gets prompt (s - seed_offset) mod N")
 
-    _added_keys: ClassVar[dict[str, Any]] = {"guidance": 0.0}
+    _added_keys: ClassVar[dict[str, Any]] = {"guidance": 0.0, "prompts": None}
 
 
 class OLSSParams(_Strict):

@@ -10,7 +10,8 @@ On disk the card is one flat JSON object (the keys of format 1 plus ``family``, 
 class with ``family``, ``to_dict``/``from_dict``, ``channels``, ``patch_sizes`` and ``build``,
 registered with :func:`register_family`; a family defined in another module is named in
 :data:`LAZY_FAMILIES` and imported on first use (``diffusers-unet2d``: fewstep.interop.unet2d, a
-diffusers ``UNet2DModel``; importing it does not import diffusers).
+diffusers ``UNet2DModel``; ``diffusers-sd``: fewstep.interop.sd, a latent text-to-image pipeline,
+whose image shape is the latent's; importing them does not import diffusers).
 """
 
 from __future__ import annotations
@@ -135,7 +136,7 @@ class Architecture(Protocol):
 FAMILIES: dict[str, type] = {}
 # families defined outside this module, imported on first use by name (so a card of that family loads
 # without the caller importing its module first, and without importing e.g. diffusers at import time)
-LAZY_FAMILIES: dict[str, str] = {"diffusers-unet2d": "fewstep.interop.unet2d"}
+LAZY_FAMILIES: dict[str, str] = {"diffusers-unet2d": "fewstep.interop.unet2d", "diffusers-sd": "fewstep.interop.sd"}
 
 
 def family_class(family: str) -> type:
@@ -282,30 +283,49 @@ def _family_of(d: Mapping[str, Any]) -> str:
 # the card
 
 
-CONDITIONING_KINDS: tuple[str, ...] = ("none", "class")
+CONDITIONING_KINDS: tuple[str, ...] = ("none", "class", "text")
+
+
+def _positive_int_or_none(name: str, n: Any) -> None:
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+        raise ModelCardError(f"conditioning.{name} must be a positive integer or null, got {n!r}")
 
 
 @dataclass(frozen=True)
 class Conditioning:
-    """What the denoiser is conditioned on: nothing (``num_classes`` None), or a class label
-    (``num_classes`` classes, label index ``num_classes`` = the null label of classifier-free
-    guidance; issue 17; a text model will add its embedding width here).
+    """What the denoiser is conditioned on: nothing (``num_classes`` and ``embed_dim`` None), a class
+    label (``num_classes`` classes, label index ``num_classes`` = the null label of classifier-free
+    guidance; issue 17), or text given as prompt embeddings (``embed_dim`` D = the UNet's
+    cross_attention_dim; ``seq_len`` L = the text encoder's token count, None when not fixed): the
+    network takes encoder hidden states (B, L, D), and the unconditional prediction of guidance is
+    the one at the negative prompt's embeddings (fewstep.prompts).
 
     On disk an unconditional card keeps today's ``{"num_classes": null}`` (its bytes and hash do not
-    move); a class-conditional one says ``{"kind": "class", "num_classes": n}``."""
+    move); a class-conditional one says ``{"kind": "class", "num_classes": n}``; a text one
+    ``{"kind": "text", "embed_dim": D, "seq_len": L}``."""
 
     num_classes: int | None = None
+    embed_dim: int | None = None
+    seq_len: int | None = None
 
     def __post_init__(self) -> None:
-        n = self.num_classes
-        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
-            raise ModelCardError(f"conditioning.num_classes must be a positive integer or null, got {n!r}")
+        _positive_int_or_none("num_classes", self.num_classes)
+        _positive_int_or_none("embed_dim", self.embed_dim)
+        _positive_int_or_none("seq_len", self.seq_len)
+        if self.num_classes is not None and self.embed_dim is not None:
+            raise ModelCardError("conditioning is either class labels (num_classes) or text (embed_dim), not both")
+        if self.seq_len is not None and self.embed_dim is None:
+            raise ModelCardError("conditioning.seq_len needs embed_dim (text conditioning)")
 
     @property
     def kind(self) -> str:
+        if self.embed_dim is not None:
+            return "text"
         return "class" if self.num_classes else "none"
 
     def to_dict(self) -> dict[str, Any]:
+        if self.embed_dim is not None:
+            return {"kind": "text", "embed_dim": self.embed_dim, "seq_len": self.seq_len}
         if self.num_classes is None:
             return {"num_classes": None}
         return {"kind": self.kind, "num_classes": self.num_classes}
@@ -317,6 +337,10 @@ class Conditioning:
         if kind not in CONDITIONING_KINDS:
             raise ModelCardError(f"unknown conditioning kind {kind!r}; this fewstep knows {CONDITIONING_KINDS}")
         n = d.get("num_classes")
+        if kind == "text":
+            if d.get("embed_dim") is None or n is not None:
+                raise ModelCardError("a text-conditional card needs conditioning.embed_dim and no num_classes")
+            return cls(None, d["embed_dim"], d.get("seq_len"))
         if kind == "class" and n is None:
             raise ModelCardError("a class-conditional card needs conditioning.num_classes")
         if kind == "none" and n is not None:

@@ -37,12 +37,12 @@ from fewstep import storage
 from fewstep.config import OLSSParams
 from fewstep.math import metrics as M
 from fewstep.math.ddim import PerImageNoise, sample_ddim
-from fewstep.math.guidance import ClassGuidance
 from fewstep.math.olss import (OLSSScheduler, PathSearch, fit_weights, refit_closed_loop, sample_olss, search_path,
                                uniform_path)
 from fewstep.math.param import Denoiser, full_precision
 from fewstep.math.schedules import timesteps
 from fewstep.olss_variants import BY_PREFIX, HEADLINE, VARIANTS, Variant
+from fewstep.prompts import guidance_from_meta
 from fewstep.teacher_source import card_source_sha256
 from fewstep.trajectories import StaleTrajectoriesError, load_steps, load_subsample
 
@@ -57,9 +57,17 @@ def variant_files(steps: int) -> list[str]:
     return [f"{HEADLINE}-{steps}.json"] + [f"{v.prefix}-{steps}.json" for v in VARIANTS]
 
 
-def rmse(a: torch.Tensor, b: torch.Tensor) -> float:
-    """RMSE of the images as they would be shown (clamped to [-1, 1])."""
+def rmse(a: torch.Tensor, b: torch.Tensor, clamp: bool = True) -> float:
+    """RMSE of the images as they would be shown (clamped to [-1, 1]); ``clamp=False``: of the raw
+    arrays (latents of a latent model, which are not images and not bounded)."""
+    if not clamp:
+        return M.rmse(a.cpu().numpy(), b.cpu().numpy())
     return M.rmse(a.clamp(-1, 1).cpu().numpy(), b.clamp(-1, 1).cpu().numpy())
+
+
+def is_latent(den: object) -> bool:
+    """Whether ``den`` samples latents (a family with ``latent = True``, e.g. diffusers-sd)."""
+    return bool(getattr(getattr(getattr(den, "card", None), "arch", None), "latent", False))
 
 
 def choose(holdout: Mapping[str, float], candidates: Sequence[str] | None = None) -> str:
@@ -87,10 +95,11 @@ def _search_facts(ps: PathSearch) -> dict[str, Any]:
 
 
 def fit_variants(den: Denoiser, model: str, traj_dir: Path, n: int, op: OLSSParams, seed: int,
-                 device: torch.device) -> tuple[dict[str, OLSSScheduler], dict[str, Any]]:
+                 device: torch.device, prompts=None) -> tuple[dict[str, OLSSScheduler], dict[str, Any]]:
     """Fit every variant of VARIANTS (module docstring) of ``model``'s ``n``-step scheduler on the
     trajectories in ``traj_dir``; returns them by file stem (``<prefix>-<n>``) and the fit's facts.
-    The headline olss-N is chosen later, on held-out seeds (fit_olss)."""
+    The headline olss-N is chosen later, on held-out seeds (fit_olss). ``prompts``: the prompt file
+    (fewstep.prompts.PromptSet) text-conditional trajectories were collected with (same sha256)."""
     card = den.card  # type: ignore[attr-defined]
     weights_sha = card.weights_sha256
     tmeta = storage.read_json(traj_dir / "meta.json")
@@ -98,7 +107,7 @@ def fit_variants(den: Denoiser, model: str, traj_dir: Path, n: int, op: OLSSPara
         raise StaleTrajectoriesError(f"{traj_dir} was collected from another version of {model}; "
                                      "re-run collect_trajectories")
     t_path = tmeta["timesteps"]
-    guidance = ClassGuidance.from_dict(tmeta.get("conditioning"))
+    guidance = guidance_from_meta(tmeta.get("conditioning"), prompts)
     N, k = len(t_path), min(n, len(t_path))
     t0 = time.perf_counter()
     X, E, O = load_subsample(traj_dir, op.max_elements, seed=seed, keys=("x", "e", "o"))
@@ -107,8 +116,8 @@ def fit_variants(den: Denoiser, model: str, traj_dir: Path, n: int, op: OLSSPara
     lineage = {"model": model, "model_weights_sha256": weights_sha, "network_output": den.kind,
                "trajectories": str(traj_dir), "reference_steps": N, "fit_seeds": len(tmeta["seeds"]),
                "elements": int(X.shape[1]), "schedule": card.schedule.to_dict()}
-    if guidance is not None:  # guided (or class-conditional) trajectories: the scheduler fits that scale only
-        lineage["guidance"] = guidance.to_dict()
+    if guidance is not None:  # guided (or conditional) trajectories: the scheduler fits that scale only
+        lineage["guidance"] = guidance.to_dict()  # text: with the prompt file's sha256
     source = card_source_sha256(card)
     if source:  # the model descends from an imported teacher: the scheduler names its source too
         lineage["source_sha256"] = source
@@ -143,11 +152,13 @@ def fit_variants(den: Denoiser, model: str, traj_dir: Path, n: int, op: OLSSPara
 @torch.no_grad()
 def holdout_rmse(den: Denoiser, schedulers: Mapping[str, OLSSScheduler], n: int, t_path: list[int], n_holdout: int,
                  shape: tuple[int, int, int], device: torch.device,
-                 guidance: ClassGuidance | None = None) -> dict[str, float]:
+                 guidance: Any = None) -> dict[str, float]:
     """RMSE to the full-step DDIM result on ``t_path`` from the same noise (seeds HOLDOUT_SEED...):
     DDIM with ``n`` steps (key ddim) and every variant of VARIANTS in ``schedulers`` (key
     Variant.key: olss_paper, olss_p, olss_open, olss_closed, olss_ridge). ``guidance``: a
-    class-conditional model at its seeds' labels and scale (the trajectories')."""
+    class-conditional model at its seeds' labels and scale (the trajectories'), or a text one at
+    its seeds' prompts (TextGuidance). A latent model's RMSE is of the raw latents (no clamp)."""
+    clamp = not is_latent(den)
     seeds = range(HOLDOUT_SEED, HOLDOUT_SEED + n_holdout)
     noise = PerImageNoise(seeds, device)
     x_T = noise.randn(*shape)
@@ -155,11 +166,11 @@ def holdout_rmse(den: Denoiser, schedulers: Mapping[str, OLSSScheduler], n: int,
         den = guidance.wrap(den, seeds)
     with full_precision(den):
         ref = sample_ddim(den, x_T, t_path, clip=False)
-        res = {"ddim": rmse(sample_ddim(den, x_T, timesteps(den.schedule.T, n), clip=False), ref)}
+        res = {"ddim": rmse(sample_ddim(den, x_T, timesteps(den.schedule.T, n), clip=False), ref, clamp)}
         for v in VARIANTS:
             sched = schedulers.get(f"{v.prefix}-{n}")
             if sched is not None:
-                res[v.key] = rmse(sample_olss(den, x_T, sched, clip=False), ref)
+                res[v.key] = rmse(sample_olss(den, x_T, sched, clip=False), ref, clamp)
     return res
 
 
@@ -177,11 +188,11 @@ def headline(schedulers: Mapping[str, OLSSScheduler], n: int, res: Mapping[str, 
 
 
 def fit_olss(den: Denoiser, model: str, traj_dir: Path, n: int, op: OLSSParams, seed: int,
-             device: torch.device) -> OLSSFit:
+             device: torch.device, prompts=None) -> OLSSFit:
     """The stage fit_olss@<model>-<n>: every variant, validated, the headline olss-N (the lowest
     held-out RMSE) and the metrics (paths per basis, bound D, fit time, held-out RMSE of DDIM and
     of each variant to the full-step reference, which variant olss-N is)."""
-    variants, f = fit_variants(den, model, traj_dir, n, op, seed, device)
+    variants, f = fit_variants(den, model, traj_dir, n, op, seed, device, prompts)
     for sched in variants.values():
         sched.validate()
     shape = den.card.image_shape  # type: ignore[attr-defined]

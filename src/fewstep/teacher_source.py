@@ -2,7 +2,9 @@
 calls :func:`import_source` when the switch is set, so ``models/teacher`` stays that one stage's out
 and every stage after it runs unchanged.
 
-The import itself is ``fewstep.interop.unet2d.import_teacher`` (diffusers, imported lazily). Here:
+The import itself is ``fewstep.interop.unet2d.import_teacher`` (kind ``diffusers``) or
+``fewstep.interop.sd.import_sd`` (kind ``diffusers-sd``, a latent text-to-image pipeline; diffusers,
+imported lazily). Here:
 the checks against the pipeline (the image size the data is prepared at, RGB, an optional sha256
 pin of the source), the registry namespace (``base.dataset``), and the facts metrics/teacher.json and
 the registry tags show. Nothing is written unless every check passes.
@@ -46,6 +48,12 @@ def _check(card: models.ModelCard, src: TeacherSource, image_size: int) -> None:
         raise SourceMismatchError(f"teacher.source {src.path}: sha256 {str(digest)[:12]}... is not the pinned "
                                   f"teacher.source.sha256 {src.sha256[:12]}...; the source changed (update the pin "
                                   "to accept it)")
+    if getattr(card.arch, "latent", False):  # a latent model: its decoded images are the data's size
+        if card.arch.pixel_size != image_size:
+            raise SourceMismatchError(f"teacher.source {src.path}: the pipeline makes {card.arch.pixel_size}px images "
+                                      f"({card.image_size}px latents) but base.image_size is {image_size}; set "
+                                      f"base.image_size: {card.arch.pixel_size}")
+        return
     if card.image_size != image_size:
         raise SourceMismatchError(f"teacher.source {src.path}: the model makes {card.image_size}px images but "
                                   f"base.image_size is {image_size} (the data distillation and evaluation use); "
@@ -61,7 +69,10 @@ def import_source(p: Params, model_dir: str | Path) -> models.ModelCard:
     src = p.teacher.source
     if src is None:
         raise ValueError("params have no teacher.source")
-    from fewstep.interop.unet2d import import_teacher  # diffusers: only when importing
+    if src.kind == "diffusers-sd":
+        from fewstep.interop.sd import import_sd as import_teacher  # diffusers: only when importing
+    else:
+        from fewstep.interop.unet2d import import_teacher
 
     model_dir = Path(model_dir)
     with storage.atomic_dir(model_dir) as tmp:

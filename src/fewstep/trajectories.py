@@ -39,11 +39,12 @@ class StaleTrajectoriesError(UserError):
 
 @torch.no_grad()
 def collect_all(denoiser: Denoiser, seeds: Sequence[int], shape: tuple[int, int, int], t_path: Sequence[int],
-                device: torch.device | str = "cpu", guidance: ClassGuidance | None = None) -> dict[str, torch.Tensor]:
+                device: torch.device | str = "cpu", guidance=None) -> dict[str, torch.Tensor]:
     """Deterministic, unclipped DDIM over ``t_path``, the model in IEEE float32, results float32 on the
     CPU: x (N+1, B, ...) latents, e (N, B, ...) x predictions, o (N, B, ...) raw network outputs
     (kind ``denoiser.kind``; guided: the guided combination). ``guidance``: a class-conditional
-    model sampled at its seeds' labels and scale."""
+    model sampled at its seeds' labels and scale (ClassGuidance), or a text one at its seeds'
+    prompts (fewstep.prompts.TextGuidance): anything with ``wrap(den, seeds)`` and ``to_dict()``."""
     noise = PerImageNoise(seeds, device)
     if guidance is not None:
         denoiser = guidance.wrap(denoiser, seeds)
@@ -68,7 +69,7 @@ def collect(denoiser: Denoiser, seeds: Sequence[int], shape: tuple[int, int, int
 
 def write_shards(out: Path, denoiser: Denoiser, seeds: Sequence[int], shape: tuple[int, int, int],
                  t_path: Sequence[int], shard_size: int, batch_size: int, device: torch.device,
-                 meta: dict, progress: bool = True, guidance: ClassGuidance | None = None) -> None:
+                 meta: dict, progress: bool = True, guidance=None) -> None:
     seeds = list(seeds)
     world, rank, main = parallel.world_size(), parallel.rank(), parallel.is_main()
     starts = list(range(0, len(seeds), shard_size))
@@ -153,13 +154,22 @@ def load_steps(directory: Path, indices: Sequence[int], key: str = "x") -> Itera
 
 
 def collect_model(den: Denoiser, name: str, tp, out: Path, device: torch.device,
-                  progress: bool = True) -> int:
+                  progress: bool = True, prompts=None) -> int:
     """The trajectories of model ``name`` for OLSS (trajectories params ``tp``): deterministic DDIM on
     the trailing grid of min(tp.reference_steps, the model's own sample steps) steps, seeds
     tp.seed_offset.., in the card's image shape, written to ``out`` with the model's weights hash.
     A class-conditional model samples seed s as class (s - tp.seed_offset) mod num_classes at
-    guidance scale tp.guidance (recorded in meta.json as ``conditioning``). Returns the step count."""
-    guidance = ClassGuidance.for_model(den, tp.guidance, tp.seed_offset)
+    guidance scale tp.guidance (recorded in meta.json as ``conditioning``). A text-conditional model
+    (card conditioning kind "text", e.g. fewstep.interop.sd) samples seed s at prompt (s -
+    tp.seed_offset) mod N of ``prompts`` (a fewstep.prompts.PromptSet), guided at tp.guidance; its
+    latents are the trajectories, and meta.json records the prompt file (``prompts``, its sha256 in
+    ``conditioning``). Returns the step count."""
+    from fewstep.prompts import TextGuidance, text_conditioning
+
+    if text_conditioning(den) is not None:
+        guidance = TextGuidance.for_model(den, prompts, tp.guidance, tp.seed_offset)
+    else:
+        guidance = ClassGuidance.for_model(den, tp.guidance, tp.seed_offset)
     card = den.card  # type: ignore[attr-defined]
     n_ref = min(tp.reference_steps, card.sample_steps)
     t_path = timesteps(den.schedule.T, n_ref, "trailing")
@@ -167,6 +177,8 @@ def collect_model(den: Denoiser, name: str, tp, out: Path, device: torch.device,
     meta = {"model": name, "model_weights_sha256": card.weights_sha256, "reference_steps": n_ref,
             "sampler": "ddim eta=0 unclipped", "output": "x", "network_output": den.kind,
             "keys": {"x": "latents", "e": "x_hat", "o": f"network output ({den.kind})"}}
+    if prompts is not None and text_conditioning(den) is not None:
+        meta["prompts"] = prompts.artifact()
     write_shards(out, den, seeds, card.image_shape, t_path, tp.shard_size, tp.batch_size, device, meta,
                  progress=progress, guidance=guidance)
     return n_ref

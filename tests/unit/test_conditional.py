@@ -100,6 +100,8 @@ def test_the_card_records_the_class_conditioning_and_refuses_a_mismatch():
     with pytest.raises(models.ModelCardError, match="num_classes=None but its fewstep-unet network embeds 3"):
         models.ModelCard.from_dict({**card.to_dict(), "conditioning": {"num_classes": None}})
     with pytest.raises(models.ModelCardError, match="unknown conditioning kind"):
+        models.ModelCard.from_dict({**card.to_dict(), "conditioning": {"kind": "video", "num_classes": K}})
+    with pytest.raises(models.ModelCardError, match="text-conditional card needs"):  # text: embed_dim (latent branch)
         models.ModelCard.from_dict({**card.to_dict(), "conditioning": {"kind": "text", "num_classes": K}})
 
 
