@@ -197,6 +197,12 @@ class DistillRoundParams(_Strict):
     checkpoint_every: int = Field(250, ge=1)
     log_every: int = Field(25, ge=1)
     sample: SampleParams = SampleParams()
+    guidance: Optional[float] = Field(None, ge=0.0, allow_inf_nan=False, description="guided distillation "
+                                      "(Meng et al. 2023) of a class-conditional teacher: the first round's target "
+                                      "is the teacher guided at this w and the student's card records it; null: "
+                                      "plain distillation (a conditional parent: w = 0, labels drawn uniformly)")
+
+    _added_keys: ClassVar[dict[str, Any]] = {"guidance": None}
 
 
 class DistillParams(_Strict):
