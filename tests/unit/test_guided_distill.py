@@ -178,3 +178,19 @@ def test_a_tiny_guided_round_then_a_plain_round_of_its_student(tmp_path):
     _, card2 = distill_round(tmp_path / "s4", tmp_path / "s2", tmp_path / "ck2", tmp_path / "data", 2, rp2, 0,
                              torch.device("cpu"), progress=False)
     assert card2.guidance == 1.0 and card2.sample_steps == 2
+
+
+def test_the_round_check_samples_the_parent_guided_and_the_student_at_w0_with_cycled_labels():
+    from fewstep.config import SampleParams
+    from fewstep.distill_eval import student_vs_parent
+    from fewstep.math.ddim import generate
+    from fewstep.math.schedules import timesteps
+
+    teacher, student = _den(), _den(guidance=1.0, role="student", steps=2)
+    sp = SampleParams(n=4, seed=3)
+    check = student_vs_parent(teacher, student, 2, sp, torch.device("cpu"), guidance=1.0)
+    labels = [0, 1, 0, 1]  # seed s: class (s - sp.seed) mod K
+    ref = generate(teacher, range(3, 7), (3, 8, 8), timesteps(64, 4), labels=labels, guidance=1.0)
+    stud = generate(student, range(3, 7), (3, 8, 8), timesteps(64, 2), labels=labels)
+    assert torch.equal(check.student_images, stud)
+    assert check.metrics["rmse_student_vs_parent"] == pytest.approx((stud - ref).pow(2).mean().sqrt().item(), rel=1e-5)
