@@ -171,3 +171,18 @@ def test_a_guided_student_of_the_imported_teacher_trains_and_exports(src, tmp_pa
     models.save(tmp_path / "student", card, student.state_dict(), kind="diffusers-unet2d")
     info = storage.read_json(unet2d.export_unet2d(tmp_path / "student", tmp_path / "export") / unet2d.EXPORT_INFO)
     assert info["guidance"] == 1.0 and info["conditioning"]["class_labels"] == [1, 2, 3]
+
+
+def test_params_teacher_source_null_label_reaches_the_import(src, tmp_path):
+    from fewstep.config import validate
+    from fewstep.teacher_source import import_source
+    from tests.helpers import tiny_params
+
+    p = tiny_params()
+    p["base"]["image_size"] = SIZE
+    p["teacher"]["net"]["attn_resolutions"] = []
+    p["teacher"]["source"] = {"kind": "diffusers", "path": str(src["src"]), "null_label": NULL}
+    card = import_source(validate(p), tmp_path / "models" / "teacher")
+    assert card.conditioning == models.Conditioning(K) and card.arch.null_label == NULL
+    del p["teacher"]["source"]["null_label"]  # absent: conditional only
+    assert import_source(validate(p), tmp_path / "t2").arch.num_classes == E
