@@ -1,10 +1,11 @@
 """Guided progressive distillation on the two-class toy (issue 17; Meng et al. 2023, stage two at a
-fixed w): a class-conditional teacher (label dropout) is distilled at w = W from 8 guided DDIM steps
-to a 4-step student, sampled at guidance 0 with the same labels.
+fixed w): a class-conditional teacher (label dropout) is distilled by the distill stage at w = W
+(distill.defaults.guidance) from 8 guided DDIM steps to a 4-step student, sampled at guidance 0 with
+the same labels.
 
 RMSE to the guided teacher's 64-step DDIM (same 64 seeds and labels, clipped images), measured on
-this 2-core box (teacher 150 steps, one round of 150 steps at batch 32; ~50 s of CPU, 100 s wall
-under a load of 8):
+this 2-core box (teacher 150 steps, one stage round of 150 steps at batch 32; ~63 s of CPU in all,
+120 s wall under a load of 10):
 
     guided teacher DDIM 8 steps (w=2, 16 NFE)   0.043   (the round's target sampler)
     guided teacher DDIM 4 steps (w=2,  8 NFE)   0.097
@@ -15,17 +16,19 @@ are a red and a blue square)."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
-from fewstep import models, samplers
+from fewstep import models, samplers, storage
 from fewstep.config import validate
 from fewstep.math.ddim import PerImageNoise, sample_ddim
 from fewstep.math.guidance import GuidanceError, cycle_labels, guided
 from fewstep.math.schedules import timesteps
-from fewstep.train.distill import distill_round
 from fewstep.train.teacher import train_teacher
-from tests.helpers import tiny_params, write_prepared
+from tests.helpers import subprocess_env, tiny_params, write_params, write_prepared
 
 W = 2.0
 
@@ -46,15 +49,23 @@ def test_a_guided_4_step_student_beats_the_guided_teachers_4_step_ddim_and_keeps
     raw["distill"] = {"defaults": {"train_steps": 150, "lr": 2e-3, "batch_size": 32, "checkpoint_every": 150,
                                    "log_every": 50, "weighting": "snr+1", "guidance": W},
                       "rounds": {"student-4": {"parent": "teacher", "steps": 4}}}
+    raw["distill"]["defaults"]["sample"] = {"n": 8, "steps": 0, "spacing": "trailing", "seed": 0}
+    raw["base"]["threads"] = 1
     p = validate(raw)
-    dev = torch.device("cpu")
-    train_teacher(p, tmp_path / "data", tmp_path / "teacher", tmp_path / "ck", dev, progress=False)
-    rp = p.distill.round("student-4")
-    _, card = distill_round(tmp_path / "teacher", tmp_path / "student", tmp_path / "cks", tmp_path / "data", 4, rp,
-                            0, dev, progress=False)
+    train_teacher(p, tmp_path / "data", tmp_path / "models" / "teacher", tmp_path / "ck", torch.device("cpu"),
+                  progress=False)
+    write_params(tmp_path / "params.yaml", raw)
+    cmd = [sys.executable, "-m", "stages.distill", "--round", "student-4", "--params", str(tmp_path / "params.yaml"),
+           "--data", str(tmp_path / "data"), "--models", str(tmp_path / "models"), "--no-progress"]
+    r = subprocess.run(cmd, cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    card = models.load_card(tmp_path / "models" / "student-4")
     assert card.guidance == W and card.conditioning == models.Conditioning(2)
+    m = storage.read_json(tmp_path / "metrics" / "student-4.json")
+    assert m["guidance"] == W and m["rmse_student_vs_parent"] < m["rmse_parent_half_steps_vs_parent"], m
 
-    teacher, student = models.load_denoiser(tmp_path / "teacher"), models.load_denoiser(tmp_path / "student")
+    teacher = models.load_denoiser(tmp_path / "models" / "teacher")
+    student = models.load_denoiser(tmp_path / "models" / "student-4")
     seeds = list(range(500, 564))
     labels = cycle_labels(seeds, seeds[0], 2)
     x_T = PerImageNoise(seeds).randn(3, 8, 8)
