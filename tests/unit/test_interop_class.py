@@ -118,6 +118,11 @@ def test_a_conditional_only_import_refuses_guidance(src, tmp_path):
     with pytest.raises(GuidanceError, match="imported without teacher.source.null_label") as e:
         samplers.generate("ddim", den, [0, 1], (3, SIZE, SIZE), steps=2, labels=[0, 3], guidance=1.0)
     assert isinstance(e.value, UserError) and "\n" not in str(e.value)
+    from fewstep.train.distill import DistillSetupError, round_guidance
+
+    with pytest.raises(DistillSetupError, match="imported without teacher.source.null_label"):
+        round_guidance(card, tmp_path / "t", 1.0)  # a guided round is refused before any work
+    assert round_guidance(card, tmp_path / "t", None) == 0.0  # plain conditional distillation works
 
 
 def test_bad_null_labels_and_labels_are_one_clear_error_each(src, tmp_path):

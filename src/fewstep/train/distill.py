@@ -78,6 +78,10 @@ def round_guidance(parent: models.ModelCard, parent_dir: str | Path, guidance: f
                                     f"distilled at w={done:g} and its output is already guided at that scale; set "
                                     f"the round's guidance to {done:g} or null")
         return 0.0
+    if guidance and not getattr(parent.arch, "has_null_label", True):
+        raise DistillSetupError(f"distill round from {parent_dir}: guidance {guidance:g} needs the parent's "
+                                "unconditional (null-label) prediction, but it was imported without "
+                                "teacher.source.null_label (conditional only); set it, or distil at guidance null")
     return 0.0 if guidance is None else float(guidance)
 
 
