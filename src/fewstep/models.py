@@ -426,7 +426,8 @@ class ModelCard:
         if self.guidance is not None:
             g = self.guidance
             if isinstance(g, bool) or not isinstance(g, (int, float)) or not math.isfinite(g) or g < 0:
-                raise ModelCardError(f"guidance (the scale a student was distilled at) must be a number >= 0, got {g!r}")
+                raise ModelCardError(f"guidance (the scale a student was distilled at) must be a number >= 0, "
+                                     f"got {g!r}")
             if self.conditioning.kind != "class":
                 raise ModelCardError(f"guidance {g:g} on a {self.conditioning.kind}-conditioned card; only a "
                                      "class-conditional student is distilled at a guidance scale")

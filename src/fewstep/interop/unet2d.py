@@ -1,8 +1,8 @@
 """A diffusers ``UNet2DModel`` as a fewstep model: the ``diffusers-unet2d`` family, import, export.
 
 In: :func:`import_teacher` reads a diffusers ``save_pretrained`` directory (local or any fsspec URL)
-holding an unconditional or class-conditional ``UNet2DModel`` (``config.json`` + ``diffusion_pytorch_model.safetensors``,
-at the root or under ``unet/``) and a scheduler config (``scheduler/scheduler_config.json`` or
+holding an unconditional or class-conditional ``UNet2DModel`` (``config.json`` +
+``diffusion_pytorch_model.safetensors``, at the root or under ``unet/``) and a scheduler config (``scheduler/scheduler_config.json`` or
 ``scheduler_config.json``), checks it, and writes a fewstep model dir: ``model.safetensors`` (the
 UNet's own state dict keys) + ``config.json`` (a ModelCard of family ``diffusers-unet2d``). It never
 unpickles: the UNet is built with ``from_config(load_config)`` and its weights are read with
