@@ -136,6 +136,13 @@ class TeacherSource(_Strict):
 
     _added_keys: ClassVar[dict[str, Any]] = {"null_label": None}
 
+    @model_validator(mode="after")
+    def _null_label_kind(self) -> "TeacherSource":
+        if self.null_label is not None and self.kind != "diffusers":
+            raise ValueError(f"null_label is the dropped-label index of a class-conditional UNet2DModel "
+                             f"(kind diffusers), not of kind {self.kind}")
+        return self
+
     def resolved_path(self) -> str:
         """``path`` with environment variables expanded; a ParamsError names an unset one."""
         out = os.path.expandvars(self.path)
