@@ -77,7 +77,8 @@ def import_source(p: Params, model_dir: str | Path) -> models.ModelCard:
     model_dir = Path(model_dir)
     with storage.atomic_dir(model_dir) as tmp:
         staged = tmp / "import"
-        card = import_teacher(src.resolved_path(), staged, name=model_dir.name)
+        cond = {} if src.null_label is None else {"null_label": src.null_label}  # a class-conditional UNet2DModel
+        card = import_teacher(src.resolved_path(), staged, name=model_dir.name, **cond)
         _check(card, src, p.base.image_size)
         if card.lineage.dataset != p.base.dataset:  # the registry names it <dataset>-teacher, as a trained one
             card = card.updated(dataset=p.base.dataset)
