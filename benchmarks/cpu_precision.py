@@ -29,7 +29,7 @@ Weights come from ``--models`` (models/teacher, models/evaluator) when present, 
 images from ``--data`` when present, else random. Run from the repository root:
 
     python benchmarks/cpu_precision.py --quick             # about 3 minutes on 2 cores
-    python benchmarks/cpu_precision.py --json reports/bench/cpu_precision.json
+    python benchmarks/cpu_precision.py --json benchmarks/results/cpu_precision.json
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ from fewstep.train.evaluator import classifier_loss, features
 from fewstep.train.teacher import diffusion_loss, schedule_of
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_JSON = ROOT / "reports" / "bench" / "cpu_precision.json"
+DEFAULT_JSON = ROOT / "benchmarks" / "results" / "cpu_precision.json"  # not reports/ (the evaluate stage's DVC output)
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ diffusers' DDIMScheduler for the recipe), and scores both with the pipeline's ev
 The ratio FD(stock) / FD(fewstep) (> 1: fewstep's teacher is better) comes from this one run.
 
     python benchmarks/stock_recipe.py                        # the CPU default's models and data
-    python benchmarks/stock_recipe.py --seconds 229 --n 500 --json reports/bench/stock_recipe.json
+    python benchmarks/stock_recipe.py --seconds 229 --n 500 --json benchmarks/results/stock_recipe.json
     python benchmarks/stock_recipe.py --seconds 5 --n 32 --steps 8 --resamples 20   # a smoke run
 
 The teacher's seconds are its training loop's; the recipe's are its loop's too (data drawing,
@@ -80,7 +80,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--resamples", type=int, default=None, help="FD bootstrap resamples (default evaluate.fd_resamples)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default base.threads)")
     ap.add_argument("--seed", type=int, default=0, help="the recipe's training seed")
-    ap.add_argument("--json", type=Path, default=ROOT / "reports" / "bench" / "stock_recipe.json")
+    ap.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "stock_recipe.json")
     ap.add_argument("--grid", type=Path, default=None, help="also save the recipe's first 64 samples here (png)")
     ap.add_argument("--no-progress", action="store_true")
     a = ap.parse_args(argv)
