@@ -106,14 +106,16 @@ def _scored(r: Mapping[str, Any], n: int) -> Mapping[str, Any]:
     return r.get("headline") or {**r, "n": r.get("n", n)}
 
 
-def _vs(a: Mapping[str, Any], b: Mapping[str, Any] | None, name_b: str) -> str:
-    """fewstep.ranking.claim, or why no claim: the one way a generated sentence orders two rows."""
+def _vs(a: Mapping[str, Any], b: Mapping[str, Any] | None, name_b: str, key: str = "fd",
+        ref: str | None = None) -> str:
+    """fewstep.ranking.claim on ``key`` (paired when ``a`` carries a paired block against row
+    ``ref``), or why no claim: the one way a generated sentence orders two rows."""
     if b is None:
         return "-"
-    if interval(a) is None or interval(b) is None:
+    if key == "fd" and (interval(a) is None or interval(b) is None) and not (a.get("paired") or {}).get("fd_diff_lo"):
         return "no interval"
     try:
-        return claim(a, b, name_b)
+        return claim(a, b, name_b, key, ref=ref)  # type: ignore[arg-type]
     except IncomparableError:
         return f"not compared (n {a.get('n')} vs {b.get('n')})"
 
@@ -158,12 +160,17 @@ def ranking(root: Path) -> str:
     ranked = {k: r for k, r in rows.items() if "headline" in r} or {
         name: rows[name] for name, _ in HEADLINE if name in rows}
     body = []
+    label = "the teacher's DDIM-" + str(rows[ref_name]["nfe"]) if ref_name else ""
     for name, r in sorted(ranked.items(), key=lambda kv: (-kv[1]["nfe"], _scored(kv[1], n)["fd"])):
         h = _scored(r, n)
         kid = f"{1e3 * h['kid']:.0f}" + (f" ± {1e3 * h['kid_se']:.0f}" if h.get("kid_se") is not None else "")
         dup = _g(h["dup_rate"], 2) if "dup_rate" in h else "-"
-        vs = "reference" if name == ref_name else _vs(h, ref, "the teacher's DDIM-" + str(rows[ref_name]["nfe"]))
-        body.append([name, str(r["nfe"]), str(h["n"]), _ci(h), kid, _g(h["recall"], 2), dup, vs])
+        p = h.get("paired") or {}
+        diff = (f"{_g(p['fd_diff'], 2)} [{_g(p['fd_diff_lo'], 2)}, {_g(p['fd_diff_hi'], 2)}]"
+                if p.get("fd_diff_lo") is not None else "-")
+        vs = (["reference", "reference"] if name == ref_name
+              else [_vs(h, ref, label, key, ref=ref_name) for key in ("fd", "kid")])
+        body.append([name, str(r["nfe"]), str(h["n"]), _ci(h), kid, _g(h["recall"], 2), dup, diff, *vs])
     floor = ev.get("fd_floor")
     sens = ""
     if floor:
@@ -173,10 +180,14 @@ def ranking(root: Path) -> str:
     acc_file = root / "metrics/evaluator.json"
     acc = f" (test accuracy {_read(root, 'metrics/evaluator.json')['test_accuracy']:.4f})" if acc_file.exists() else ""
     return ("FD with its 95% bootstrap interval, KID ± its standard error (x1e3), recall, the duplicate rate, all in "
-            f"the pipeline's own evaluator features{acc}: an order holds in that feature space only. An order "
-            "against the reference is stated only where the intervals separate, else \"within noise\".\n\n"
-            + _table(["row", "NFE", "n", "FD [95% CI]", "KID x1e3", "recall", "dup", "FD vs reference"],
-                     list("lrrrrrrl"), body) + sens)
+            f"the pipeline's own evaluator features{acc}: an order holds in that feature space only. Every ranked "
+            "row is sampled from the same x_T seeds as the reference, so it is compared with it paired: ΔFD is "
+            "FD(row) - FD(reference) with the 95% interval of a joint bootstrap over the same images, KID's "
+            "difference is claimed beyond 2 paired standard errors. FD and KID are judged separately; an order is "
+            "stated only where that metric's uncertainty separates, else \"within noise\" "
+            "(`fewstep.ranking`).\n\n"
+            + _table(["row", "NFE", "n", "FD [95% CI]", "KID x1e3", "recall", "dup", "ΔFD vs ref [95% CI]",
+                      "FD vs reference", "KID vs reference"], list("lrrrrrrrll"), body) + sens)
 
 
 OLSS_LABELS = {"ddim": "DDIM on the same steps (no fit)", "olss": "registered `olss-N` (x-hat, closed loop)",

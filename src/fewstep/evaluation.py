@@ -19,7 +19,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Mapping
 
 import numpy as np
 import torch
@@ -259,30 +259,76 @@ def run_row(row: Row, seeds: list[int], shape: tuple[int, int, int], batch_size:
     return images, len(seeds) / (time.perf_counter() - t0)
 
 
-def feature_scores(feats: np.ndarray, stats: dict, kid_subsets: int, seed: int, resamples: int = 0) -> dict:
+@dataclass
+class Resampled:
+    """What a paired comparison of one row needs (kept in memory, not written): its FD with the FD
+    of each bootstrap resample (math.metrics.fd_resampled; None without resamples) and its full-sample
+    KID with each image's influence (math.metrics.kid_influence). Rows scored at the same n and
+    seed from the same x_T seeds pair image by image (:func:`paired_scores`)."""
+
+    fd: tuple[float, np.ndarray] | None
+    kid: tuple[float, np.ndarray]
+
+
+def _kid_yy(stats: dict) -> float:
+    """The reference-reference term of the unbiased MMD^2, once per reference (cached in ``stats``)."""
+    if "kid_yy" not in stats:
+        stats["kid_yy"] = M.kid_reference_term(stats["subset"])
+    return stats["kid_yy"]
+
+
+def feature_scores(feats: np.ndarray, stats: dict, kid_subsets: int, seed: int, resamples: int = 0,
+                   keep: list[Resampled] | None = None) -> dict:
     """FD against the reference statistics and KID against the reference subset, in one feature
     space (the evaluator's, or Inception's for standard FID); with ``resamples`` > 0 also FD's 95%
-    bootstrap interval (fd_lo, fd_hi; math.metrics.fd_bootstrap)."""
-    kid_mean, kid_se = M.kid(feats, stats["subset"], subsets=kid_subsets, subset_size=min(1000, len(feats)),
-                             seed=seed)
+    bootstrap interval (fd_lo, fd_hi; math.metrics.fd_bootstrap).
+
+    ``kid`` is the mean over ``kid_subsets`` random subsets (as before); ``kid_se`` is its standard
+    error at this n: the sampling part (each generated image's influence, math.metrics.kid_influence,
+    the reference held fixed) and the subsets' Monte-Carlo part (``kid_se_subsets``) in quadrature.
+    The subsets' part alone is no uncertainty of KID: with subsets of n/2 it is ~2.7x too small
+    (measured on Gaussians, tests/unit/test_rank_paired.py). With ``keep`` the row's
+    :class:`Resampled` is appended to it, for :func:`paired_scores`."""
+    kid_mean, kid_se_sub = M.kid(feats, stats["subset"], subsets=kid_subsets, subset_size=min(1000, len(feats)),
+                                 seed=seed)
+    mmd_x, psi = M.kid_influence(feats, stats["subset"], yy=_kid_yy(stats))
     out = {"fd": M.frechet_distance(*M.mean_cov(feats), stats["mu"], stats["sigma"]), "kid": kid_mean,
-           "kid_se": kid_se}
+           "kid_se": math.hypot(M.kid_se(psi), kid_se_sub), "kid_se_subsets": kid_se_sub}
+    fd_r = None
     if resamples:
-        out["fd_lo"], out["fd_hi"] = M.fd_bootstrap(feats, stats["mu"], stats["sigma"], resamples=resamples, seed=seed)
+        fd_r = M.fd_resampled(feats, stats["mu"], stats["sigma"], resamples=resamples, seed=seed)
+        lo, hi = M.basic_interval(*fd_r)
+        out["fd_lo"], out["fd_hi"] = max(lo, 0.0), max(hi, 0.0)
+    if keep is not None:
+        keep.append(Resampled(fd_r, (mmd_x, psi)))
+    return out
+
+
+def paired_scores(a: Resampled, b: Resampled, name_b: str) -> dict:
+    """Row a against row b on the same seeds (equal n, image i from the same x_T): FD(a) - FD(b)
+    with its 95% joint-bootstrap interval (fd_diff_lo/hi; math.metrics.fd_diff_interval) and
+    KID(a) - KID(b) on all images with its paired standard error (kid_diff_se;
+    math.metrics.kid_diff). ``ref`` names b (fewstep.ranking reads these)."""
+    out: dict = {"ref": name_b}
+    if a.fd is not None and b.fd is not None:
+        out["fd_diff"], out["fd_diff_lo"], out["fd_diff_hi"] = M.fd_diff_interval(a.fd, b.fd)
+    out["kid_diff"], out["kid_diff_se"] = M.kid_diff(a.kid, b.kid)
     return out
 
 
 def score(feats: np.ndarray, images: torch.Tensor, reference: torch.Tensor, stats: dict, kid_subsets: int,
-          seed: int, *, resamples: int = 0, dup_threshold: float | None = None) -> dict:
+          seed: int, *, resamples: int = 0, dup_threshold: float | None = None,
+          keep: list[Resampled] | None = None) -> dict:
     """Every score of one row at n = len(feats): feature_scores, precision/recall, the duplicate
-    rate (with ``dup_threshold``), RMSE/PSNR to ``reference`` (with an interval when ``resamples``)."""
+    rate (with ``dup_threshold``), RMSE/PSNR to ``reference`` (with an interval when ``resamples``);
+    ``keep`` as in feature_scores."""
     ref_sub = stats["subset"]
     n_pr = min(len(feats), len(ref_sub), 2000)
     prec, rec = M.precision_recall(ref_sub[:n_pr], feats[:n_pr])
     a, b = images.numpy(), reference.numpy()
     out = {
         "n": len(feats),
-        **feature_scores(feats, stats, kid_subsets, seed, resamples),
+        **feature_scores(feats, stats, kid_subsets, seed, resamples, keep),
         "precision": prec,
         "recall": rec,
         "rmse": M.rmse(a, b),
@@ -384,6 +430,35 @@ def inception_reference(weights: str | Path, train_images_npy: Path, subset: int
         raise ParamsError(f"evaluate.inception_weights: {e}") from None
 
 
+def add_paired(results: dict[str, dict], kept: Mapping[str, Mapping[int, Resampled]],
+               ref_name: str | Mapping[str, str]) -> None:
+    """Every row's score blocks (the table's and the headline block) get ``paired``: the row against
+    the reference row at the same n (:func:`paired_scores`; every row uses the same seeds).
+    ``ref_name``: one reference row for all, or row -> its reference (a conditional model's rows are
+    paired with the teacher's reference DDIM at their own guidance scale)."""
+    for name, r in results.items():
+        rn = ref_name if isinstance(ref_name, str) else ref_name.get(name)
+        if rn is None or name == rn:
+            continue
+        ref = kept.get(rn, {})
+        for block in (r, r.get("headline")):
+            if block is not None and block["n"] in ref:
+                block["paired"] = paired_scores(kept[name][block["n"]], ref[block["n"]], rn)
+
+
+def paired_pairs(results: Mapping[str, Mapping], kept: Mapping[str, Mapping[int, Resampled]]) -> list[dict]:
+    """For every two ranked rows (those with a ``headline`` block) at equal NFE: a (lower FD first),
+    b, n and :func:`paired_scores` of a against b, for fewstep.ranking.separated_pairs."""
+    heads = sorted((k for k, r in results.items() if "headline" in r), key=lambda k: results[k]["headline"]["fd"])
+    out = []
+    for i, a in enumerate(heads):
+        for b in heads[i + 1:]:
+            n = results[a]["headline"]["n"]
+            if results[a]["nfe"] == results[b]["nfe"] and n == results[b]["headline"]["n"]:
+                out.append({"a": a, "b": b, "n": n, **paired_scores(kept[a][n], kept[b][n], b)})
+    return out
+
+
 @dataclass
 class Evaluation:
     """What :func:`run_evaluation` measured: ``rows`` (row name -> scores), the reference's step
@@ -480,10 +555,10 @@ def run_evaluation(models_dir: Path, schedulers_dir: Path, ep, evaluator_dir: Pa
     def feats_of(images: torch.Tensor) -> np.ndarray:
         return features(evaluator, images.to(device) if device.type == "cuda" else images)
 
-    def scores(f: np.ndarray, images: torch.Tensor, ref: torch.Tensor) -> dict:
+    def scores(f: np.ndarray, images: torch.Tensor, ref: torch.Tensor, keep: list[Resampled] | None = None) -> dict:
         m = len(f)
         return score(f, images, ref[:m], stats, ep.kid_subsets, ep.seed, resamples=ep.fd_resamples,
-                     dup_threshold=thresholds[m])
+                     dup_threshold=thresholds[m], keep=keep)
 
     cond_rows = [r for r in rows if r.guidance is not None]
     class_ref = None
@@ -492,7 +567,9 @@ def run_evaluation(models_dir: Path, schedulers_dir: Path, ep, evaluator_dir: Pa
         class_ref = _class_reference(evaluator, ep, feats_of, k, class_names, class_test)
     asked = np.array([(s - ep.seed) % class_ref.num_classes for s in seeds]) if class_ref else None
 
-    results = {}
+    results: dict[str, dict] = {}
+    kept: dict[str, dict[int, Resampled]] = {}  # row -> n -> its resampled scores, for the paired comparisons
+    paired_ref: dict[str, str] = {}  # row -> the reference row it is paired with (the teacher's DDIM at its w)
     for row in rows:
         rw = ref_scale(row)
         if row.name == ref_names.get(rw) and row.model == "teacher":
@@ -503,9 +580,12 @@ def run_evaluation(models_dir: Path, schedulers_dir: Path, ep, evaluator_dir: Pa
         if not parallel.is_main():
             continue
         f = feats_of(images)
-        r = scores(f[:n], images[:n], ref_images)
+        keep: list[Resampled] = []
+        r = scores(f[:n], images[:n], ref_images, keep)
         if row.name in heads:
-            r["headline"] = scores(f, images, ref_images)
+            r["headline"] = scores(f, images, ref_images, keep)
+        kept[row.name] = {len(f[:n]): keep[0], **({len(f): keep[1]} if row.name in heads else {})}
+        paired_ref[row.name] = samplers.row_name("teacher", "ddim", steps=n_ref, guidance=rw)  # absent row: unpaired
         r.update(family=row.family, model=row.model, nfe=row.nfe, gflops=row.gflops, images_per_s=ips)
         if row.note:
             r["note"] = row.note
@@ -535,10 +615,13 @@ def run_evaluation(models_dir: Path, schedulers_dir: Path, ep, evaluator_dir: Pa
                 + (f" acc {r['accuracy']:.3f}" if "accuracy" in r else "")
                 + (f" | n={h['n']} FD {h['fd']:.3f} [{h.get('fd_lo', math.nan):.3f}, {h.get('fd_hi', math.nan):.3f}]"
                    if h else ""))
+    if parallel.is_main():
+        add_paired(results, kept, paired_ref)
     if not parallel.is_main():
         return None
     meta: dict = {"n_headline": n_h if heads else n, "dup_threshold": {str(k): v for k, v in thresholds.items()},
-                  "dup_quantile": ep.dup_quantile, "fd_resamples": ep.fd_resamples}
+                  "dup_quantile": ep.dup_quantile, "fd_resamples": ep.fd_resamples,
+                  "paired_pairs": paired_pairs(results, kept)}
     if class_ref is not None:  # absent for unconditional models: their evaluate.json keeps its keys
         meta.update(class_names=list(class_ref.names), guidance=list(ep.guidance), per_class=ep.per_class)
     if test_images is not None and len(test_images) >= 2:

@@ -139,10 +139,19 @@ def _dup(r: Mapping[str, Any]) -> str:
     return f"{r['dup_rate']:.3f}" if "dup_rate" in r else "-"
 
 
-def headline_markdown(results: Mapping[str, Mapping[str, Any]]) -> list[str]:
+def _paired_diff(h: Mapping[str, Any]) -> str:
+    """``-0.120 [-0.180, -0.060]``: FD(row) - FD(reference) with its joint-bootstrap interval."""
+    p = h.get("paired") or {}
+    if p.get("fd_diff_lo") is None:
+        return "-"
+    return f"{p['fd_diff']:+.3f} [{p['fd_diff_lo']:+.3f}, {p['fd_diff_hi']:+.3f}]"
+
+
+def headline_markdown(results: dict[str, dict[str, Any]], meta: Mapping[str, Any] | None = None) -> list[str]:
     """The ranked rows at their own n (the ``headline`` blocks): FD with its interval, KID +- SE,
-    recall and duplicates, each against the reference row only where the intervals separate, and
-    the separated pairs at equal NFE."""
+    recall and duplicates, the paired FD difference to the reference, FD's and KID's verdicts
+    against the reference row separately (fewstep.ranking: paired where the rows share seeds), and
+    the separated pairs at equal NFE (paired, ``meta["paired_pairs"]``, where present)."""
     heads = {k: r["headline"] for k, r in results.items() if "headline" in r}
     if not heads:
         return []
@@ -150,20 +159,31 @@ def headline_markdown(results: Mapping[str, Mapping[str, Any]]) -> list[str]:
     ref = next((k for k in heads if results[k].get("is_reference")), None)
     lines = [f"## Ranked rows ({n_h} samples each)", "",
              "FD with its 95% bootstrap interval (bias-corrected, resampling the generated set), KID +- its "
-             "standard error. An order is claimed only where the intervals separate (fewstep.ranking); compare "
-             f"these FDs only with each other (n={n_h}), not with the full table below.", "",
-             "| sampler | NFE | FD [95% CI] | KID (x1e3) | rec | dup | RMSE [95% CI] | FD vs reference |",
-             "|---|---:|---:|---:|---:|---:|---:|---|"]
+             "standard error (sampling and subsets). Every ranked row uses the same x_T seeds, so each is compared "
+             "with the reference paired: ΔFD is FD(row) - FD(reference) with the 95% interval of a joint bootstrap "
+             "over the same image indices, KID by its paired difference beyond 2 standard errors. FD and KID are "
+             "judged separately; an order is claimed only where that metric's uncertainty separates "
+             f"(fewstep.ranking). Compare these FDs only with each other (n={n_h}), not with the full table below.",
+             "", "| sampler | NFE | FD [95% CI] | KID (x1e3) | rec | dup | RMSE [95% CI] | ΔFD vs ref [95% CI] | "
+             "FD vs reference | KID vs reference |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---|---|"]
     for name, h in sorted(heads.items(), key=lambda kv: (results[kv[0]]["nfe"], kv[1]["fd"])):
-        vs = "reference" if name == ref else (claim(h, heads[ref], ref) if ref else "-")
+        if name == ref:
+            vs = ["reference", "reference"]
+        else:
+            vs = [claim(h, heads[ref], ref, key, ref=ref) if ref else "-" for key in ("fd", "kid")]
         lines.append(f"| {name}{_note(results[name])} | {results[name]['nfe']} | {_ci(h, 'fd', '.3f')} | "
                      f"{1e3 * h['kid']:.2f} ± "
-                     f"{1e3 * h['kid_se']:.2f} | {h['recall']:.2f} | {_dup(h)} | {_ci(h, 'rmse', '.4f')} | {vs} |")
+                     f"{1e3 * h['kid_se']:.2f} | {h['recall']:.2f} | {_dup(h)} | {_ci(h, 'rmse', '.4f')} | "
+                     f"{_paired_diff(h)} | {vs[0]} | {vs[1]} |")
     by_nfe: dict[int, dict[str, Mapping[str, Any]]] = {}
     for name, h in heads.items():
         by_nfe.setdefault(results[name]["nfe"], {})[name] = h
-    pairs = [f"{a} < {b}" for nfe in sorted(by_nfe) for a, b in separated_pairs(by_nfe[nfe])]
-    lines += ["", "Separated at equal NFE (lower FD first): " + ("; ".join(pairs) if pairs else "none") + "."]
+    paired = (meta or {}).get("paired_pairs")
+    for key in ("fd", "kid"):
+        pairs = [f"{a} < {b}" for nfe in sorted(by_nfe) for a, b in separated_pairs(by_nfe[nfe], key, paired)]
+        lines += ["", f"Separated on {key.upper()} at equal NFE (lower first"
+                  + (", paired" if paired else "") + "): " + ("; ".join(pairs) if pairs else "none") + "."]
     return lines + [""]
 
 
@@ -190,7 +210,7 @@ def evaluation_markdown(results: dict[str, dict[str, Any]], pngs: list[str], n: 
     note (OLSS: paper / beyond paper / which variant olss-N is) follows its name."""
     meta = meta or {}
     lines = [f"# Evaluation ({n} samples per row, evaluator test accuracy {acc})", ""]
-    lines += headline_markdown(results) + sensitivity_markdown(meta) + per_class_markdown(results, meta)
+    lines += headline_markdown(results, meta) + sensitivity_markdown(meta) + per_class_markdown(results, meta)
     dup = meta.get("dup_threshold")
     lines += [f"## All rows ({n} samples each)", "",
               "FD is comparable only at equal n (small-sample bias, DESIGN.md). RMSE/PSNR against the teacher's "

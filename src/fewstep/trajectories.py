@@ -48,16 +48,25 @@ def collect_all(denoiser: Denoiser, seeds: Sequence[int], shape: tuple[int, int,
     noise = PerImageNoise(seeds, device)
     if guidance is not None:
         denoiser = guidance.wrap(denoiser, seeds)
+    with full_precision(denoiser):
+        t = trajectory(denoiser, noise.randn(*shape), t_path)
+    return {k: v.float().cpu() for k, v in t.items()}
+
+
+@torch.no_grad()
+def trajectory(denoiser: Denoiser, x_T: torch.Tensor, t_path: Sequence[int]) -> dict[str, torch.Tensor]:
+    """Deterministic, unclipped DDIM from ``x_T`` over ``t_path``, in x_T's dtype and device (e.g.
+    float64 for the analytic mixtures of the OLSS tests): x (N+1, B, ...) latents, e (N, B, ...) x
+    predictions, o (N, B, ...) raw outputs (kind ``denoiser.kind``)."""
     xs, es, os_ = [], [], []
 
     def cb(d: dict) -> None:
-        xs.append(d["z"].float().cpu())
-        es.append(d["x_hat"].float().cpu())
-        os_.append(d["pred"].float().cpu())
+        xs.append(d["z"])
+        es.append(d["x_hat"])
+        os_.append(d["pred"])
 
-    with full_precision(denoiser):
-        x0 = sample_ddim(denoiser, noise.randn(*shape), t_path, clip=False, callback=cb)
-    return {"x": torch.stack(xs + [x0.float().cpu()]), "e": torch.stack(es), "o": torch.stack(os_)}
+    x0 = sample_ddim(denoiser, x_T, t_path, clip=False, callback=cb)
+    return {"x": torch.stack(xs + [x0]), "e": torch.stack(es), "o": torch.stack(os_)}
 
 
 def collect(denoiser: Denoiser, seeds: Sequence[int], shape: tuple[int, int, int], t_path: Sequence[int],

@@ -68,3 +68,15 @@ def test_ranked_rows_get_their_own_n_and_the_table_keeps_one_n(tmp_path, torch_o
     floor, blur = big.meta["fd_floor"], big.meta["fd_blur"]
     assert floor["n"] == 12 and set(blur) == {"0.5", "1"}
     assert floor["fd"] < blur["0.5"]["fd"] < blur["1"]["fd"]  # FD sees the blur, more of it at sigma 1
+    # every row is paired with the reference at its own n (same seeds): the FD difference is the
+    # difference of the two FDs, the reference has none, and the ranked rows of one NFE are paired too
+    ref = rows["teacher ddim 8"]
+    assert "paired" not in ref and "paired" not in ref["headline"]
+    for k in ranked - {"teacher ddim 8"}:
+        for block, ref_block in ((rows[k], ref), (rows[k]["headline"], ref["headline"])):
+            p = block["paired"]
+            assert p["ref"] == "teacher ddim 8" and p["fd_diff_lo"] <= p["fd_diff_hi"] and p["kid_diff_se"] > 0
+            assert abs(p["fd_diff"] - (block["fd"] - ref_block["fd"])) < 1e-9
+        assert rows[k]["headline"]["kid_se"] >= rows[k]["headline"]["kid_se_subsets"]
+    assert [(q["a"], q["b"], q["n"]) for q in big.meta["paired_pairs"]] == [
+        tuple(sorted(("teacher ddim 2", "student-2 ddim 2"), key=lambda k: rows[k]["headline"]["fd"])) + (24,)]

@@ -166,6 +166,53 @@ def test_a_split_model_exports_with_its_routing(tmp_path, setup):
     assert (img - (ref / 2 + 0.5).clamp(0, 1)).abs().max() <= 1e-4
 
 
+def test_the_wrapper_config_covers_every_unet_field_and_round_trips_pos_emb_and_classes(tmp_path):
+    """Every UNetConfig field is a parameter of FewstepUNet2DModel (none dropped on the way through
+    config.json); a pos_emb net (the PDM setup) exported by export_native and a class-conditional
+    net saved and reloaded give identical outputs to the fewstep nets they came from."""
+    import dataclasses
+    import inspect
+
+    from fewstep.interop.native import FewstepUNet2DModel, export_native
+    from fewstep.nets.unet import UNet, UNetConfig
+
+    params = inspect.signature(FewstepUNet2DModel.__init__).parameters
+    assert {f.name for f in dataclasses.fields(UNetConfig)} <= set(params)
+    small = dict(image_size=8, patch_size=2, channels=8, channel_mult=(1,), num_res_blocks=1, attn_resolutions=(),
+                 head_dim=8, dropout=0.0)
+    x = torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([5, 30, 63])
+
+    torch.manual_seed(1)
+    pos = UNet(UNetConfig(**small, pos_emb=True)).eval()
+    meta = {"role": "teacher", "parameterization": "v", "schedule": {"kind": "cosine", "T": 64}, "image_size": 8,
+            "dataset": "toy", "sample_steps": 4, "parent": None}
+    models.save_model(tmp_path / "pos", pos, meta)
+    out = export_native(tmp_path / "pos", tmp_path / "pos-export")
+    assert json.loads((out / "unet" / "config.json").read_text())["pos_emb"] is True
+    back = FewstepUNet2DModel.from_pretrained(out / "unet", use_safetensors=True).eval()
+    assert back.net.cfg.pos_emb
+    with torch.no_grad():
+        assert torch.equal(back(x, t - 1).sample, pos(x, t / 64))
+
+    torch.manual_seed(2)
+    cond = FewstepUNet2DModel(**small, num_classes=3, num_train_timesteps=64).eval()
+    for prm in cond.parameters():  # the class embedding starts at zero: make the labels matter
+        torch.nn.init.normal_(prm, std=0.05)
+    cond.save_pretrained(tmp_path / "cond", safe_serialization=True)
+    again = FewstepUNet2DModel.from_pretrained(tmp_path / "cond", use_safetensors=True).eval()
+    assert again.net.cfg.num_classes == 3
+    y = torch.tensor([0, 2, 3])  # 3 = the null label
+    with torch.no_grad():
+        want = cond.net(x, t / 64, y)
+        assert torch.equal(again(x, t - 1, class_labels=y).sample, want)
+        assert not torch.equal(again(x, t - 1, class_labels=torch.tensor([1, 1, 1])).sample, want)
+        assert torch.equal(again(x, t - 1).sample, cond.net(x, t / 64))  # no labels: the null label
+    unconditional = FewstepUNet2DModel(**small, num_train_timesteps=64)
+    with pytest.raises(ValueError, match="unconditional"):
+        unconditional(x, t, class_labels=y)
+
+
 # --------------------------------------------------------------------------------------------
 # the OLSS scheduler
 

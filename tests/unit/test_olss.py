@@ -11,22 +11,14 @@ from fewstep.math.olss import (GRAM_COND_MAX, OLSSScheduler, ProjectionCache, fe
 from fewstep.math.schedules import cosine_schedule, timesteps
 from fewstep.olss_fit import variant_files
 from fewstep.testing import GMMDenoiser
+from fewstep.trajectories import trajectory
 
 
 def collect(den, x_T, t_path, with_output=False):
-    """Reference trajectories: X (N+1, B, ...) latents, E (N, B, ...) x outputs (unclipped DDIM);
-    ``with_output`` adds O (N, B, ...), the denoiser's raw outputs."""
-    xs, es, os_ = [], [], []
-
-    def cb(d):
-        xs.append(d["z"])
-        es.append(d["x_hat"])
-        os_.append(d["pred"])
-
-    x0 = sample_ddim(den, x_T, t_path, clip=False, callback=cb)
-    if with_output:
-        return torch.stack(xs + [x0]), torch.stack(es), torch.stack(os_)
-    return torch.stack(xs + [x0]), torch.stack(es)
+    """Reference trajectories (fewstep.trajectories.trajectory): X (N+1, B, ...) latents, E (N, B, ...)
+    x outputs (unclipped DDIM); ``with_output`` adds O (N, B, ...), the denoiser's raw outputs."""
+    t = trajectory(den, x_T, t_path)
+    return (t["x"], t["e"], t["o"]) if with_output else (t["x"], t["e"])
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from fewstep.math.olss import OLSSScheduler, fit_weights, sample_olss, search_pa
 from fewstep.math.schedules import cosine_schedule, timesteps
 from fewstep.olss_fit import VARIANTS, choose, fit_olss, headline, variant_files
 from fewstep.testing import GMMDenoiser
-from fewstep.trajectories import StaleTrajectoriesError, load_steps, load_subsample, write_shards
+from fewstep.trajectories import StaleTrajectoriesError, load_steps, load_subsample, trajectory, write_shards
 from tests.helpers import ROOT
 
 SHAPE = (3, 4, 4)
@@ -37,16 +37,8 @@ def eps_reference():
     t_path = timesteps(den.schedule.T, 64)
     g = torch.Generator().manual_seed(0)
     torch.rand(8, *SHAPE, generator=g, dtype=torch.float64)  # the modes' draw: the same fit noise as test_olss.py
-    x_T = torch.randn(32, *SHAPE, generator=g, dtype=torch.float64)
-    xs, es, os_ = [], [], []
-
-    def cb(d):
-        xs.append(d["z"])
-        es.append(d["x_hat"])
-        os_.append(d["pred"])
-
-    x0 = sample_ddim(den, x_T, t_path, clip=False, callback=cb)
-    return den, t_path, torch.stack(xs + [x0]), torch.stack(es), torch.stack(os_)
+    t = trajectory(den, torch.randn(32, *SHAPE, generator=g, dtype=torch.float64), t_path)
+    return den, t_path, t["x"], t["e"], t["o"]
 
 
 def test_trajectory_outputs_are_the_networks_own(eps_reference):

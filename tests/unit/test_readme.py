@@ -66,7 +66,12 @@ def _synthetic_metrics(root):
 
     rows = {"teacher ddim 64": row(64, 30.4, 29.5, 31.3, is_reference=True),
             "teacher olss-4": row(4, 29.8, 28.9, 30.9), "teacher olss-paper-4": row(4, 31.0, 30.0, 32.0),
+            "student-8 ddim 8": row(8, 29.9, 29.0, 30.8),
             "student-4 ddim 4": row(4, 33.9, 32.8, 34.9), "teacher ddim 4": row(4, 53.6, 51.0, 56.0)}
+    # student-8: inside the teacher's interval, but paired (same seeds) its FD difference excludes 0;
+    # its KID difference is 1 paired s.e.: no KID claim
+    rows["student-8 ddim 8"]["headline"]["paired"] = {"ref": "teacher ddim 64", "fd_diff": -0.5, "fd_diff_lo": -0.7,
+                                                      "fd_diff_hi": -0.3, "kid_diff": 0.002, "kid_diff_se": 0.002}
     (root / "metrics/olss").mkdir(parents=True)
     (root / "metrics/evaluate.json").write_text(json.dumps({"n_samples": 500, "n_headline": 2000, "rows": rows,
                                                             "fd_floor": {"n": 500, "fd": 1.0, "fd_lo": 0.5,
@@ -93,6 +98,11 @@ def test_generated_rankings_claim_an_order_only_where_intervals_separate(tmp_pat
     assert "1.12x the teacher's DDIM-64's FD (worse)" in lines["student-4 ddim 4"]  # separated: the ratio is stated
     assert "| 2000 |" in lines["student-4 ddim 4"] and "[32.8, 34.9]" in lines["student-4 ddim 4"]
     assert "sigma 0.5 px 9.00 [8.00, 10.0]" in readme.ranking(tmp_path)
+    # paired where the row has it: FD and KID judged separately
+    s8 = lines["student-8 ddim 8"]
+    assert "0.98x the teacher's DDIM-64's FD (better, paired)" in s8 and "-0.50 [-0.70, -0.30]" in s8
+    assert s8.endswith("| within noise of the teacher's DDIM-64 |")  # KID: 1 s.e., not 2
+    assert "within noise of the teacher's DDIM-64 | within noise of the teacher's DDIM-64" in lines["teacher olss-4"]
     # the OLSS table lists every variant the metrics file has, the paper's included, with intervals
     table = readme.olss(tmp_path)
     paper = next(ln for ln in table.splitlines() if "`olss-paper-4`" in ln)

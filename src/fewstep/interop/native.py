@@ -103,6 +103,8 @@ def ddim_scheduler_config(card: "ModelCard") -> dict[str, Any]:
 
 
 def _build() -> dict[str, type]:
+    import dataclasses
+
     import torch
     from diffusers import ConfigMixin, ModelMixin
     from diffusers.configuration_utils import register_to_config
@@ -122,33 +124,45 @@ def _build() -> dict[str, type]:
                                     f"got shape {tuple(t.shape)}")
         return (t.to(torch.float32) + 1.0) / T  # same float32 value NetDenoiser computes from the index
 
-    def unconditional(class_labels: Any) -> None:
-        if class_labels is not None:
-            raise NativeExportError("a fewstep UNet is unconditional: class_labels must be None")
+    class _FewstepWrapper(ModelMixin, ConfigMixin):
+        """The forward both wrappers share: diffusers timesteps to fewstep's continuous time, class
+        labels to a conditional net (``num_classes`` set), ``.sample`` out."""
 
-    class FewstepUNet2DModel(ModelMixin, ConfigMixin):
-        """fewstep's UNet with the UNet2DModel calling convention (see the module docstring)."""
+        net: torch.nn.Module
+        T: int
+        num_classes: int | None = None
+
+        def forward(self, sample: torch.Tensor, timestep: torch.Tensor | float | int, class_labels: Any = None,
+                    return_dict: bool = True) -> UNet2DOutput | tuple[torch.Tensor]:
+            tc = continuous_time(sample, timestep, self.T)
+            if class_labels is None:
+                out = self.net(sample, tc)
+            elif self.num_classes is None:
+                raise NativeExportError("this fewstep UNet is unconditional: class_labels must be None")
+            else:  # labels 0..K-1, K = the null label (fewstep.math.guidance)
+                y = torch.as_tensor(class_labels, device=sample.device).long().reshape(-1)
+                out = self.net(sample, tc, y.expand(sample.shape[0]) if y.numel() == 1 else y)
+            return UNet2DOutput(sample=out) if return_dict else (out,)
+
+    class FewstepUNet2DModel(_FewstepWrapper):
+        """fewstep's UNet with the UNet2DModel calling convention (see the module docstring). Its
+        config holds every UNetConfig field (tests check the signature covers them all)."""
 
         @register_to_config
         def __init__(self, image_size: int = 32, in_channels: int = 3, patch_size: int = 1, channels: int = 64,
                      channel_mult: tuple[int, ...] = (1, 2, 2), num_res_blocks: int = 2,
                      attn_resolutions: tuple[int, ...] = (8,), head_dim: int = 32, dropout: float = 0.0,
-                     emb_mult: int = 4, num_train_timesteps: int = 1024, prediction_type: str = "v_prediction",
+                     emb_mult: int = 4, pos_emb: bool = False, num_classes: int | None = None,
+                     num_train_timesteps: int = 1024, prediction_type: str = "v_prediction",
                      sample_size: int | None = None, fewstep_card: dict | None = None):
             super().__init__()
             if sample_size is not None and int(sample_size) != int(image_size):
                 raise NativeExportError(f"sample_size {sample_size} differs from image_size {image_size}")
-            self.net = UNet(UNetConfig(image_size, in_channels, patch_size, channels, tuple(channel_mult),
-                                       num_res_blocks, tuple(attn_resolutions), head_dim, dropout, emb_mult))
-            self.T = int(num_train_timesteps)
+            cfg = UNetConfig(**{f.name: self.config[f.name] for f in dataclasses.fields(UNetConfig)})
+            self.net = UNet(cfg)
+            self.T, self.num_classes = int(num_train_timesteps), cfg.num_classes
 
-        def forward(self, sample: torch.Tensor, timestep: torch.Tensor | float | int, class_labels: Any = None,
-                    return_dict: bool = True) -> UNet2DOutput | tuple[torch.Tensor]:
-            unconditional(class_labels)
-            out = self.net(sample, continuous_time(sample, timestep, self.T))
-            return UNet2DOutput(sample=out) if return_dict else (out,)
-
-    class FewstepSplitUNet2DModel(ModelMixin, ConfigMixin):
+    class FewstepSplitUNet2DModel(_FewstepWrapper):
         """A split fewstep model (two UNets routed by noise level, fewstep.math.split.SplitNet) with the
         UNet2DModel calling convention: index t = timestep + 1 goes to ``high`` iff t > t_boundary."""
 
@@ -161,18 +175,11 @@ def _build() -> dict[str, type]:
             for side, d in (("high", high), ("low", low)):
                 if not d:
                     raise NativeExportError(f"a split wrapper needs the {side} network's config")
-                cfgs[side] = UNetConfig(**{**d, "channel_mult": tuple(d["channel_mult"]),
-                                           "attn_resolutions": tuple(d["attn_resolutions"])})
+                cfgs[side] = UNetConfig(**d)
             if cfgs["low"].in_channels != in_channels or cfgs["high"].in_channels != in_channels:
                 raise NativeExportError("both networks of a split model must take in_channels channels")
             self.net = SplitNet(UNet(cfgs["high"]), UNet(cfgs["low"]), int(t_boundary), int(num_train_timesteps))
             self.T = int(num_train_timesteps)
-
-        def forward(self, sample: torch.Tensor, timestep: torch.Tensor | float | int, class_labels: Any = None,
-                    return_dict: bool = True) -> UNet2DOutput | tuple[torch.Tensor]:
-            unconditional(class_labels)
-            out = self.net(sample, continuous_time(sample, timestep, self.T))
-            return UNet2DOutput(sample=out) if return_dict else (out,)
 
     for cls in (FewstepUNet2DModel, FewstepSplitUNet2DModel):
         cls.__module__, cls.__qualname__ = __name__, cls.__name__

@@ -6,6 +6,9 @@ kid               Binkowski et al. 2018: unbiased MMD^2 with the cubic polynomia
                   k(x, y) = (x.y / d + 1)^3, averaged over random subsets, with its standard error.
 fd_bootstrap      a 95% interval for FD: resample the generated features with replacement (Efron's
                   basic bootstrap, which also removes FD's first-order small-sample bias).
+fd_diff_interval  the joint (paired) bootstrap of FD(a) - FD(b) for two rows from the same seeds.
+kid_influence     KID on all samples with each sample's influence: its sampling standard error, and
+                  kid_diff, the paired difference of two rows from the same seeds with its s.e.
 precision_recall  Kynkaanniemi et al. 2019: k-NN manifolds of each set.
 duplicate_rate    share of samples whose nearest other sample is closer than a threshold calibrated
                   on real data (duplicate_threshold): a collapsed generator scores high.
@@ -48,17 +51,15 @@ def fd_from_features(a: np.ndarray, b: np.ndarray) -> float:
     return frechet_distance(*mean_cov(a), *mean_cov(b))
 
 
-def fd_bootstrap(feats: np.ndarray, mu: np.ndarray, sigma: np.ndarray, *, resamples: int = 200, seed: int = 0,
-                 level: float = 0.95) -> tuple[float, float]:
-    """A ``level`` confidence interval for the FD between the generator's distribution and (mu, sigma).
+def fd_resampled(feats: np.ndarray, mu: np.ndarray, sigma: np.ndarray, *, resamples: int = 200,
+                 seed: int = 0) -> tuple[float, np.ndarray]:
+    """FD between the features and (mu, sigma), and its value on each of ``resamples`` bootstrap
+    resamples of the features (rows drawn with replacement).
 
-    The generated features are resampled with replacement ``resamples`` times and FD recomputed on
-    each. FD at n samples is biased upward (by about c/n, DESIGN.md), and a resample's FD again, so
-    the plain percentile interval [q_lo, q_hi] of the resampled FDs sits above the true FD; it
-    covered the true FD of two Gaussians in 0% of trials at d=16, n=500. The basic bootstrap
-    [2 FD - q_hi, 2 FD - q_lo] (Efron & Tibshirani 1993, 13.3) reflects it about the estimate,
-    which removes that first-order bias (95-98% coverage at d=4..64, n=500..2000; tested), so the
-    interval may lie below the plug-in FD at small n. Clipped at 0.
+    The resampled image indices depend only on (n, ``seed``): two sets of n features scored with the
+    same seed are resampled at the same indices, so when row i of both comes from the same x_T
+    (the evaluation's rows share seeds) the element-wise difference of their resampled FDs is the
+    joint (paired) bootstrap of the FD difference (:func:`fd_diff_interval`).
     """
     f = np.asarray(feats, np.float64)
     n = len(f)
@@ -78,8 +79,89 @@ def fd_bootstrap(feats: np.ndarray, mu: np.ndarray, sigma: np.ndarray, *, resamp
         k = r @ s @ r
         tr_cross = float(np.sqrt(np.clip(np.linalg.eigvalsh((k + k.T) / 2), 0, None)).sum())
         vals[b] = max(float(((m - mu) ** 2).sum() + np.trace(s) + tr_ref - 2 * tr_cross), 0.0)
-    q_lo, q_hi = np.quantile(vals, [(1 - level) / 2, (1 + level) / 2])
-    return max(2 * fd0 - float(q_hi), 0.0), max(2 * fd0 - float(q_lo), 0.0)
+    return fd0, vals
+
+
+def basic_interval(estimate: float, resampled: np.ndarray, level: float = 0.95) -> tuple[float, float]:
+    """Efron's basic bootstrap interval [2 e - q_hi, 2 e - q_lo] of an estimate from its resampled values."""
+    q_lo, q_hi = np.quantile(np.asarray(resampled, np.float64), [(1 - level) / 2, (1 + level) / 2])
+    return 2 * estimate - float(q_hi), 2 * estimate - float(q_lo)
+
+
+def fd_bootstrap(feats: np.ndarray, mu: np.ndarray, sigma: np.ndarray, *, resamples: int = 200, seed: int = 0,
+                 level: float = 0.95) -> tuple[float, float]:
+    """A ``level`` confidence interval for the FD between the generator's distribution and (mu, sigma).
+
+    The generated features are resampled with replacement ``resamples`` times and FD recomputed on
+    each (:func:`fd_resampled`). FD at n samples is biased upward (by about c/n, DESIGN.md), and a
+    resample's FD again, so the plain percentile interval [q_lo, q_hi] of the resampled FDs sits
+    above the true FD; it covered the true FD of two Gaussians in 0% of trials at d=16, n=500. The
+    basic bootstrap [2 FD - q_hi, 2 FD - q_lo] (Efron & Tibshirani 1993, 13.3) reflects it about the
+    estimate, which removes that first-order bias (95-98% coverage at d=4..64, n=500..2000; tested),
+    so the interval may lie below the plug-in FD at small n. Clipped at 0.
+    """
+    fd0, vals = fd_resampled(feats, mu, sigma, resamples=resamples, seed=seed)
+    lo, hi = basic_interval(fd0, vals, level)
+    return max(lo, 0.0), max(hi, 0.0)
+
+
+def fd_diff_interval(a: tuple[float, np.ndarray], b: tuple[float, np.ndarray], level: float = 0.95
+                     ) -> tuple[float, float, float]:
+    """FD(a) - FD(b) and its ``level`` basic-bootstrap interval from two :func:`fd_resampled` results
+    at the same n and seed (the joint bootstrap over the same image indices).
+
+    When image i of a and of b come from the same x_T the two FDs move together under resampling
+    (both see the same draw of easy and hard seeds), so this interval is much narrower than the two
+    rows' own intervals side by side; for independent rows it is about as wide as sqrt(w_a^2 + w_b^2).
+    Not clipped: the difference has either sign.
+    """
+    (fa, va), (fb, vb) = a, b
+    if len(va) != len(vb):
+        raise ValueError(f"a paired FD difference needs the same resamples, got {len(va)} and {len(vb)}")
+    d = fa - fb
+    return (d, *basic_interval(d, va - vb, level))
+
+
+def kid_reference_term(y: np.ndarray) -> float:
+    """The reference-reference term of the unbiased MMD^2: mean_{l != l'} k(y_l, y_l')."""
+    y = np.asarray(y, np.float64)
+    k = _poly_kernel(y, y)
+    return float((k.sum() - np.trace(k)) / (len(y) * (len(y) - 1)))
+
+
+def kid_influence(x: np.ndarray, y: np.ndarray, yy: float | None = None) -> tuple[float, np.ndarray]:
+    """The unbiased MMD^2 (KID's kernel) of all of ``x`` against all of ``y``, and each x sample's
+    first-order influence psi_i (Hoeffding projection of the U-statistic on the x sample, y held fixed):
+    MMD^2 ~ const + mean_i psi_i with psi_i = 2 mean_{j != i} k(x_i, x_j) - 2 mean_l k(x_i, y_l), so
+    its standard error given y is std(psi) / sqrt(n), and the paired difference of two sets scored on
+    the same seeds has standard error std(psi_a - psi_b) / sqrt(n) (:func:`kid_diff`). The y-y term
+    is the same for every row scored against y and cancels in a difference (pass it as ``yy`` to
+    compute it once).
+    """
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    n, m = len(x), len(y)
+    if n < 3 or m < 2:
+        raise ValueError(f"KID's influence needs at least 3 generated and 2 reference samples, got {n} and {m}")
+    kxx, kxy = _poly_kernel(x, x), _poly_kernel(x, y)
+    yy = kid_reference_term(y) if yy is None else yy
+    h = (kxx.sum(1) - np.diag(kxx)) / (n - 1)
+    g = kxy.mean(1)
+    value = float(h.sum() / n + yy - 2 * g.mean())
+    return value, 2 * h - 2 * g
+
+
+def kid_se(psi: np.ndarray) -> float:
+    """Standard error of the full-sample KID from its influence values (:func:`kid_influence`)."""
+    return float(np.std(psi, ddof=1) / math.sqrt(len(psi)))
+
+
+def kid_diff(a: tuple[float, np.ndarray], b: tuple[float, np.ndarray]) -> tuple[float, float]:
+    """KID(a) - KID(b) (full samples, same reference) and its paired standard error, from two
+    :func:`kid_influence` results whose sample i comes from the same seed."""
+    (ka, pa), (kb, pb) = a, b
+    if len(pa) != len(pb):
+        raise ValueError(f"a paired KID difference needs equal n, got {len(pa)} and {len(pb)}")
+    return ka - kb, kid_se(pa - pb)
 
 
 def _poly_kernel(x: np.ndarray, y: np.ndarray) -> np.ndarray:
