@@ -24,10 +24,11 @@ EVALUATE = {"n_samples": 32, "batch_size": 32, "reference_steps": 8, "ddim_steps
             "etas": [], "sigma_hat": False, "peers": [], "study_steps": [], "kid_subsets": 2, "fd_resamples": 20,
             "n_headline": 0, "grid_n": 8, "blur_sigmas": [0.5]}
 # the keys evaluate.json had before class conditioning, for an unconditional tree (n_headline 0, no Inception)
-TOP_KEYS = {"n_samples", "n_headline", "dup_threshold", "dup_quantile", "fd_resamples", "fd_floor", "fd_blur", "rows"}
+TOP_KEYS = {"n_samples", "n_headline", "dup_threshold", "dup_quantile", "fd_resamples", "fd_floor", "fd_blur", "rows",
+            "paired_pairs"}  # paired_pairs: the ranking's paired comparisons (issue 18), for every model
 ROW_KEYS = {"n", "fd", "fd_lo", "fd_hi", "kid", "kid_se", "precision", "recall", "rmse", "psnr", "rmse_lo", "rmse_hi",
-            "dup_rate", "family", "model", "nfe", "gflops", "images_per_s"}
-ROW_OPTIONAL = {"is_reference", "pareto", "note"}
+            "dup_rate", "family", "model", "nfe", "gflops", "images_per_s", "kid_se_subsets"}
+ROW_OPTIONAL = {"is_reference", "pareto", "note", "paired"}  # paired: absent on the reference row itself
 
 
 def _evaluate(cwd, params) -> subprocess.CompletedProcess:
