@@ -16,7 +16,7 @@ from fewstep import models, parallel, storage
 from fewstep.distill_eval import student_vs_parent
 from fewstep.images import save_grid
 from fewstep.outputs import write_loss_csv
-from fewstep.train.distill import distill_round
+from fewstep.train.distill import distill_round, round_guidance
 from stages._common import StageContext, run_stage
 
 
@@ -33,13 +33,16 @@ def body(ctx: StageContext) -> None:
     parent_dir, out_dir = Path(a.models) / rp.parent, Path(a.models) / name
     result, card = distill_round(parent_dir, out_dir, Path("checkpoints") / name, a.data, rp.steps, rp,
                                  p.base.seed, device, progress=ctx.progress)
+    w = round_guidance(models.load_card(parent_dir), parent_dir, rp.guidance)  # the parent's target scale
     check = student_vs_parent(models.load_denoiser(parent_dir, device), models.load_denoiser(out_dir, device),
-                              rp.steps, rp.sample, device)
+                              rp.steps, rp.sample, device, guidance=w)
     if not parallel.is_main():
         return
     write_loss_csv(Path("plots") / f"{name}_loss.csv", result.history)
     save_grid(check.student_images, Path("samples") / f"{name}.png", scale=max(1, 64 // check.student_images.shape[-1]))
     metrics = {**check.metrics, "final_loss": result.history[-1][1] if result.history else None}
+    if card.guidance is not None:  # a class-conditional round: the scale the student was distilled at
+        metrics["guidance"] = card.guidance
     if result.steps_run:
         metrics["seconds"] = result.seconds
     storage.write_json(Path("metrics") / f"{name}.json", metrics)

@@ -120,7 +120,8 @@ SHA256_HEX = r"^[0-9a-f]{64}$"
 class TeacherSource(_Strict):
     """A pretrained teacher imported instead of trained (stage train_teacher; issue 16).
 
-    ``kind``: ``diffusers`` = a ``save_pretrained`` dir of an unconditional ``UNet2DModel`` with its
+    ``kind``: ``diffusers`` = a ``save_pretrained`` dir of an unconditional or class-conditional
+    ``UNet2DModel`` (``null_label``: its dropped-label index; fewstep.interop.unet2d) with its
     scheduler config (fewstep.interop.unet2d.import_teacher). ``path``: a local dir or any fsspec URL
     (s3://...); ``$FEWSTEP_DDPM_SOURCE``-style variables are expanded. ``sha256``: optional pin of the
     source's digest (the one the card records as ``source.sha256``): the import refuses a source
@@ -129,6 +130,11 @@ class TeacherSource(_Strict):
     kind: Literal["diffusers"]
     path: str = Field(min_length=1)
     sha256: Optional[str] = Field(None, pattern=SHA256_HEX, description="expected source digest (lowercase hex)")
+    null_label: Optional[int] = Field(None, ge=0, description="a class-conditional UNet2DModel's label index "
+                                      "used for dropped labels in training (classifier-free guidance); null: the "
+                                      "model is conditional only and guidance w > 0 is refused")
+
+    _added_keys: ClassVar[dict[str, Any]] = {"null_label": None}
 
     def resolved_path(self) -> str:
         """``path`` with environment variables expanded; a ParamsError names an unset one."""
@@ -197,6 +203,12 @@ class DistillRoundParams(_Strict):
     checkpoint_every: int = Field(250, ge=1)
     log_every: int = Field(25, ge=1)
     sample: SampleParams = SampleParams()
+    guidance: Optional[float] = Field(None, ge=0.0, allow_inf_nan=False, description="guided distillation "
+                                      "(Meng et al. 2023) of a class-conditional teacher: the first round's target "
+                                      "is the teacher guided at this w and the student's card records it; null: "
+                                      "plain distillation (a conditional parent: w = 0, labels drawn uniformly)")
+
+    _added_keys: ClassVar[dict[str, Any]] = {"guidance": None}
 
 
 class DistillParams(_Strict):

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Mapping, Protocol, get_args
@@ -383,7 +384,7 @@ class Lineage:
 _LINEAGE_KEYS = ("dataset", "class_names", "data_hash", "params_hash", "run_hash", "train_steps", "parent",
                  "weights_sha256", "source")
 _CARD_KEYS = ("format_version", "family", "role", "variant", "study", "parameterization", "weighting", "schedule",
-              "image_size", "channels", "conditioning", "sample_steps")
+              "image_size", "channels", "conditioning", "sample_steps", "guidance")
 
 
 @dataclass(frozen=True)
@@ -404,6 +405,12 @@ class ModelCard:
     conditioning: Conditioning = Conditioning()
     lineage: Lineage = Lineage()
     extra: Mapping[str, Any] = field(default_factory=dict)
+    # a guided-distilled student (train.distill, Meng et al. 2023): the classifier-free guidance scale
+    # w its teacher was guided at; its single conditional forward already approximates that guided
+    # prediction, so it samples at guidance 0 (NFE = steps) and asking it for w > 0 is refused
+    # (fewstep.math.guidance). 0.0: a conditional student distilled without guidance. None (omitted on
+    # disk, so older cards hash the same): a model never distilled from a conditional parent.
+    guidance: float | None = None
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
@@ -416,6 +423,15 @@ class ModelCard:
         if net_classes != self.conditioning.num_classes:
             raise ModelCardError(f"the card's conditioning says num_classes={self.conditioning.num_classes} but "
                                  f"its {self.family} network embeds {net_classes}")
+        if self.guidance is not None:
+            g = self.guidance
+            if isinstance(g, bool) or not isinstance(g, (int, float)) or not math.isfinite(g) or g < 0:
+                raise ModelCardError(f"guidance (the scale a student was distilled at) must be a number >= 0, "
+                                     f"got {g!r}")
+            if self.conditioning.kind != "class":
+                raise ModelCardError(f"guidance {g:g} on a {self.conditioning.kind}-conditioned card; only a "
+                                     "class-conditional student is distilled at a guidance scale")
+            object.__setattr__(self, "guidance", float(g))
 
     @property
     def family(self) -> str:
@@ -453,7 +469,7 @@ class ModelCard:
                              "schedule": self.schedule.to_dict(), "image_size": self.image_size,
                              "channels": self.channels, "conditioning": self.conditioning.to_dict(),
                              "sample_steps": self.sample_steps, **self.lineage.to_dict()}
-        for k in ("weighting", "variant", "study"):
+        for k in ("weighting", "variant", "study", "guidance"):
             if getattr(self, k) is not None:
                 d[k] = getattr(self, k)
         return {**self.extra, **d}
@@ -472,7 +488,7 @@ class ModelCard:
                        schedule=ScheduleSpec.from_dict(d["schedule"]), image_size=int(d["image_size"]),
                        sample_steps=int(d["sample_steps"]), weighting=d.get("weighting"), variant=d.get("variant"),
                        study=d.get("study"), conditioning=Conditioning.from_dict(d.get("conditioning")),
-                       lineage=Lineage.from_dict(d))
+                       lineage=Lineage.from_dict(d), guidance=d.get("guidance"))
         except KeyError as e:
             raise ModelCardError(f"model config lacks {e.args[0]!r}") from None
         if "channels" in d and int(d["channels"]) != card.channels:

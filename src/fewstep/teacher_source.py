@@ -66,7 +66,7 @@ def import_source(p: Params, model_dir: str | Path) -> models.ModelCard:
     model_dir = Path(model_dir)
     with storage.atomic_dir(model_dir) as tmp:
         staged = tmp / "import"
-        card = import_teacher(src.resolved_path(), staged, name=model_dir.name)
+        card = import_teacher(src.resolved_path(), staged, name=model_dir.name, null_label=src.null_label)
         _check(card, src, p.base.image_size)
         if card.lineage.dataset != p.base.dataset:  # the registry names it <dataset>-teacher, as a trained one
             card = card.updated(dataset=p.base.dataset)

@@ -204,8 +204,8 @@ def test_bad_conditioning_inputs_give_one_clear_error_each():
         unet_config(_card(_net(K)))
     from fewstep.train.distill import DistillSetupError, check_round
 
-    with pytest.raises(DistillSetupError, match="class-conditional; distilling a conditional"):
-        check_round(_card(_net(K)), "models/teacher", 32, "snr+1")
+    with pytest.raises(DistillSetupError, match="guidance 1 needs a class-conditional parent"):
+        check_round(_card(_net(None)), "models/teacher", 32, "snr+1", guidance=1.0)
     p = tiny_params(conditioning={"p_uncond": 1.0})
     with pytest.raises(ParamsError, match="teacher.conditioning.p_uncond"):
         validate(p)

@@ -272,10 +272,15 @@ def _bin_only(d: Path) -> None:
 BAD = {
     "bin_only": (_bin_only, "only pickled .bin weights"),
     "conditional_class": (lambda d: _write_json(d / "unet" / "config.json", _class_name="UNet2DConditionModel"),
-                          "conditional UNet"),
-    "class_embeds": (lambda d: _write_json(d / "unet" / "config.json", num_class_embeds=10), "conditional UNet"),
+                          "text-conditional UNet (UNet2DConditionModel) is not a UNet2DModel"),
+    # class-conditional configs import (tests/unit/test_interop_class.py); these weights lack the embedding
+    "class_embeds": (lambda d: _write_json(d / "unet" / "config.json", num_class_embeds=10),
+                     "does not match its config.json"),
     "class_embed_type": (lambda d: _write_json(d / "unet" / "config.json", class_embed_type="timestep"),
-                         "conditional UNet"),
+                         "fewstep needs the label count as num_class_embeds"),
+    "class_embed_identity": (lambda d: _write_json(d / "unet" / "config.json", class_embed_type="identity",
+                                                   num_class_embeds=4),
+                             "class_embed_type 'identity' is not supported (its class_labels are embedding vectors"),
     "scheduler_class": (lambda d: _write_json(d / "scheduler" / "scheduler_config.json",
                                               _class_name="ScoreSdeVeScheduler"),
                         "scheduler class 'ScoreSdeVeScheduler' is not supported; supported: DDPMScheduler"),

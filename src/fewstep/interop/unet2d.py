@@ -1,8 +1,8 @@
 """A diffusers ``UNet2DModel`` as a fewstep model: the ``diffusers-unet2d`` family, import, export.
 
 In: :func:`import_teacher` reads a diffusers ``save_pretrained`` directory (local or any fsspec URL)
-holding an unconditional ``UNet2DModel`` (``config.json`` + ``diffusion_pytorch_model.safetensors``,
-at the root or under ``unet/``) and a scheduler config (``scheduler/scheduler_config.json`` or
+holding an unconditional or class-conditional ``UNet2DModel`` (``config.json`` +
+``diffusion_pytorch_model.safetensors``, at the root or under ``unet/``) and a scheduler config (``scheduler/scheduler_config.json`` or
 ``scheduler_config.json``), checks it, and writes a fewstep model dir: ``model.safetensors`` (the
 UNet's own state dict keys) + ``config.json`` (a ModelCard of family ``diffusers-unet2d``). It never
 unpickles: the UNet is built with ``from_config(load_config)`` and its weights are read with
@@ -13,6 +13,20 @@ and fewstep.math.schedules.diffusers_schedule recomputes ``alphas_cumprod`` bit 
 Timesteps: diffusers' index k is fewstep's index k + 1 (fewstep's 0 is clean data). The network sees
 continuous time tc = index / T, so the adapter calls the UNet at ``tc * T - 1`` (a fractional
 timestep where a solver leaves the grid: peers, fractional times).
+
+Class-conditional UNet2DModels (issue 17): ``num_class_embeds`` E with ``class_embed_type`` None (an
+``nn.Embedding`` of E labels) or ``"timestep"`` (the label through the sinusoidal time projection and
+an MLP; its config must still state the label count as ``num_class_embeds``). ``"identity"`` is
+refused: its ``class_labels`` are embedding vectors, not class indices. The card says
+``conditioning: {kind: class, num_classes: K}`` in fewstep's convention (classes 0..K-1, null label
+K). Which diffusers index was the model's dropped-label ("null") index is not in its config: it is
+the import's ``null_label`` (params ``teacher.source.null_label``), kept on the card as
+``diffusers_null_label``:
+
+- given (n in 0..E-1): K = E - 1 classes; fewstep class c is diffusers label c (c < n) or c + 1
+  (c >= n), fewstep's null label K is diffusers' n, so classifier-free guidance works;
+- absent: the model is conditional only: K = E, fewstep class c is diffusers label c, and guidance
+  w > 0 is refused (there is no unconditional prediction to guide with).
 
 Out: :func:`export_unet2d` writes a ``DDIMPipeline`` directory (``unet/`` safetensors,
 ``scheduler/`` a DDIMScheduler config reproducing the schedule, trailing spacing) plus
@@ -38,6 +52,7 @@ import torch
 
 from fewstep import models, storage
 from fewstep.errors import UserError
+from fewstep.math.guidance import GuidanceError
 from fewstep.math.param import NetDenoiser
 from fewstep.math.schedules import BETA_SCHEDULES, DIFFUSERS_KIND
 
@@ -58,8 +73,10 @@ PREDICTION_TYPE = {v: k for k, v in PREDICTION.items()}
 # diffusers' defaults for keys a scheduler config may omit (DDPMScheduler / DDIMScheduler)
 SCHEDULER_DEFAULTS = {"num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear",
                       "trained_betas": None, "prediction_type": "epsilon"}
-SUPPORTED = ("an unconditional UNet2DModel (config.json + diffusion_pytorch_model.safetensors) with a "
-             "DDPM/DDIM-style scheduler config")
+SUPPORTED = ("an unconditional or class-conditional (num_class_embeds; class_embed_type null or 'timestep') "
+             "UNet2DModel (config.json + diffusion_pytorch_model.safetensors) with a DDPM/DDIM-style scheduler config")
+CLASS_EMBED_TYPES = (None, "timestep")  # "identity" takes embedding vectors, not labels
+NULL_KEY = "diffusers_null_label"  # the card key: the diffusers label index of "no class" (CFG's null)
 
 
 class DiffusersSourceError(UserError, ValueError):
@@ -126,8 +143,26 @@ class UNet2DAdapter(torch.nn.Module):
         super().__init__()
         self.unet, self.T, self.arch = unet, int(T), arch
 
-    def forward(self, z: torch.Tensor, tc: torch.Tensor) -> torch.Tensor:
-        return self.unet(z, diffusers_timestep(tc, self.T).to(z.device)).sample
+    @property
+    def num_classes(self) -> int | None:
+        """fewstep's class count (labels 0..K-1, null K); None: unconditional."""
+        return self.arch.num_classes
+
+    @property
+    def has_null_label(self) -> bool:
+        """Whether classifier-free guidance is possible (the import named the null label)."""
+        return self.arch.has_null_label
+
+    def forward(self, z: torch.Tensor, tc: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """``y``: (B,) fewstep labels of a class-conditional UNet (None: the null label)."""
+        t = diffusers_timestep(tc, self.T).to(z.device)
+        if self.num_classes is None:
+            if y is not None:
+                raise ValueError("class labels given to an unconditional UNet2DModel")
+            return self.unet(z, t).sample
+        if y is None:
+            y = torch.full((z.shape[0],), self.num_classes, dtype=torch.long, device=z.device)
+        return self.unet(z, t, class_labels=self.arch.diffusers_labels(y)).sample
 
     def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:  # type: ignore[override]
         return self.unet.state_dict(*args, **kwargs)
@@ -138,7 +173,7 @@ class UNet2DAdapter(torch.nn.Module):
 
     def trainable_copy(self) -> "UNet2DAdapter":
         """A copy with dropout off (a distillation student, models.student_start)."""
-        arch = DiffusersUNet2DArch({**self.arch.config, "dropout": 0.0})
+        arch = DiffusersUNet2DArch({**self.arch.config, "dropout": 0.0}, self.arch.null_label)
         unet = arch.make_unet()
         unet.load_state_dict(self.unet.state_dict(), strict=True)
         return UNet2DAdapter(unet.to(next(self.unet.parameters()).device), self.T, arch).train()
@@ -152,6 +187,46 @@ class DiffusersUNet2DArch:
 
     family: ClassVar[str] = FAMILY
     config: Mapping[str, Any]
+    null_label: int | None = None  # a class-conditional UNet's diffusers index of "no class" (module doc)
+
+    def __post_init__(self) -> None:
+        n, E = self.null_label, self.num_class_embeds
+        if n is None:
+            return
+        if E is None:
+            raise models.ModelCardError(f"{NULL_KEY} {n!r} given for an unconditional UNet2DModel")
+        if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n < E:
+            raise models.ModelCardError(f"{NULL_KEY} must be a label index 0..{E - 1} of this UNet2DModel "
+                                        f"(num_class_embeds={E}), got {n!r}")
+
+    @property
+    def num_class_embeds(self) -> int | None:
+        """The UNet's diffusers label count E (None: unconditional)."""
+        E = self.config.get("num_class_embeds")
+        return None if E is None else int(E)
+
+    @property
+    def num_classes(self) -> int | None:
+        """fewstep's class count K: E - 1 with a null label, E without (conditional only)."""
+        E = self.num_class_embeds
+        if E is None:
+            return None
+        return E - 1 if self.null_label is not None else E
+
+    @property
+    def has_null_label(self) -> bool:
+        return self.null_label is not None
+
+    def diffusers_labels(self, y: torch.Tensor) -> torch.Tensor:
+        """fewstep labels (0..K-1, null K) -> the UNet's class_labels (module doc)."""
+        K, n = self.num_classes, self.null_label
+        y = y.long()
+        if n is None:
+            if bool((y == K).any()):
+                raise GuidanceError("the null label (unconditional prediction) asked of a conditional-only "
+                                    "UNet2DModel: it was imported without teacher.source.null_label")
+            return y
+        return torch.where(y == K, torch.full_like(y, n), y + (y >= n).long())
 
     @property
     def channels(self) -> int:
@@ -166,14 +241,15 @@ class DiffusersUNet2DArch:
         return [1]
 
     def to_dict(self) -> dict[str, Any]:
-        return {UNET_KEY: public_config(self.config)}
+        d: dict[str, Any] = {UNET_KEY: public_config(self.config)}
+        return {**d, NULL_KEY: self.null_label} if self.null_label is not None else d
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "DiffusersUNet2DArch":
         cfg = d[UNET_KEY]
         if not isinstance(cfg, Mapping) or "in_channels" not in cfg or "sample_size" not in cfg:
             raise models.ModelCardError(f"{UNET_KEY} must be a UNet2DModel config with in_channels and sample_size")
-        return cls(public_config(cfg))
+        return cls(public_config(cfg), d.get(NULL_KEY))
 
     def make_unet(self) -> torch.nn.Module:
         """The UNet2DModel this config describes (random weights)."""
@@ -260,14 +336,38 @@ def _layout(src: _Source) -> tuple[str, str]:
                                f"{SCHEDULER_CONFIG}); expected {SUPPORTED}")
 
 
-def _check_unet_config(cfg: Mapping[str, Any], where: str) -> None:
+def _check_class_embedding(cfg: Mapping[str, Any], where: str, null_label: int | None) -> None:
+    """A class-conditional UNet2DModel's label embedding fewstep can drive with class indices, and
+    the null label inside it (module doc)."""
+    kind, E = cfg.get("class_embed_type"), cfg.get("num_class_embeds")
+    if kind not in CLASS_EMBED_TYPES:
+        why = "its class_labels are embedding vectors, not class indices" if kind == "identity" else "unknown"
+        raise DiffusersSourceError(f"{where}: class_embed_type {kind!r} is not supported ({why}); supported: "
+                                   "null with num_class_embeds, or 'timestep' with num_class_embeds stating the "
+                                   "label count")
+    if E is None:
+        if kind is None:
+            if null_label is not None:
+                raise DiffusersSourceError(f"{where}: teacher.source.null_label {null_label} given, but this "
+                                           "UNet2DModel is unconditional (no num_class_embeds); remove it")
+            return
+        raise DiffusersSourceError(f"{where}: class_embed_type 'timestep' embeds any integer label; fewstep needs "
+                                   "the label count as num_class_embeds in the config")
+    if isinstance(E, bool) or not isinstance(E, int) or E < 1 + (null_label is not None):
+        raise DiffusersSourceError(f"{where}: num_class_embeds {E!r} must be a positive label count"
+                                   + (" with room for the null label and a class" if null_label is not None else ""))
+    if null_label is not None and (isinstance(null_label, bool) or not isinstance(null_label, int)
+                                   or not 0 <= null_label < E):
+        raise DiffusersSourceError(f"{where}: teacher.source.null_label {null_label!r} is out of range: this "
+                                   f"UNet2DModel embeds labels 0..{E - 1} (num_class_embeds={E}); give the index "
+                                   "it was trained with for dropped labels, or none (conditional only, no guidance)")
+
+
+def _check_unet_config(cfg: Mapping[str, Any], where: str, null_label: int | None = None) -> None:
     cls = cfg.get("_class_name", UNET_CLASS)
-    conditional = cls == "UNet2DConditionModel" or cfg.get("class_embed_type") is not None \
-        or cfg.get("num_class_embeds") is not None
-    if conditional:
-        raise DiffusersSourceError(f"{where}: a conditional UNet ({cls}, class_embed_type="
-                                   f"{cfg.get('class_embed_type')!r}, num_class_embeds="
-                                   f"{cfg.get('num_class_embeds')!r}) is not supported yet; supported: {SUPPORTED}")
+    if cls == "UNet2DConditionModel":
+        raise DiffusersSourceError(f"{where}: a text-conditional UNet ({cls}) is not a UNet2DModel; "
+                                   f"supported here: {SUPPORTED}")
     if cls != UNET_CLASS:
         raise DiffusersSourceError(f"{where}: model class {cls!r} is not supported; supported: {SUPPORTED}")
     if cfg.get("time_embedding_type", "positional") != "positional":
@@ -278,6 +378,7 @@ def _check_unet_config(cfg: Mapping[str, Any], where: str) -> None:
                                    f"{cfg.get('in_channels')} (learned variance?); "
                                    f"supported: one prediction per channel")
     _square_size(cfg)
+    _check_class_embedding(cfg, where, null_label)
 
 
 def _schedule_spec(cfg: Mapping[str, Any], where: str) -> tuple[models.ScheduleSpec, str]:
@@ -347,16 +448,18 @@ def _load_unet(src: _Source, unet_dir: str, cfg: Mapping[str, Any]) -> torch.nn.
     return unet.eval()
 
 
-def import_teacher(source: str | os.PathLike, out: str | Path, *, name: str = "teacher") -> models.ModelCard:
+def import_teacher(source: str | os.PathLike, out: str | Path, *, name: str = "teacher",
+                   null_label: int | None = None) -> models.ModelCard:
     """Import a diffusers UNet2DModel + scheduler config (local dir or fsspec URL) as a fewstep
     teacher at ``out``; returns its card (with the weights' sha256). Everything is checked before
     anything is written; ``out`` appears whole or not at all (a bad source raises
-    DiffusersSourceError, one line naming what is supported)."""
+    DiffusersSourceError, one line naming what is supported). ``null_label``: a class-conditional
+    UNet's diffusers label index for dropped labels (module doc; None: conditional only)."""
     with _staging() as staging:
         src = _Source(source, staging)
         unet_dir, sched_rel = _layout(src)
         ucfg = _read_config(src, unet_dir + "config.json")
-        _check_unet_config(ucfg, f"{src.url}/{unet_dir}config.json")
+        _check_unet_config(ucfg, f"{src.url}/{unet_dir}config.json", null_label)
         scfg = _read_config(src, sched_rel)
         spec, kind = _schedule_spec(scfg, f"{src.url}/{sched_rel}")
         unet = _load_unet(src, unet_dir, ucfg)
@@ -364,19 +467,22 @@ def import_teacher(source: str | os.PathLike, out: str | Path, *, name: str = "t
         if src.exists(MODEL_INDEX):
             used.append(MODEL_INDEX)
         files = {rel: storage.sha256_file(src.local(rel)) for rel in used}
-        arch = DiffusersUNet2DArch(public_config(unet.config))
+        arch = DiffusersUNet2DArch(public_config(unet.config), null_label)
         size = arch.image_size
+        cond = {} if arch.num_classes is None else {"class_labels": torch.zeros(1, dtype=torch.long)}
         with torch.no_grad():  # the config builds a network that runs at its sample size
-            out_shape = tuple(unet(torch.zeros(1, arch.channels, size, size), 0).sample.shape)
+            out_shape = tuple(unet(torch.zeros(1, arch.channels, size, size), 0, **cond).sample.shape)
         if out_shape != (1, arch.channels, size, size):
             raise DiffusersSourceError(f"{src.url}: the UNet maps (1, {arch.channels}, {size}, {size}) to {out_shape}; "
                                        f"supported: {SUPPORTED}")
         source_info = {"kind": SOURCE_KIND, "url": src.url, "files": files, "sha256": storage.sha256_json(files),
                        "unet_class": ucfg.get("_class_name", UNET_CLASS), "scheduler_class": scfg.get("_class_name"),
                        "scheduler_config": public_config(scfg), "diffusers_version": ucfg.get("_diffusers_version")}
+        if arch.num_classes is not None:
+            source_info["null_label"] = null_label
         card = models.ModelCard(arch=arch, role="teacher", parameterization=kind, schedule=spec, image_size=size,
                                 sample_steps=spec.T, lineage=models.Lineage(source=source_info),
-                                extra={"name": name})
+                                conditioning=models.Conditioning(arch.num_classes), extra={"name": name})
         return models.save(out, card, unet.state_dict(), kind=FAMILY)
 
 
@@ -406,20 +512,41 @@ def scheduler_config(card: models.ModelCard, *, clip: bool = False) -> dict[str,
     return {**cfg, "beta_schedule": spec.beta_schedule, "beta_start": spec.beta_start, "beta_end": spec.beta_end}
 
 
+def class_info(card: models.ModelCard) -> dict[str, Any]:
+    """fewstep.json's keys for a class-conditional export: how fewstep's labels map to the UNet's
+    ``class_labels`` and the guidance scale a distilled student already carries (sample it with
+    guidance_scale 1); {} for an unconditional model."""
+    if card.conditioning.kind != "class":
+        return {}
+    arch: DiffusersUNet2DArch = card.arch  # type: ignore[assignment]
+    K, n = arch.num_classes, arch.null_label
+    info: dict[str, Any] = {"conditioning": {
+        "kind": "class", "num_classes": K, "null_class_label": n,
+        "class_labels": [int(v) for v in arch.diffusers_labels(torch.arange(K))],  # fewstep class c -> class_labels
+        "guidance": "class_labels of the null class_label; guidance_scale s = 1 + w" if n is not None
+        else "none: conditional only (imported without a null label)"}}
+    if card.guidance is not None:
+        info["guidance"] = card.guidance  # distilled at w: its conditional output already is guided
+    return info
+
+
 def export_unet2d(model_dir: str | Path, out: str | Path, *, clip: bool = False) -> Path:
     """Write a diffusers DDIMPipeline dir for a ``diffusers-unet2d`` model dir (an imported teacher or
     one of its students): ``unet/`` (safetensors), ``scheduler/`` (DDIMScheduler, see
     :func:`scheduler_config`), ``model_index.json`` and ``fewstep.json`` (steps = the model's
     sample_steps, lineage). ``DDIMPipeline(...)(num_inference_steps=steps)`` then reproduces
-    fewstep's DDIM samples from the same noise (``clip=False``: fewstep's ``clip=False``)."""
+    fewstep's DDIM samples from the same noise (``clip=False``: fewstep's ``clip=False``). A
+    class-conditional UNet is exported as it is (its class embedding and config unchanged);
+    ``DDIMPipeline`` passes no class_labels, so sample it with your own loop: fewstep.json's
+    ``conditioning`` maps fewstep's classes to ``class_labels`` (:func:`class_info`)."""
     model_dir, out = Path(model_dir), Path(out)
     card = models.load_card(model_dir)
     if card.family != FAMILY:
         raise DiffusersExportError(f"{model_dir} is a {card.family} model; export_unet2d exports {FAMILY} models "
                                    f"(imported diffusers teachers and their students)")
-    if card.conditioning.kind != "none":
+    if card.conditioning.kind not in ("none", "class"):
         raise DiffusersExportError(f"{model_dir} is conditional ({card.conditioning.kind}); export_unet2d exports "
-                                   f"unconditional models")
+                                   f"unconditional and class-conditional models")
     d = _diffusers()
     unet = card.arch.make_unet()
     unet.load_state_dict(storage.load_tensors(model_dir / models.WEIGHTS), strict=True)
@@ -428,7 +555,7 @@ def export_unet2d(model_dir: str | Path, out: str | Path, *, clip: bool = False)
             "clip": clip, "use_clipped_model_output": clip, "family": card.family, "role": card.role,
             "parameterization": card.parameterization, "schedule": card.schedule.to_dict(), "model_dir": str(model_dir),
             "weights_sha256": card.weights_sha256, "lineage": card.lineage.to_dict(),
-            **({"variant": card.variant} if card.variant else {})}
+            **({"variant": card.variant} if card.variant else {}), **class_info(card)}
     with storage.atomic_dir(out) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
         storage.write_json(tmp / EXPORT_INFO, info)

@@ -69,6 +69,28 @@ def check_guidance_scale(w: float) -> float:
     return w
 
 
+def distilled_scale(den: object) -> float | None:
+    """The guidance scale a guided-distilled student was distilled at (its card's ``guidance``;
+    None: not a student of a conditional parent)."""
+    return getattr(getattr(den, "card", None), "guidance", None)
+
+
+def check_can_guide(den: object, w: float) -> None:
+    """Refuse guidance w > 0 of a model that cannot be guided: a guided-distilled student (its single
+    conditional forward already is the guided prediction; its null label was never distilled) or a
+    conditional-only model without a null label (an imported diffusers UNet whose
+    ``teacher.source.null_label`` was not given)."""
+    g = distilled_scale(den)
+    if g is not None:
+        raise GuidanceError(f"guidance w={w:g} asked of a student distilled at w={g:g}: its conditional output "
+                            "already is the teacher's guided prediction (one network evaluation per step); sample "
+                            "it with guidance 0 and labels")
+    if not getattr(den, "has_null_label", True):
+        raise GuidanceError(f"guidance w={w:g} needs the model's unconditional (null-label) prediction, but this model "
+                            "is conditional only: it was imported without teacher.source.null_label (the label index "
+                            "it was trained with for dropped labels); set it, or sample at guidance 0")
+
+
 def check_labels(labels: int | Sequence[int] | torch.Tensor, num_classes: int) -> torch.Tensor:
     """Labels as a 1-D long CPU tensor, each a real class 0..num_classes-1 (the null label is not a
     class to sample: sample the bare denoiser for the unconditional model)."""
@@ -101,6 +123,8 @@ class GuidedDenoiser(torch.nn.Module):
             raise GuidanceError(f"class labels and guidance need a class-conditional model; this {what} model is "
                                 "unconditional (its card's conditioning has no num_classes)")
         self.w = check_guidance_scale(w)
+        if self.w > 0:
+            check_can_guide(den, self.w)
         self.labels = check_labels(labels, n)
         self.den, self.num_classes = den, n
         self.kind, self.schedule = den.kind, den.schedule

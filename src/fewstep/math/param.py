@@ -152,6 +152,12 @@ class NetDenoiser(torch.nn.Module):
         """The class count of a class-conditional network (None: unconditional)."""
         return getattr(self.net, "num_classes", None)
 
+    @property
+    def has_null_label(self) -> bool:
+        """Whether the network has an unconditional (null-label) model to guide with (classifier-free
+        guidance); False for an imported conditional-only network."""
+        return bool(getattr(self.net, "has_null_label", True))
+
     def amp(self, device: torch.device) -> bool:
         """Whether a forward on ``device`` runs under bf16 autocast."""
         return self.autocast and (device.type == "cuda" or (device.type == "cpu" and self.cpu_autocast))
