@@ -168,8 +168,14 @@ def ranking(root: Path) -> str:
         p = h.get("paired") or {}
         diff = (f"{_g(p['fd_diff'], 2)} [{_g(p['fd_diff_lo'], 2)}, {_g(p['fd_diff_hi'], 2)}]"
                 if p.get("fd_diff_lo") is not None else "-")
-        vs = (["reference", "reference"] if name == ref_name
-              else [_vs(h, ref, label, key, ref=ref_name) for key in ("fd", "kid")])
+        r_name = p.get("ref", ref_name)  # a conditional row's reference is the teacher's DDIM at its own w
+        if r.get("is_reference"):
+            vs = ["reference", "reference"]
+        elif r_name in rows:
+            r_label = "the teacher's DDIM-" + str(rows[r_name]["nfe"]) if r_name != ref_name else label
+            vs = [_vs(h, _scored(rows[r_name], n), r_label, key, ref=r_name) for key in ("fd", "kid")]
+        else:
+            vs = ["-", "-"]
         body.append([name, str(r["nfe"]), str(h["n"]), _ci(h), kid, _g(h["recall"], 2), dup, diff, *vs])
     floor = ev.get("fd_floor")
     sens = ""

@@ -27,7 +27,7 @@ import torch
 from fewstep import models, parallel, samplers
 from fewstep.math import metrics as M
 from fewstep.math.ddim import PerImageNoise
-from fewstep.math.guidance import ClassGuidance, fitted_scale
+from fewstep.math.guidance import ClassGuidance, GuidanceError, fitted_scale
 from fewstep.math.olss import OLSSScheduler
 from fewstep.math.param import NetDenoiser
 from fewstep.math.split import SIDES, SplitDenoiser
@@ -116,6 +116,10 @@ def row_scales(card: models.ModelCard, ep) -> list[float | None]:
         return [None]
     if getattr(card, "guidance", None) is not None:
         return [0.0]
+    if any(ep.guidance) and not getattr(getattr(card, "arch", None), "has_null_label", True):
+        raise GuidanceError(f"evaluate.guidance {list(ep.guidance)} asks guided rows of a conditional-only model "
+                            "(imported without teacher.source.null_label: no unconditional prediction); "
+                            "set evaluate.guidance: [0.0] or give the null label")
     return [float(w) for w in ep.guidance]
 
 
@@ -482,8 +486,8 @@ def _class_reference(evaluator, ep, feats_of: Callable[[torch.Tensor], np.ndarra
     names = list(names) if names and len(names) == num_classes else [str(c) for c in range(num_classes)]
     if not ep.per_class:
         return class_reference(names)
-    if ep.n_samples < 2 * num_classes:
-        raise ClassEvaluationError(f"evaluate.per_class: {ep.n_samples} samples give fewer than 2 per class for "
+    if ep.n_samples < 3 * num_classes:  # 3: KID's sampling s.e. (metrics.kid_influence)
+        raise ClassEvaluationError(f"evaluate.per_class: {ep.n_samples} samples give fewer than 3 per class for "
                                    f"{num_classes} classes; raise evaluate.n_samples or set per_class false")
     if class_test is None:
         raise ClassEvaluationError("evaluate.per_class needs the test split's images and labels "
@@ -597,7 +601,8 @@ def run_evaluation(models_dir: Path, schedulers_dir: Path, ep, evaluator_dir: Pa
             r.update(guidance=row.guidance, steps=row.steps)
             if row.distilled_guidance is not None:
                 r["distilled_guidance"] = row.distilled_guidance
-            pred = evaluator.head(torch.as_tensor(f[:n], dtype=torch.float32, device=device)).argmax(1).cpu().numpy()
+            with torch.no_grad():
+                pred = evaluator.head(torch.as_tensor(f[:n], dtype=torch.float32, device=device)).argmax(1).cpu().numpy()
             r.update(class_scores(f[:n], pred, asked[:n], class_ref, kid_subsets=ep.kid_subsets, seed=ep.seed,
                                   resamples=ep.fd_resamples))
         if inc is not None:

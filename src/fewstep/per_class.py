@@ -118,9 +118,9 @@ def class_scores(feats: np.ndarray, predicted: np.ndarray, asked: np.ndarray, re
     for c, name in enumerate(ref.names):
         f = feats[asked == c]
         a = acc["per_class"][c]
-        if len(f) < 2:
+        if len(f) < 3:  # KID's sampling s.e. (metrics.kid_influence) needs 3
             raise ClassEvaluationError(f"class {c} ({name}) has {len(f)} sample(s) in this row; per-class FD/KID "
-                                       f"needs at least 2 (evaluate.n_samples >= 2 x {ref.num_classes} classes)")
+                                       f"needs at least 3 (evaluate.n_samples >= 3 x {ref.num_classes} classes)")
         per[name] = {"n": len(f), **feature_scores(f, ref.stats[c], kid_subsets, seed, resamples),
                      "accuracy": a["accuracy"], "accuracy_se": a["accuracy_se"]}
     out["per_class"] = per

@@ -168,10 +168,11 @@ def headline_markdown(results: dict[str, dict[str, Any]], meta: Mapping[str, Any
              "FD vs reference | KID vs reference |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---|---|"]
     for name, h in sorted(heads.items(), key=lambda kv: (results[kv[0]]["nfe"], kv[1]["fd"])):
-        if name == ref:
+        r_i = (h.get("paired") or {}).get("ref", ref)  # a conditional row's reference is the teacher's at its w
+        if results[name].get("is_reference"):
             vs = ["reference", "reference"]
         else:
-            vs = [claim(h, heads[ref], ref, key, ref=ref) if ref else "-" for key in ("fd", "kid")]
+            vs = [claim(h, heads[r_i], r_i, key, ref=r_i) if r_i in heads else "-" for key in ("fd", "kid")]
         lines.append(f"| {name}{_note(results[name])} | {results[name]['nfe']} | {_ci(h, 'fd', '.3f')} | "
                      f"{1e3 * h['kid']:.2f} ± "
                      f"{1e3 * h['kid_se']:.2f} | {h['recall']:.2f} | {_dup(h)} | {_ci(h, 'rmse', '.4f')} | "

@@ -166,7 +166,24 @@ def test_which_scales_a_model_is_sampled_at_and_what_the_evaluator_must_match():
         _class_reference(ev, ep, None, 2, None, None)
     with pytest.raises(ClassEvaluationError, match="needs the test split's images and labels"):
         _class_reference(ev, ep, None, 3, None, None)
-    with pytest.raises(ClassEvaluationError, match="10 samples give fewer than 2 per class for 6"):
+    with pytest.raises(ClassEvaluationError, match="10 samples give fewer than 3 per class for 6"):
         _class_reference(NS(cfg=NS(num_classes=6)), ep, None, 6, None, None)
     off = _class_reference(ev, EvaluateParams(per_class=False, n_samples=10), None, 3, ["a", "b", "c"], None)
     assert off.names == ("a", "b", "c") and off.stats is None
+
+
+def test_guided_rows_of_a_conditional_only_model_are_refused_before_any_sampling():
+    from types import SimpleNamespace as NS
+
+    from fewstep.config import EvaluateParams
+    from fewstep.evaluation import row_scales
+    from fewstep.math.guidance import ClassGuidance, GuidanceError
+
+    only = NS(conditioning=NS(kind="class"), arch=NS(has_null_label=False))  # imported without null_label
+    with pytest.raises(GuidanceError, match="conditional-only model"):
+        row_scales(only, EvaluateParams(guidance=[0.0, 1.0], n_samples=12))
+    assert row_scales(only, EvaluateParams(guidance=[0.0], n_samples=12)) == [0.0]
+    # a guided-distilled student in trajectories.models is sampled at w = 0, as its evaluation rows are
+    student = NS(num_classes=3, card=NS(guidance=1.0))
+    assert ClassGuidance.for_model(student, 2.0, 0).w == 0.0
+    assert ClassGuidance.for_model(NS(num_classes=3, card=NS(guidance=None)), 2.0, 0).w == 2.0

@@ -60,9 +60,9 @@ def unet_config(card: "ModelCard") -> dict[str, Any]:
 
     if not isinstance(card.arch, UNetArch):
         raise NativeExportError(f"a {card.family} model is not one fewstep UNet (family fewstep-unet)")
-    if card.conditioning.kind != "none":
-        raise NativeExportError(f"a {card.conditioning.kind}-conditional fewstep UNet cannot be exported yet: the "
-                                "diffusers wrapper is unconditional (issue 17)")
+    if card.conditioning.kind not in ("none", "class"):
+        raise NativeExportError(f"a {card.conditioning.kind}-conditional fewstep UNet cannot be exported: the "
+                                "diffusers wrapper takes class labels only")
     return {**card.arch.net.to_dict(), **_common(card)}
 
 

@@ -203,13 +203,16 @@ class ClassGuidance:
     @classmethod
     def for_model(cls, den: object, w: float, first_seed: int) -> "ClassGuidance | None":
         """The guidance of ``den`` at scale ``w`` (None for an unconditional model at w = 0; a
-        guidance scale for an unconditional model is refused)."""
+        guidance scale for an unconditional model is refused; a guided-distilled student is sampled
+        at w = 0, as its evaluation rows are)."""
         n = num_classes_of(den)
         if not n:
             if check_guidance_scale(w) > 0:
                 raise GuidanceError(f"guidance scale {w:g} asked of an unconditional model (its card's conditioning "
                                     "has no num_classes); set it to 0 or use a class-conditional model")
             return None
+        if distilled_scale(den) is not None:  # a guided-distilled student: its plain conditional output is guided
+            w = 0.0
         return cls(int(n), w, int(first_seed))
 
     def labels(self, seeds: Sequence[int]) -> list[int]:
