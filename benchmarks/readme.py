@@ -18,6 +18,7 @@ import argparse
 import json
 import math
 import re
+import statistics
 import sys
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -178,10 +179,10 @@ def ranking(root: Path) -> str:
             vs = ["-", "-"]
         body.append([name, str(r["nfe"]), str(h["n"]), _ci(h), kid, _g(h["recall"], 2), dup, diff, *vs])
     floor = ev.get("fd_floor")
-    sens = ""
+    sens = _resolution(ranked, rows, n)
     if floor:
         blur = ", ".join(f"sigma {s} px {_ci(b)}" for s, b in ev.get("fd_blur", {}).items())
-        sens = (f"\nWhat FD can see (test split, n={floor['n']}): held-out real images score {_ci(floor)} (the floor), "
+        sens += (f"\nWhat FD can see (test split, n={floor['n']}): held-out real images score {_ci(floor)} (the floor), "
                 f"the same images blurred: {blur}.\n")
     acc_file = root / "metrics/evaluator.json"
     acc = f" (test accuracy {_read(root, 'metrics/evaluator.json')['test_accuracy']:.4f})" if acc_file.exists() else ""
@@ -194,6 +195,29 @@ def ranking(root: Path) -> str:
             "(`fewstep.ranking`).\n\n"
             + _table(["row", "NFE", "n", "FD [95% CI]", "KID x1e3", "recall", "dup", "ΔFD vs ref [95% CI]",
                       "FD vs reference", "KID vs reference"], list("lrrrrrrrll"), body) + sens)
+
+
+def _resolution(ranked: Mapping[str, Mapping[str, Any]], rows: Mapping[str, Mapping[str, Any]], n: int) -> str:
+    """What the ranking can resolve in this run: the 95% half-widths, relative to the reference's FD,
+    of each ranked row's own FD interval (unpaired) and of its paired FD difference."""
+    unpaired, paired = [], []
+    for r in ranked.values():
+        h = _scored(r, n)
+        p = h.get("paired") or {}
+        ref = rows.get(p.get("ref", ""))
+        if p.get("fd_diff_lo") is None or ref is None:
+            continue
+        ref_fd = _scored(ref, n)["fd"]
+        paired.append((p["fd_diff_hi"] - p["fd_diff_lo"]) / 2 / ref_fd)
+        if h.get("fd_lo") is not None:
+            unpaired.append((h["fd_hi"] - h["fd_lo"]) / 2 / ref_fd)
+    if not paired:
+        return ""
+    pct = lambda v: f"{100 * v:.1f}%"  # noqa: E731
+    return (f"\nResolution in this run (95% half-widths relative to the reference's FD, over the {len(paired)} "
+            f"paired rows): a row's own FD interval {pct(min(unpaired))}-{pct(max(unpaired))} "
+            f"(median {pct(statistics.median(unpaired))}); the paired FD difference {pct(min(paired))}-"
+            f"{pct(max(paired))} (median {pct(statistics.median(paired))}).\n") if unpaired else ""
 
 
 OLSS_LABELS = {"ddim": "DDIM on the same steps (no fit)", "olss": "registered `olss-N` (x-hat, closed loop)",
