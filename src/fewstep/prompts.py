@@ -32,7 +32,7 @@ import torch
 
 from fewstep import storage
 from fewstep.errors import UserError
-from fewstep.math.guidance import GuidanceError, GuidedDenoiser, check_guidance_scale
+from fewstep.math.guidance import GuidanceError, GuidedDenoiser, check_guidance_scale, cycle_labels
 
 PROMPT_KEY, NEGATIVE_KEY = "prompt_embeds", "negative_prompt_embeds"
 TEXT_SUFFIXES = (".txt", ".json")
@@ -67,8 +67,8 @@ class PromptSet:
         return int(self.embeds.shape[2])
 
     def indices(self, seeds: Sequence[int], first_seed: int) -> list[int]:
-        """The prompt of each seed: (seed - first_seed) mod N."""
-        return [(int(s) - int(first_seed)) % self.n for s in seeds]
+        """The prompt of each seed: (seed - first_seed) mod N (the class rule, fewstep.math.guidance)."""
+        return cycle_labels(seeds, first_seed, self.n)
 
     def select(self, idx: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """(prompt, negative) embeddings (B, L, D) of prompts ``idx``."""
