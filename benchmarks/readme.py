@@ -2,7 +2,9 @@
 
 Every block of README.md between ``<!-- generated:NAME -->`` and ``<!-- /generated:NAME -->`` is
 rewritten from ``metrics/*.json`` and ``reports/`` by the function ``NAME`` below; the text around
-the blocks is left alone. After `dvc repro` (new metrics) run
+the blocks is left alone. ``<!-- generated:NAME@RUN -->`` runs the same function on a kept run,
+``results/RUN/`` (the same layout: ``metrics/``, ``reports/``, ...; e.g. ``results/cpu-full``, the
+runs of the studies the lean CPU default leaves out). After `dvc repro` (new metrics) run
 
     python benchmarks/readme.py            # rewrite README.md in place
     python benchmarks/readme.py --check    # exit 1 if README.md differs from what the metrics give
@@ -26,7 +28,9 @@ from typing import Any, Callable, Mapping
 from fewstep.ranking import IncomparableError, claim, interval
 
 ROOT = Path(__file__).resolve().parents[1]
-BLOCK = re.compile(r"(<!-- generated:(?P<name>[a-z0-9-]+) -->\n)(?P<body>.*?)(<!-- /generated:(?P=name) -->)", re.S)
+BLOCK = re.compile(r"(<!-- generated:(?P<name>[a-z0-9-]+(?:@[a-z0-9-]+)?) -->\n)(?P<body>.*?)(<!-- /generated:(?P=name) -->)",
+                   re.S)
+RESULTS = "results"  # NAME@RUN blocks read results/RUN/
 
 # (evaluation row, label) of the headline table, in order
 HEADLINE = [
@@ -66,6 +70,11 @@ OBJECTIVES = [("eps-snr", "eps, snr (eps-MSE)"), ("x-sqrt_snr", "x, sqrt_snr (PD
 
 def _read(root: Path, rel: str) -> dict:
     return json.loads((root / rel).read_text())
+
+
+def _path(root: Path, rel: str) -> str:
+    """``rel`` as the README names it: under ``results/RUN/`` when ``root`` is a kept run's folder."""
+    return f"{RESULTS}/{root.name}/{rel}" if root.parent.name == RESULTS else rel
 
 
 def _g(x: float, digits: int = 3) -> str:
@@ -144,7 +153,7 @@ def evaluation(root: Path) -> str:
     rows = ev["rows"]
     body = [[label or olss_label(root, name), str(r["nfe"]), _ci(r), f"{1e3 * r['kid']:.0f}", _g(r["rmse"]),
              _g(r["psnr"])] for name, label in HEADLINE if (r := rows.get(name))]
-    return (f"{ev['n_samples']} samples per row, {len(rows)} rows in `reports/evaluation.md`; FD/KID in the pipeline's "
+    return (f"{ev['n_samples']} samples per row, {len(rows)} rows in `{_path(root, 'reports/evaluation.md')}`; FD/KID in the pipeline's "
             f"own evaluator features (test accuracy {acc:.4f}), RMSE against the teacher's full-step DDIM sample "
             "from the same noise.\n\n"
             + _table(["sampler", "NFE", "FD", "KID x1e3", "RMSE", "PSNR"], list("lrrrrr"), body))
@@ -264,8 +273,11 @@ def olss(root: Path) -> str:
 
 
 def grids(root: Path) -> str:
-    cells = [f"![{cap}](reports/grids/{name}.png)" for name, cap in GRIDS]
-    return _table([cap for _, cap in GRIDS], list("lllll"), [cells]) + "\n*Same seeds in every grid (`evaluate`).*\n"
+    """The headline grids this run made (a sampler the run left out, e.g. the diffusers peers, has none)."""
+    shown = [(name, cap) for name, cap in GRIDS if (root / f"reports/grids/{name}.png").exists()]
+    cells = [f"![{cap}]({_path(root, f'reports/grids/{name}.png')})" for name, cap in shown]
+    return (_table([cap for _, cap in shown], ["l"] * len(shown), [cells])
+            + "\n*Same seeds in every grid (`evaluate`).*\n")
 
 
 def pareto(root: Path) -> str:
@@ -281,7 +293,7 @@ def pareto(root: Path) -> str:
 
 def teacher(root: Path) -> str:
     t = _read(root, "metrics/teacher.json")
-    return (f"Teacher training (`metrics/teacher.json`): {t['steps']:,} steps, {t['params']:,} parameters, "
+    return (f"Teacher training (`{_path(root, 'metrics/teacher.json')}`): {t['steps']:,} steps, {t['params']:,} parameters, "
             f"{t['images_per_s']:.0f} images/s on the `{t['device']}` (final loss {_g(t['final_loss'])}).\n")
 
 
@@ -400,10 +412,13 @@ SECTIONS: dict[str, Callable[[Path], str]] = {
 def render(text: str, root: Path = ROOT) -> str:
     """``text`` with every generated block rewritten from the metrics under ``root``."""
     def sub(m: re.Match) -> str:
-        name = m.group("name")
+        name, _, run = m.group("name").partition("@")
         if name not in SECTIONS:
             raise SystemExit(f"README.md: unknown generated section {name!r} (known: {', '.join(SECTIONS)})")
-        return m.group(1) + SECTIONS[name](root) + m.group(4)
+        src = root / RESULTS / run if run else root
+        if not src.is_dir():
+            raise SystemExit(f"README.md: generated section {m.group('name')!r} reads {src}, which does not exist")
+        return m.group(1) + SECTIONS[name](src) + m.group(4)
 
     return BLOCK.sub(sub, text)
 

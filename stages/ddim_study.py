@@ -1,4 +1,4 @@
-"""Stage ddim_study: DDIM inversion, consistency and interpolation on the teacher (DDIM paper 5.2-5.4).
+"""Stage ddim_study@MODEL: DDIM inversion, consistency and interpolation on one model (DDIM paper 5.2-5.4).
 
 Outputs: metrics/ddim_study.json (reconstruction MSE per step count, consistency distances, timings);
 DVC plots plots/ddim_reconstruction.csv (steps -> MSE), plots/ddim_consistency.csv (steps -> pixel RMSE
@@ -47,7 +47,7 @@ def body(ctx: StageContext) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    run_stage("ddim_study", argv, add_args, body)
+    run_stage(lambda a: f"ddim_study@{Path(a.model).name}", argv, add_args, body)  # the DVC stage's name
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
-"""Stage redundancy: the x-prediction error of every teacher against the noise level, on the test
-split (the patched-diffusion paper's redundancy argument: at high noise the optimal x is blurry, so
-the curves of coarse, patched nets and full-resolution nets should coincide there).
+"""Stage redundancy@teachers (on with params redundancy.scope: [teachers]): the x-prediction error of
+every teacher against the noise level, on the test split (the patched-diffusion paper's redundancy
+argument: at high noise the optimal x is blurry, so the curves of coarse, patched nets and
+full-resolution nets should coincide there).
 
 Every model dir under models/ with role teacher (the teacher, the study's teacher-p<P>, split
 models) is scored on the same test images, timesteps and noise per log-SNR bin (redundancy.*).
@@ -42,7 +43,7 @@ def body(ctx: StageContext) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    run_stage("redundancy", argv, add_args, body)
+    run_stage("redundancy@teachers", argv, add_args, body)  # the DVC stage's name (redundancy.scope: [teachers])
 
 
 if __name__ == "__main__":

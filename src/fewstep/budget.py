@@ -247,12 +247,14 @@ def project(p: Params) -> list[Work]:
     out.append(Work("evaluate", "evaluator features", eg, forward=n * n_rows + (n_h - n) * n_ranked
                     + p.evaluator.ref_subset + (len(ev.blur_sigmas) + 1) * n))  # + the FD sensitivity check
     rp = p.redundancy
-    out.append(Work("redundancy", f"{1 + len(study)} models", sum([tg] + [g for g, _ in study.values()]),
-                    forward=rp.n_images * rp.bins))
+    if rp.scope:  # [] = the stage is off
+        out.append(Work("redundancy", f"{1 + len(study)} models", sum([tg] + [g for g, _ in study.values()]),
+                        forward=rp.n_images * rp.bins))
     dp = p.ddim_study
     k = (2 * dp.n_images * sum(min(n, T) for n in dp.recon_steps) + dp.n_consistency * sum(min(n, T) for n in dp.consistency_steps)
          + dp.interp_pairs * (2 * dp.interp_n * dp.interp_steps + 2 * dp.interp_steps))
-    out.append(Work("ddim_study", "teacher", tg, forward=k))
+    for m in dp.models:  # [] = the stage is off
+        out.append(Work("ddim_study", m, nets.get(m, tg), forward=k))
     return out
 
 

@@ -487,8 +487,12 @@ class ObjectiveParams(_Strict):
 
 
 class RedundancyParams(_Strict):
-    """x-prediction error of every teacher against log-SNR on the test split (the PDM argument)."""
+    """x-prediction error of every teacher against log-SNR on the test split (the PDM argument).
+    ``scope: [teachers]`` runs it (stage redundancy@teachers, every models/teacher*); ``[]`` = off (a list
+    because DVC switches a stage off only through an empty ``foreach``)."""
 
+    scope: list[Literal["teachers"]] = Field(default_factory=list, max_length=1,
+                                             description="[teachers] = on (stage redundancy@teachers), [] = off")
     n_images: int = Field(256, ge=1)
     bins: int = Field(10, ge=1)
     logsnr_min: float = -10.0
@@ -504,8 +508,12 @@ class RedundancyParams(_Strict):
 
 
 class DDIMStudyParams(_Strict):
-    """DDIM inversion / consistency / interpolation study on the teacher (stage ddim_study)."""
+    """DDIM inversion / consistency / interpolation study on one model (stage ddim_study@<model>).
+    ``models: [teacher]`` runs it on models/teacher; ``[]`` = off (a list because DVC switches a stage
+    off only through an empty ``foreach``; at most one model: the study's outputs have fixed names)."""
 
+    models: list[str] = Field(default_factory=list, max_length=1,
+                              description="[teacher] = on (stage ddim_study@teacher), [] = off")
     n_images: int = Field(8, ge=1, description="test images encoded and decoded for the reconstruction error")
     recon_steps: list[int] = Field(default_factory=lambda: [10, 20, 50, 100, 1024], min_length=1)
     consistency_steps: list[int] = Field(default_factory=lambda: [10, 20, 50, 100, 1024], min_length=1,

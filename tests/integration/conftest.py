@@ -68,7 +68,8 @@ def tiny_pipeline_params(train_source: str, test_source: str | None) -> dict:
     p["study"]["patch_sizes"] = []  # the patch study and split models are off here (test_patch_study.py runs them)
     p["split"]["models"] = {}
     p["objective"]["variants"] = []
-    p["redundancy"].update(n_images=16, bins=4, batch_size=16)
+    p["redundancy"].update(scope=["teachers"], n_images=16, bins=4, batch_size=16)  # on (off in the CPU default)
+    p["ddim_study"]["models"] = ["teacher"]
     return p
 
 

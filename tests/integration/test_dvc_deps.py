@@ -1,7 +1,7 @@
 """Every DVC stage depends on the code it runs (issue 15, point 1).
 
-The project's own dvc.yaml and params.yaml (the CPU default: every stage kind, foreach and matrix
-expanded) in a temp git repo; every declared output is stood in for by a placeholder and
+The project's own dvc.yaml and params.yaml with profiles/cpu-full.yaml applied (the full CPU run:
+every stage kind, foreach and matrix expanded) in a temp git repo; every declared output is stood in for by a placeholder and
 `dvc commit -f` records the lock, so no stage has to run. Then one code byte of
 ``src/fewstep/models.py`` changes and `dvc status` must report every stage that loads a model.
 """
@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from fewstep.profiles import apply_profile
 from tests.helpers import ROOT
 from tests.integration.conftest import run
 
@@ -58,6 +59,7 @@ def locked_repo(tmp_path) -> tuple[Path, dict[str, dict]]:
         else:
             shutil.copy(src, repo / name)
     (repo / "metrics/objective").mkdir(parents=True, exist_ok=True)
+    apply_profile(repo / "params.yaml", "cpu-full")  # the lean default leaves the study stages out
     run(["git", "init", "-q", "-b", "main"], repo)
     run([sys.executable, "-m", "dvc", "init", "-q"], repo)
     run([sys.executable, "-m", "dvc", "config", "core.check_update", "false"], repo)
@@ -73,7 +75,8 @@ def test_a_code_byte_in_models_py_makes_every_model_loading_stage_changed(locked
     assert set(_status(repo)) <= always, "the freshly committed lock should be up to date"
     loaders = sorted(s for s, st in stages.items() if any(d == "models" or d.startswith("models/") for d in st["deps"]))
     kinds = {s.split("@")[0] for s in loaders}
-    assert {"distill", "collect_trajectories", "fit_olss", "evaluate", "register", "ddim_study"} <= kinds, kinds
+    assert {"distill", "collect_trajectories", "fit_olss", "evaluate", "register", "ddim_study", "redundancy",
+            "study_teacher", "train_split"} <= kinds, kinds
 
     models_py = repo / "src/fewstep/models.py"
     lines = models_py.read_text().splitlines(keepends=True)

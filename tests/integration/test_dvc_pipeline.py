@@ -42,8 +42,8 @@ def test_dvc_repro_runs_the_stages_and_caches(repo):
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
     assert set(lock["stages"]) == {"prepare_data", "train_teacher", "distill@student-2", "distill@student-1",
                                    "collect_trajectories@teacher", "fit_olss@teacher-2", "fit_olss@teacher-3",
-                                   "train_evaluator", "evaluate", "register", "promote", "redundancy",
-                                   "objective_report", "ddim_study"}
+                                   "train_evaluator", "evaluate", "register", "promote", "redundancy@teachers",
+                                   "objective_report", "ddim_study@teacher"}
     study = storage.read_json(repo / "metrics/ddim_study.json")
     assert study["split"] == "test" and set(study["reconstruction"]) == {"2", "64"}
     assert (repo / "samples/ddim_interpolation.png").exists() and (repo / "plots/ddim_consistency.csv").exists()

@@ -19,8 +19,8 @@ from tests.integration.conftest import build_tiny_repo, run
 pytest.importorskip("diffusers")
 
 STAGES = {"prepare_data", "train_teacher", "distill@student-8", "distill@student-4", "collect_trajectories@teacher",
-          "fit_olss@teacher-4", "train_evaluator", "evaluate", "register", "promote", "redundancy",
-          "objective_report", "ddim_study"}
+          "fit_olss@teacher-4", "train_evaluator", "evaluate", "register", "promote", "redundancy@teachers",
+          "objective_report", "ddim_study@teacher"}
 
 
 def _source(out: Path) -> tuple[Path, str]:

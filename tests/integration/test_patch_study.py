@@ -23,9 +23,9 @@ def _study(p: dict) -> None:
 def test_study_stages_make_one_teacher_per_patch_size_and_the_redundancy_plot(tmp_path):
     repo = build_tiny_repo(tmp_path / "repo", tmp_path / "data", tweak=_study)
     run([sys.executable, "-m", "dvc", "repro", "study_teacher", "train_split"], repo)
-    run([sys.executable, "-m", "dvc", "repro", "--single-item", "redundancy"], repo)
+    run([sys.executable, "-m", "dvc", "repro", "--single-item", "redundancy@teachers"], repo)
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
-    assert {"study_teacher@1", "study_teacher@2", "train_split@teacher-split", "redundancy"} <= set(lock["stages"])
+    assert {"study_teacher@1", "study_teacher@2", "train_split@teacher-split", "redundancy@teachers"} <= set(lock["stages"])
     assert "train_teacher" not in lock["stages"]  # the study does not need the main teacher
     gflops = {}
     for P in (1, 2):

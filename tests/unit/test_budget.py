@@ -55,22 +55,32 @@ def test_counts_follow_the_params():
     d = _stage(budget.project(p), "distill@student-4")[0]
     assert d.train == r.train_steps * r.batch_size and d.fp32_forward == 2 * d.train
     assert d.gflop == pytest.approx(d.gflops * (3 * d.train + d.forward + budget.FP32_FORWARD_COST * d.fp32_forward))
-    # turning the study off removes its stages and its evaluation rows
-    off = budget.project(_params(split_off=True, study={"patch_sizes": []}))
+    # the study (on in profiles/cpu-full.yaml): turning it off removes its stages and its evaluation rows
+    import yaml
+
+    full = yaml.safe_load((ROOT / "profiles/cpu-full.yaml").read_text())
+    on = budget.project(_params(**full))
+    assert {"study_teacher@1", "study_teacher@4", "train_split@teacher-split", "redundancy", "ddim_study"} <= {
+        w.stage for w in on}
+    off = budget.project(_params(split_off=True, **{**full, "study": {**full["study"], "patch_sizes": []}}))
     assert not [w for w in off if w.stage.startswith(("study_teacher", "train_split"))]
-    assert budget.by_stage(off)["evaluate"] < budget.by_stage(budget.project(p))["evaluate"]
+    assert budget.by_stage(off)["evaluate"] < budget.by_stage(on)["evaluate"]
+    # the CPU default has them off, and the redundancy and DDIM studies with them
+    assert not [w for w in budget.project(p) if w.stage.startswith(("study_teacher", "train_split", "redundancy",
+                                                                    "ddim_study"))]
 
 
 def test_the_reference_row_is_counted_once():
-    p = _params()
+    h = {"n_headline": 2000}  # the ranked rows at more samples than the table (cpu-full; off in the default)
+    p = _params(evaluate=h)
     ref = p.evaluate.reference_steps
-    with_ref = _params(evaluate={"ddim_steps": [4, ref]})
-    without = _params(evaluate={"ddim_steps": [4]})
+    with_ref = _params(evaluate={**h, "ddim_steps": [4, ref]})
+    without = _params(evaluate={**h, "ddim_steps": [4]})
     ev = lambda q: sum(w.forward for w in budget.project(q) if w.net == "teacher rows")  # noqa: E731
     assert ev(with_ref) == ev(without)
     # DDIM at a student's step count is a ranked row (n_headline samples); at another count, n_samples
-    assert ev(_params(evaluate={"ddim_steps": [4, 8]})) == ev(without) + 8 * p.evaluate.headline_n
-    assert ev(_params(evaluate={"ddim_steps": [4, 16]})) == ev(without) + 16 * p.evaluate.n_samples
+    assert ev(_params(evaluate={**h, "ddim_steps": [4, 8]})) == ev(without) + 8 * p.evaluate.headline_n
+    assert ev(_params(evaluate={**h, "ddim_steps": [4, 16]})) == ev(without) + 16 * p.evaluate.n_samples
     assert p.evaluate.headline_n > p.evaluate.n_samples
 
 

@@ -7,6 +7,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from tests.helpers import ROOT
 
 README = ROOT / "README.md"
@@ -27,12 +29,13 @@ def test_generated_blocks_equal_what_the_metrics_give(tmp_path):
     r = _check("--check")
     assert r.returncode == 0, r.stderr
     text = README.read_text()
-    names = re.findall(r"<!-- generated:([a-z0-9-]+) -->", text)
-    assert {"evaluation", "pareto", "teacher", "redundancy", "ddim-study"} <= set(names)
+    names = re.findall(r"<!-- generated:([a-z0-9@-]+) -->", text)
+    assert {"evaluation", "pareto", "teacher", "ranking", "ranking@cpu-full", "redundancy@cpu-full",
+            "ddim-study@cpu-full", "study-rows@cpu-full"} <= set(names)
     assert len(names) == len(set(names)) == text.count("<!-- /generated:")
     # the check can fail: a typed number inside a block is caught
     stale = tmp_path / "README.md"
-    for p in ("metrics", "reports"):
+    for p in ("metrics", "reports", "results"):
         (tmp_path / p).symlink_to(ROOT / p)
     stale.write_text(text.replace("<!-- generated:teacher -->\n", "<!-- generated:teacher -->\n865 img/s\n", 1))
     r = _check("--check", "--readme", str(stale))
@@ -114,3 +117,23 @@ def test_generated_rankings_claim_an_order_only_where_intervals_separate(tmp_pat
     del m["variants"]
     (tmp_path / "metrics/olss/teacher-4.json").write_text(json.dumps(m))
     assert "`olss-paper-4` | olss_paper | 0.0730" in readme.olss(tmp_path)
+
+
+def test_a_block_of_a_kept_run_reads_that_run_and_names_its_files(tmp_path):
+    from benchmarks import readme
+
+    _synthetic_metrics(tmp_path / "results" / "run-a")
+    (tmp_path / "results/run-a/metrics/teacher.json").write_text(
+        '{"steps": 1500, "params": 10, "images_per_s": 99.0, "device": "cpu", "final_loss": 0.5}')
+    (tmp_path / "results/run-a/reports/grids").mkdir(parents=True)
+    (tmp_path / "results/run-a/reports/grids/teacher-ddim-4.png").write_bytes(b"png")
+    text = ("<!-- generated:ranking@run-a -->\n<!-- /generated:ranking@run-a -->\n"
+            "<!-- generated:grids@run-a -->\n<!-- /generated:grids@run-a -->\n"
+            "<!-- generated:teacher@run-a -->\n<!-- /generated:teacher@run-a -->\n")
+    out = readme.render(text, tmp_path)
+    assert "| student-4 ddim 4 | 4 | 2000 | 33.9 [32.8, 34.9]" in out  # results/run-a's numbers
+    # only the grids the run made, named by their path from the README
+    assert "![DDIM 4](results/run-a/reports/grids/teacher-ddim-4.png)" in out and "unipc" not in out
+    assert "(`results/run-a/metrics/teacher.json`): 1,500 steps" in out
+    with pytest.raises(SystemExit, match="results/nope"):
+        readme.render("<!-- generated:ranking@nope -->\n<!-- /generated:ranking@nope -->\n", tmp_path)
