@@ -187,6 +187,19 @@ class ConditioningParams(_Strict):
     p_uncond: float = Field(0.1, ge=0.0, lt=1.0, description="probability a training label is dropped to null")
 
 
+class TimeSamplingParams(_Strict):
+    """How a training step draws its noise levels. ``uniform``: t uniform on the grid (the DDPM /
+    progressive-distillation default; on the cosine schedule log-SNR then has mean 0 and s.d. pi).
+    ``logsnr_normal``: log-SNR ~ N(mean, std^2), snapped to the nearest grid index: EDM's
+    log-normal noise levels (Karras et al. 2022, sec. 5: ln sigma ~ N(-1.2, 1.2^2) with sigma_data =
+    0.5, i.e. log-SNR ~ N(2.4, 2.4^2) for data in [-1, 1]), which spends the steps on the noise levels
+    where the loss can still fall instead of near-pure noise or near-clean images."""
+
+    kind: Literal["uniform", "logsnr_normal"] = "uniform"
+    mean: float = Field(2.4, ge=-30.0, le=30.0, description="log-SNR mean (logsnr_normal)")
+    std: float = Field(2.4, gt=0.0, le=30.0, description="log-SNR standard deviation (logsnr_normal)")
+
+
 class TeacherParams(_Strict):
     # not a training hyperparameter: left out of model_dump, so the trained teacher's run and params
     # hashes (its card, checkpoints) and the study/split/objective teachers derived from this section
@@ -211,8 +224,15 @@ class TeacherParams(_Strict):
     sample: SampleParams = SampleParams()
     conditioning: Optional[ConditioningParams] = Field(None, description="null: unconditional; {kind: class, "
                                                        "p_uncond: 0.1}: class-conditional with label dropout")
+    t_sampling: Optional[TimeSamplingParams] = Field(None, description="null or {kind: uniform}: t uniform; "
+                                                     "{kind: logsnr_normal, mean, std}: EDM-style noise levels")
 
-    _added_keys: ClassVar[dict[str, Any]] = {"conditioning": None}
+    _added_keys: ClassVar[dict[str, Any]] = {"conditioning": None, "t_sampling": None}
+
+    @field_validator("t_sampling", mode="after")
+    @classmethod
+    def _uniform_is_default(cls, v: Optional[TimeSamplingParams]) -> Optional[TimeSamplingParams]:
+        return None if v is not None and v.kind == "uniform" else v  # one spelling, one run hash
 
     @model_validator(mode="after")
     def _combo(self) -> "TeacherParams":

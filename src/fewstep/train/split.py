@@ -23,7 +23,7 @@ from fewstep.math.losses import DEFAULT_WEIGHTING
 from fewstep.math.split import SIDES, boundary_index, boundary_logsnr
 from fewstep.nets.unet import UNet
 from fewstep.train.loop import LoopResult, train
-from fewstep.train.teacher import diffusion_loss, load_train_data, loop_config, schedule_of, schedule_spec
+from fewstep.train.teacher import diffusion_loss, time_sampling, load_train_data, loop_config, schedule_of, schedule_spec
 
 
 def init_matching(dst: torch.nn.Module, src: torch.nn.Module) -> tuple[int, int]:
@@ -81,7 +81,7 @@ def train_split(
         rh = storage.sha256_json({**base, "side": side, "teacher": tp.model_dump(), "t_range": list(ranges[side]),
                                   "init": init})
         loss_fn = diffusion_loss(data, schedule, tp.parameterization, weighting, tp.batch_size, tp.hflip,
-                                 t_range=ranges[side])
+                                 t_range=ranges[side], logsnr_normal=time_sampling(tp))
         res = train(net, loss_fn, loop_config(tp, p.base.seed), Path(ckpt_dir) / side, rh, device,
                     progress=progress, desc=f"{name} {side}")
         results[side] = res

@@ -65,14 +65,15 @@ def draw_like(batch_size: int, shape: tuple[int, ...], rows: slice, gen: torch.G
 def diffusion_loss(
     data: torch.Tensor, schedule: Schedule, kind: str, weighting: str, batch_size: int, hflip: bool,
     t_range: tuple[int, int] | None = None, labels: torch.Tensor | None = None, num_classes: int | None = None,
-    p_uncond: float = 0.0,
+    p_uncond: float = 0.0, logsnr_normal: tuple[float, float] | None = None,
 ) -> Callable[[torch.nn.Module, torch.Generator], torch.Tensor]:
     """loss_fn(net, gen, part) for the training loop. ``data``: uint8 (N, C, H, W) on the device.
 
     Timesteps uniform on 1..T, or on ``t_range`` (inclusive indices: one side of a split model's
     log-SNR boundary); every random draw comes from ``gen`` (seeded per step) for the whole global
     batch; the rank computes rows ``part.rows(batch_size)`` and returns their loss sum / batch_size
-    (its share of the global mean).
+    (its share of the global mean). ``logsnr_normal`` = (mean, std): timesteps drawn instead as
+    log-SNR ~ N(mean, std^2) snapped to the nearest index of ``t_range`` (:func:`logsnr_to_index`).
 
     ``labels`` (N,) long on the device, classes 0..num_classes-1: a class-conditional net
     ``net(z, t, y)``, each label dropped to the null label ``num_classes`` with probability
@@ -88,11 +89,12 @@ def diffusion_loss(
     if not 1 <= lo <= hi <= T:
         raise ValueError(f"t_range {t_range} must satisfy 1 <= lo <= hi <= T={T}")
     fmt = precision.memory_format(dev)  # channels_last on CUDA; on the CPU by base.channels_last
+    draw_t = uniform_t(lo, hi, dev) if logsnr_normal is None else logsnr_normal_t(schedule, lo, hi, *logsnr_normal, dev)
 
     def loss_fn(net: torch.nn.Module, gen: torch.Generator, part: BatchPart = BatchPart()) -> torch.Tensor:
         rows = part.rows(batch_size)
         x, idx = sample_batch_indexed(data, batch_size, hflip, gen, rows)
-        t = torch.randint(lo, hi + 1, (batch_size,), generator=gen, device=dev)[rows]
+        t = draw_t(batch_size, gen)[rows]
         eps = draw_like(batch_size, tuple(x.shape[1:]), rows, gen, dev)
         y = None if labels is None else drop_labels(labels[idx], p_uncond, null_label, batch_size, rows, gen)
         alpha, sigma = schedule.at(t, torch.float32)
@@ -105,6 +107,32 @@ def diffusion_loss(
     return loss_fn
 
 
+def uniform_t(lo: int, hi: int, device: torch.device) -> Callable[[int, torch.Generator], torch.Tensor]:
+    """Timesteps uniform on lo..hi (inclusive), the whole batch from ``gen``."""
+    return lambda n, gen: torch.randint(lo, hi + 1, (n,), generator=gen, device=device)
+
+
+def logsnr_to_index(schedule: Schedule, logsnr: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """The index in lo..hi whose log-SNR is nearest to each of ``logsnr`` (log-SNR falls with t)."""
+    lam = torch.from_numpy(schedule.logsnr[lo : hi + 1].copy()).to(logsnr.device, torch.float64)
+    asc = lam.flip(0)  # ascending: indices hi..lo
+    pos = torch.searchsorted(asc, logsnr.double()).clamp(1, len(asc) - 1) if len(asc) > 1 else torch.zeros_like(
+        logsnr, dtype=torch.long)
+    if len(asc) > 1:  # the nearer of the two neighbours
+        pos = torch.where((logsnr.double() - asc[pos - 1]).abs() <= (asc[pos] - logsnr.double()).abs(), pos - 1, pos)
+    return hi - pos
+
+
+def logsnr_normal_t(schedule: Schedule, lo: int, hi: int, mean: float, std: float,
+                    device: torch.device) -> Callable[[int, torch.Generator], torch.Tensor]:
+    """Timesteps whose log-SNR is N(mean, std^2) (EDM's log-normal noise levels, Karras et al. 2022),
+    snapped to the grid lo..hi; the draws are standard normals from ``gen``."""
+    def draw(n: int, gen: torch.Generator) -> torch.Tensor:
+        lam = mean + std * torch.randn(n, generator=gen, device=device, dtype=torch.float64)
+        return logsnr_to_index(schedule, lam, lo, hi)
+    return draw
+
+
 def check_train_labels(labels: torch.Tensor, n_images: int, num_classes: int) -> None:
     """One label per training image, each a class 0..num_classes-1 (a DataError otherwise)."""
     if labels.ndim != 1 or labels.shape[0] != n_images:
@@ -113,6 +141,12 @@ def check_train_labels(labels: torch.Tensor, n_images: int, num_classes: int) ->
     if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
         raise DataError(f"prepared labels span {int(labels.min())}..{int(labels.max())} but the manifest names "
                         f"{num_classes} classes; re-run prepare_data")
+
+
+def time_sampling(tp: Any) -> tuple[float, float] | None:
+    """(mean, std) of a teacher section's log-normal noise levels; None for uniform t."""
+    ts = getattr(tp, "t_sampling", None)
+    return (ts.mean, ts.std) if ts is not None and ts.kind == "logsnr_normal" else None
 
 
 def loop_config(tp: Any, seed: int) -> LoopConfig:
@@ -180,7 +214,8 @@ def train_teacher(
     loop = loop_config(tp, p.base.seed)
     rh = run_hash(p, manifest["content_hash"])
     loss_fn = diffusion_loss(data, schedule, tp.parameterization, weighting, tp.batch_size, tp.hflip, labels=labels,
-                             num_classes=num_classes, p_uncond=tp.conditioning.p_uncond if tp.conditioning else 0.0)
+                             num_classes=num_classes, p_uncond=tp.conditioning.p_uncond if tp.conditioning else 0.0,
+                             logsnr_normal=time_sampling(tp))
     result = train(net, loss_fn, loop, ckpt_dir, rh, device, progress=progress, desc="teacher", on_log=on_log)
     card = models.ModelCard(
         arch=models.UNetArch(result.net.cfg), role="teacher", parameterization=tp.parameterization,
