@@ -272,7 +272,8 @@ def by_stage(work: list[Work]) -> dict[str, float]:
     return out
 
 
-def cpu_seconds(work: list[Work], seconds_per_forward: dict[str, float], fp32_forward_cost: float = 1.0) -> dict[str, float]:
+def cpu_seconds(work: list[Work], seconds_per_forward: dict[str, float],
+                fp32_forward_cost: float = 1.0) -> dict[str, float]:
     """Projected seconds per stage on a CPU from measured seconds per forward image of each net: the FLOP
     rate of a CPU differs between small nets (on the project's AMD EPYC the evaluator CNN runs at about half
     the UNets' GFLOP/s), so each :class:`Work` is timed at its own net's measured rate.
