@@ -404,7 +404,7 @@ def cpu_hour(root: Path) -> str:
     per-class grids of the rows that have one; before that run, one line saying so."""
     d = root / HOUR_RESULTS
     if not (d / "evaluate.json").exists():
-        return ("Not run yet: `python -m stages.profile cpu-hour && dvc repro` (projected 49 min on 2 cores), then "
+        return ("Not run yet: `python -m stages.profile cpu-hour && dvc repro` (projected under 50 min on 2 cores), then "
                 f"copy `metrics/evaluate.json`, `reports/grids/*-classes.png` (to `grids/`) and `python "
                 f"benchmarks/stage_times.py --json stage_times.json` to `{HOUR_RESULTS}/`.\n")
     ev = json.loads((d / "evaluate.json").read_text())
