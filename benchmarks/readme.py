@@ -436,10 +436,49 @@ def cpu_hour(root: Path) -> str:
     return out
 
 
+def cpu_recipe(root: Path) -> str:
+    """The CPU default's teacher against the previous recipe (benchmarks/results/teacher_recipe.json: the
+    same seeds, evaluator and n) and against the stock diffusers recipe given its seconds
+    (benchmarks/results/stock_recipe.json); a line saying what is missing otherwise."""
+    res = root / "benchmarks" / "results"
+    out = []
+    tr = res / "teacher_recipe.json"
+    if tr.exists():
+        m = json.loads(tr.read_text())
+        body = []
+        for label, r in m["rows"].items():
+            body.append([label, str(r["train_steps"]), _ci(r), f"{1e3 * r['kid']:.0f} ± {1e3 * r['kid_se']:.0f}",
+                         f"{r['confident']:.2f}"])
+        body.append(["real training images", "", "", "", f"{m['real_confident']:.2f}"])
+        q = m["ratio"]
+        out.append(f"DDIM {m['steps']} steps, n = {m['n']} on the same seeds, one evaluator "
+                   f"(`{Path(m['evaluator']).name}`); p >= {m['confident_threshold']:g}: the share of images the "
+                   "evaluator gives one class at least that probability.\n\n"
+                   + _table(["teacher", "train steps", "FD [95% CI]", "KID x1e3", f"p >= {m['confident_threshold']:g}"],
+                            list("lrrrr"), body)
+                   + f"\nFD(new) / FD(previous) = {_g(q['candidate_over_baseline'])} [{_g(q['lo'])}, {_g(q['hi'])}] "
+                   f"(paired 95%): the previous teacher's FD is {_g(q['improvement'])}x the new one's.\n")
+    else:
+        out.append("No teacher comparison yet: `python benchmarks/teacher_recipe.py --baseline OLD_TEACHER --json "
+                   "benchmarks/results/teacher_recipe.json`.\n")
+    st = res / "stock_recipe.json"
+    if st.exists():
+        m = json.loads(st.read_text())
+        sc, rows = m["scores"], m["rows"]
+        out.append(f"\nThe stock diffusers recipe given the teacher's {m['seconds']:.0f} s on the same images "
+                   f"({rows['stock']['train_steps']:,} steps of a {rows['stock']['params'] / 1e6:.1f}M-parameter "
+                   f"UNet2DModel against {rows['fewstep']['train_steps']:,} of fewstep's "
+                   f"{rows['fewstep']['params'] / 1e6:.2f}M), DDIM {m['steps']}, n = {m['n']}: FD "
+                   f"{_ci(sc['stock'])} against fewstep's {_ci(sc['fewstep'])}, "
+                   f"ratio {_g(m['fd_ratio_stock_over_fewstep'])} (> 1: fewstep's teacher is better).\n")
+    return "".join(out)
+
+
 SECTIONS: dict[str, Callable[[Path], str]] = {
     "evaluation": evaluation, "grids": grids, "pareto": pareto, "teacher": teacher, "distill": distill,
     "ranking": ranking, "olss": olss, "study-rows": study_rows, "redundancy": redundancy, "objective": objective,
     "ddim-study": ddim_study, "per-class": per_class, "cpu-hour": cpu_hour,
+    "cpu-recipe": cpu_recipe,
 }
 
 
