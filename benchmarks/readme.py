@@ -402,10 +402,95 @@ def per_class(root: Path) -> str:
     return per_class_table(json.loads(path.read_text()))
 
 
+HOUR_RESULTS = "results/cpu-hour"  # a profiles/cpu-hour.yaml run: evaluate.json, grids/, stage_times.json
+
+
+def _hour_order(r: Mapping[str, Any]) -> tuple:
+    fam = {"ddim": 0, "olss": 1, "student": 2, "peer": 3}.get(r["family"], 4)
+    return (not r.get("is_reference"), -r.get("steps", 0) if r.get("is_reference") else r.get("steps", 0), fam)
+
+
+def cpu_hour(root: Path) -> str:
+    """The one-hour CPU profile's run (``results/cpu-hour/``): its evaluation table (DDIM, the headline
+    olss-N, the students and the diffusers peers, each with its w and NFE), the stage times, and the
+    per-class grids of the rows that have one; before that run, one line saying so."""
+    d = root / HOUR_RESULTS
+    if not (d / "evaluate.json").exists():
+        return ("Not run yet: `python -m stages.profile cpu-hour && dvc repro` (projected under 50 min on 2 cores), then "
+                f"copy `metrics/evaluate.json`, `reports/grids/*-classes.png` (to `grids/`) and `python "
+                f"benchmarks/stage_times.py --json stage_times.json` to `{HOUR_RESULTS}/`.\n")
+    ev = json.loads((d / "evaluate.json").read_text())
+    rows = {k: r for k, r in ev["rows"].items() if r["family"] in ("ddim", "olss", "student", "peer")}
+    names = list(ev.get("class_names") or [])
+    body = []
+    for name, r in sorted(rows.items(), key=lambda kv: (_hour_order(kv[1]), kv[0])):
+        note = f" (distilled at w={r['distilled_guidance']:g})" if r.get("distilled_guidance") is not None else ""
+        acc = f"{_g(r['accuracy'], 2)} ± {_g(r['accuracy_se'], 1)}" if "accuracy" in r else "-"
+        body.append([name + note + (" (reference)" if r.get("is_reference") else ""),
+                     f"{r['guidance']:g}" if "guidance" in r else "-", str(r["nfe"]), _ci(r),
+                     f"{1e3 * r['kid']:.0f} ± {1e3 * r['kid_se']:.0f}", acc,
+                     "-" if r.get("is_reference") else _g(r["rmse"])])
+    out = (f"{ev['n_samples']} samples per row, {len(names)} classes (seed s is of class (s - seed) mod {len(names)}); "
+           "w is the guidance scale (diffusers' guidance_scale = 1 + w), NFE counts both evaluations of a guided step; "
+           f"acc: the share the evaluator classifies as the asked class (chance {1 / max(1, len(names)):.2f}); RMSE "
+           "against the reference.\n\n"
+           + _table(["row", "w", "NFE", "FD [95% CI]", "KID x1e3", "acc", "RMSE"], list("lrrrrrr"), body))
+    times = d / "stage_times.json"
+    if times.exists():
+        st = json.loads(times.read_text())
+        out += (f"\nWall time {st['total_s'] / 60:.1f} min end to end on 2 cores: "
+                + ", ".join(f"{s} {sec / 60:.1f}" for s, sec in st["stages"].items()) + " (min).\n")
+    pics = [(n, f"{HOUR_RESULTS}/grids/{n.replace(' ', '-').replace('=', '-')}-classes.png")
+            for n, _ in sorted(rows.items(), key=lambda kv: (_hour_order(kv[1]), kv[0]))]
+    pics = [(n, f) for n, f in pics if (root / f).exists()]
+    if pics:
+        out += "\n" + "\n".join(f"![{n}]({f})" for n, f in pics) + "\n"
+    return out
+
+
+def cpu_recipe(root: Path) -> str:
+    """The CPU default's teacher against the previous recipe (benchmarks/results/teacher_recipe.json: the
+    same seeds, evaluator and n) and against the stock diffusers recipe given its seconds
+    (benchmarks/results/stock_recipe.json); a line saying what is missing otherwise."""
+    res = root / "benchmarks" / "results"
+    out = []
+    tr = res / "teacher_recipe.json"
+    if tr.exists():
+        m = json.loads(tr.read_text())
+        body = []
+        for label, r in m["rows"].items():
+            body.append([label, str(r["train_steps"]), _ci(r), f"{1e3 * r['kid']:.0f} ± {1e3 * r['kid_se']:.0f}",
+                         f"{r['confident']:.2f}"])
+        body.append(["real training images", "", "", "", f"{m['real_confident']:.2f}"])
+        q = m["ratio"]
+        out.append(f"DDIM {m['steps']} steps, n = {m['n']} on the same seeds, one evaluator "
+                   f"(`{Path(m['evaluator']).name}`); p >= {m['confident_threshold']:g}: the share of images the "
+                   "evaluator gives one class at least that probability.\n\n"
+                   + _table(["teacher", "train steps", "FD [95% CI]", "KID x1e3", f"p >= {m['confident_threshold']:g}"],
+                            list("lrrrr"), body)
+                   + f"\nFD(new) / FD(previous) = {_g(q['candidate_over_baseline'])} [{_g(q['lo'])}, {_g(q['hi'])}] "
+                   f"(paired 95%): the previous teacher's FD is {_g(q['improvement'])}x the new one's.\n")
+    else:
+        out.append("No teacher comparison yet: `python benchmarks/teacher_recipe.py --baseline OLD_TEACHER --json "
+                   "benchmarks/results/teacher_recipe.json`.\n")
+    st = res / "stock_recipe.json"
+    if st.exists():
+        m = json.loads(st.read_text())
+        sc, rows = m["scores"], m["rows"]
+        out.append(f"\nThe stock diffusers recipe given the teacher's {m['seconds']:.0f} s on the same images "
+                   f"({rows['stock']['train_steps']:,} steps of a {rows['stock']['params'] / 1e6:.1f}M-parameter "
+                   f"UNet2DModel against {rows['fewstep']['train_steps']:,} of fewstep's "
+                   f"{rows['fewstep']['params'] / 1e6:.2f}M), DDIM {m['steps']}, n = {m['n']}: FD "
+                   f"{_ci(sc['stock'])} against fewstep's {_ci(sc['fewstep'])}, "
+                   f"ratio {_g(m['fd_ratio_stock_over_fewstep'])} (> 1: fewstep's teacher is better).\n")
+    return "".join(out)
+
+
 SECTIONS: dict[str, Callable[[Path], str]] = {
     "evaluation": evaluation, "grids": grids, "pareto": pareto, "teacher": teacher, "distill": distill,
     "ranking": ranking, "olss": olss, "study-rows": study_rows, "redundancy": redundancy, "objective": objective,
-    "ddim-study": ddim_study, "per-class": per_class,
+    "ddim-study": ddim_study, "per-class": per_class, "cpu-hour": cpu_hour,
+    "cpu-recipe": cpu_recipe,
 }
 
 

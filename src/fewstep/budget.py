@@ -49,7 +49,12 @@ class Work:
 
     @property
     def gflop(self) -> float:
-        return self.gflops * (TRAIN_FORWARDS * self.train + self.forward + FP32_FORWARD_COST * self.fp32_forward)
+        return self.gflops * self.forward_images()
+
+    def forward_images(self, fp32_forward_cost: float = FP32_FORWARD_COST) -> float:
+        """The work in forward passes of one image of this net: training images x 3, float32 forwards
+        x ``fp32_forward_cost`` (1 on a CPU that runs float32 anyway: :func:`cpu_seconds`)."""
+        return TRAIN_FORWARDS * self.train + self.forward + fp32_forward_cost * self.fp32_forward
 
 
 def model_gflops(net: torch.nn.Module, shape: tuple[int, ...], *extra: torch.Tensor) -> float:
@@ -176,8 +181,11 @@ def project(p: Params) -> list[Work]:
         r = p.distill.round(name)
         g = nets.get(r.parent, tg)
         nets[name], steps_of[name] = g, r.steps
+        # guided distillation (a conditional teacher as the parent, guidance w > 0): each of the target's
+        # two DDIM steps is a guided call, 2 evaluations (later rounds distil the student plainly)
+        tcfg = 2 if r.parent == "teacher" and tp.source is None and tp.conditioning is not None and r.guidance else 1
         out.append(Work(f"distill@{name}", f"{2 * r.steps}->{r.steps} steps", g,
-                        train=r.train_steps * r.batch_size, fp32_forward=2 * r.train_steps * r.batch_size,
+                        train=r.train_steps * r.batch_size, fp32_forward=2 * tcfg * r.train_steps * r.batch_size,
                         forward=r.sample.n * _grid_steps(r.sample, r.steps)))
     study: dict[str, tuple[float, int]] = {}  # model dir -> (GFLOPs per call, training steps)
     for P in p.study.patch_sizes:
@@ -264,3 +272,19 @@ def by_stage(work: list[Work]) -> dict[str, float]:
     for w in work:
         out[w.stage] = out.get(w.stage, 0.0) + w.gflop
     return out
+
+
+def cpu_seconds(work: list[Work], seconds_per_forward: dict[str, float],
+                fp32_forward_cost: float = 1.0) -> dict[str, float]:
+    """Projected seconds per stage on a CPU from measured seconds per forward image of each net: the FLOP
+    rate of a CPU differs between small nets (on the project's AMD EPYC the evaluator CNN runs at about half
+    the UNets' GFLOP/s), so each :class:`Work` is timed at its own net's measured rate.
+    ``seconds_per_forward`` maps ``"evaluator"`` (the evaluator CNN: Work.net starting with "evaluator")
+    and ``"unet"`` (every other net: the teacher and the students that copy it) to seconds; float32
+    forwards count ``fp32_forward_cost`` forwards (1: the CPU runs float32 throughout)."""
+    out: dict[str, float] = {}
+    for w in work:
+        rate = seconds_per_forward["evaluator" if w.net.startswith("evaluator") else "unet"]
+        out[w.stage] = out.get(w.stage, 0.0) + rate * w.forward_images(fp32_forward_cost)
+    return out
+

@@ -36,6 +36,9 @@ SMOKE = {
 }
 
 
+SMOKE_ALL_CLASSES = 10  # the class count a smoke run assumes for prepare.classes: null (CIFAR-10)
+
+
 class ProfileError(ParamsError):
     """A profile that does not exist."""
 
@@ -50,6 +53,10 @@ def smoke(params: dict) -> dict:
         for side in ("high", "low"):
             sm.setdefault(side, {}).update({"steps": 2, "warmup": 1, "checkpoint_every": 2})
     ev = out.setdefault("evaluate", {})
+    if (out.get("teacher") or {}).get("conditioning") and ev.get("per_class", True):
+        # per-class FD/KID needs 3 samples of every class (fewstep.per_class): classes null = all of CIFAR-10's
+        k = len((out.get("prepare") or {}).get("classes") or []) or SMOKE_ALL_CLASSES
+        ev["n_samples"] = ev["batch_size"] = max(int(ev["n_samples"]), 3 * k)
     cap = lambda xs: sorted({min(int(n), 64) for n in xs})  # noqa: E731  (64 = the smoke reference)
     for key in ("ddim_steps", "eta_steps", "study_steps"):
         if key in ev:

@@ -70,6 +70,10 @@ def tiny_pipeline_params(train_source: str, test_source: str | None) -> dict:
     p["objective"]["variants"] = []
     p["redundancy"].update(scope=["teachers"], n_images=16, bins=4, batch_size=16)  # on (off in the CPU default)
     p["ddim_study"]["models"] = ["teacher"]
+    # one torch thread per stage: 8x8 nets gain little from a second one, and on 2 cores shared with
+    # anything else (the servers, another job) two OpenMP threads wait on each other (a tiny conv
+    # measured 1.7 ms on one thread, 62 ms on two, under a load of 6)
+    p["base"]["threads"] = 1
     return p
 
 

@@ -104,7 +104,7 @@ def test_the_lean_default_runs_every_method_and_leaves_the_studies_to_cpu_full()
     assert p.evaluate.headline_n == p.evaluate.n_samples  # no second block
 
 
-@pytest.mark.parametrize("profile", ["gpu", "gpu-full", "ddpm-cifar10", "cpu-cond"])
+@pytest.mark.parametrize("profile", ["gpu", "gpu-full", "ddpm-cifar10", "cpu-cond", "cpu-hour"])
 def test_the_lean_default_changes_no_other_profile(profile):
     """Each profile resolves over the lean default as it did over the previous one (cpu-full), the
     teacher section aside (the default's teacher recipe is the default's to change)."""

@@ -44,9 +44,10 @@ from typing import Any, ClassVar, Mapping, Sequence
 import torch
 
 from fewstep import models, storage
-from fewstep.interop.unet2d import (MODEL_INDEX, UNET_PICKLE, UNET_WEIGHTS, DiffusersExportError,
-                                    DiffusersSourceError, _diffusers, _read_config, _schedule_spec, _Source, _staging,
-                                    diffusers_timestep, public_config, scheduler_config)
+from fewstep.interop.unet2d import (MODEL_INDEX, UNET_WEIGHTS, DiffusersAdapter, DiffusersExportError,
+                                    DiffusersSourceError, _diffusers, _load_model, _read_config, _schedule_spec,
+                                    _Source, _staging, adapted_denoiser, diffusers_timestep, load_unet, public_config,
+                                    scheduler_config)
 from fewstep.math.guidance import GuidanceError
 from fewstep.math.param import NetDenoiser
 
@@ -71,16 +72,13 @@ UNSUPPORTED_UNET_KEYS = ("class_embed_type", "num_class_embeds", "addition_embed
 # the family
 
 
-class SDAdapter(torch.nn.Module):
+class SDAdapter(DiffusersAdapter):
     """``forward(z, tc, y)`` -> ``unet(z, tc * T - 1, encoder_hidden_states=y).sample``: a diffusers
     UNet2DConditionModel as a fewstep network; ``y`` (B, L, D) prompt embeddings are required.
     Its state dict is the UNet's own (no prefix)."""
 
     text_conditional = True
-
-    def __init__(self, unet: torch.nn.Module, T: int, arch: "DiffusersSDArch"):
-        super().__init__()
-        self.unet, self.T, self.arch = unet, int(T), arch
+    arch: "DiffusersSDArch"
 
     def forward(self, z: torch.Tensor, tc: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         if y is None or y.ndim != 3:
@@ -88,17 +86,8 @@ class SDAdapter(torch.nn.Module):
                                 "fewstep.prompts (a prompt file)")
         return self.unet(z, diffusers_timestep(tc, self.T).to(z.device), encoder_hidden_states=y.to(z.dtype)).sample
 
-    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:  # type: ignore[override]
-        return self.unet.state_dict(*args, **kwargs)
-
-    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True,  # type: ignore[override]
-                        assign: bool = False):
-        return self.unet.load_state_dict(state_dict, strict=strict, assign=assign)
-
-    def trainable_copy(self) -> "SDAdapter":
-        unet = self.arch.make_unet()
-        unet.load_state_dict(self.unet.state_dict(), strict=True)
-        return SDAdapter(unet.to(next(self.unet.parameters()).device), self.T, self.arch).train()
+    def trainable_copy(self) -> "DiffusersAdapter":
+        return self._copy(self.arch)
 
 
 def _size(cfg: Mapping[str, Any], where: str) -> int:
@@ -172,10 +161,7 @@ class DiffusersSDArch:
 
     def build(self, card: models.ModelCard, state: Mapping[str, torch.Tensor],
               device: torch.device | str) -> NetDenoiser:
-        unet = self.make_unet()
-        unet.load_state_dict(state, strict=True)
-        net = SDAdapter(unet, card.schedule.T, self)
-        return NetDenoiser(net.to(device).eval(), card.schedule.build(), card.parameterization)
+        return adapted_denoiser(SDAdapter, self, card, state, device)
 
 
 def load_vae(model_dir: str | Path, device: torch.device | str = "cpu") -> torch.nn.Module:
@@ -239,33 +225,6 @@ def _check_vae(cfg: Mapping[str, Any], ucfg: Mapping[str, Any], where: str) -> N
                                    f"in_channels {ucfg.get('in_channels', 4)}")
 
 
-def _load(src: _Source, folder: str, cls_name: str, cfg: Mapping[str, Any]) -> tuple[torch.nn.Module, dict]:
-    """(the model built from its config with safetensors weights loaded strictly, its state dict)."""
-    rel = f"{folder}/{UNET_WEIGHTS}"
-    if not src.exists(rel):
-        if src.exists(f"{folder}/{UNET_PICKLE}"):
-            raise DiffusersSourceError(f"{src.url}/{folder}/{UNET_PICKLE}: only pickled .bin weights, which fewstep "
-                                       f"never unpickles; supported: {UNET_WEIGHTS} (convert it where you trust the "
-                                       f"file: save_pretrained(dir, safe_serialization=True))")
-        raise DiffusersSourceError(f"{src.url} has no {rel}; expected {SUPPORTED}")
-    try:
-        model = getattr(_diffusers(), cls_name).from_config(public_config(cfg))
-    except Exception as e:  # diffusers raises ValueError / TypeError for inconsistent configs
-        raise DiffusersSourceError(f"{src.url}/{folder}/config.json: not a buildable {cls_name} config: "
-                                   f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
-    try:
-        state = storage.load_tensors(src.local(rel))
-    except Exception as e:
-        raise DiffusersSourceError(f"{src.url}/{rel} is not a readable safetensors file: "
-                                   f"{' '.join(str(e).split())}") from None
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        detail = " ".join(str(e).split())
-        raise DiffusersSourceError(f"{src.url}/{rel} does not match its config.json: {detail[:240]}") from None
-    return model.eval(), state
-
-
 def _list(src: _Source, folder: str) -> list[str]:
     """Relative paths of the files under ``folder`` of the source."""
     if src.remote:
@@ -311,8 +270,8 @@ def import_sd(source: str | os.PathLike, out: str | Path, *, name: str = "teache
         if kind == "x":
             raise DiffusersSourceError(f"{src.url}/scheduler/scheduler_config.json: prediction_type 'sample' is not "
                                        f"supported for latent pipelines; supported: epsilon, v_prediction")
-        unet, ustate = _load(src, "unet", UNET_CLASS, ucfg)
-        vae, vstate = _load(src, "vae", VAE_CLASS, vcfg)
+        unet, ustate = _load_model(src, "unet/", UNET_CLASS, ucfg, SUPPORTED)
+        vae, vstate = _load_model(src, "vae/", VAE_CLASS, vcfg, SUPPORTED)
         text_files, text_entries, seq_len = _text_parts(src)
         used = ["unet/config.json", f"unet/{UNET_WEIGHTS}", "vae/config.json", f"vae/{UNET_WEIGHTS}",
                 "scheduler/scheduler_config.json"] + ([MODEL_INDEX] if src.exists(MODEL_INDEX) else []) + text_files
@@ -407,8 +366,7 @@ def export_sd(model_dir: str | Path, out: str | Path, *, scheduler: Any = None,
     except ImportError:
         raise DiffusersExportError("exporting a StableDiffusionPipeline needs transformers: "
                                    "pip install 'fewstep[peers]'") from None
-    unet = arch.make_unet()
-    unet.load_state_dict(storage.load_tensors(model_dir / models.WEIGHTS), strict=True)
+    unet = load_unet(arch, storage.load_tensors(model_dir / models.WEIGHTS))
     if scheduler is None:  # steps_offset 1 as the pipeline wants it; trailing spacing does not use it
         scheduler = d.DDIMScheduler(**{**scheduler_config(card, clip=False), "steps_offset": 1})
     pipe = StableDiffusionPipeline(vae=load_vae(model_dir), text_encoder=None, tokenizer=None, unet=unet.eval(),

@@ -134,14 +134,49 @@ def diffusers_timestep(tc: torch.Tensor, T: int) -> torch.Tensor:
     return torch.where((t - r).abs() < 1e-3, r, t).float()
 
 
-class UNet2DAdapter(torch.nn.Module):
-    """``forward(z, tc)`` -> ``unet(z, tc * T - 1).sample``: a diffusers UNet2DModel as a fewstep
-    network (NetDenoiser). Its state dict is the UNet's own (no prefix), so a student saved from it
-    loads back into a UNet2DModel unchanged."""
+class DiffusersAdapter(torch.nn.Module):
+    """A diffusers UNet as a fewstep network: the shared part of the diffusers families' adapters
+    (UNet2DAdapter here, sd.SDAdapter). Its state dict is the UNet's own (no prefix), so weights
+    saved from it load back into the diffusers class unchanged. ``arch`` makes the UNet
+    (``arch.make_unet()``)."""
 
-    def __init__(self, unet: torch.nn.Module, T: int, arch: "DiffusersUNet2DArch"):
+    def __init__(self, unet: torch.nn.Module, T: int, arch: Any):
         super().__init__()
         self.unet, self.T, self.arch = unet, int(T), arch
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:  # type: ignore[override]
+        return self.unet.state_dict(*args, **kwargs)
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True,  # type: ignore[override]
+                        assign: bool = False):
+        return self.unet.load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def _copy(self, arch: Any) -> "DiffusersAdapter":
+        """A training-mode copy: ``arch``'s UNet with this one's weights, on this one's device."""
+        unet = load_unet(arch, self.unet.state_dict())
+        return type(self)(unet.to(next(self.unet.parameters()).device), self.T, arch).train()
+
+
+def load_unet(arch: Any, state: Mapping[str, torch.Tensor]) -> torch.nn.Module:
+    """``arch.make_unet()`` with ``state`` loaded (strict: every key, no other)."""
+    unet = arch.make_unet()
+    unet.load_state_dict(state, strict=True)
+    return unet
+
+
+def adapted_denoiser(adapter: type[DiffusersAdapter], arch: Any, card: models.ModelCard,
+                     state: Mapping[str, torch.Tensor], device: torch.device | str) -> NetDenoiser:
+    """The card's denoiser over ``arch``'s UNet holding ``state``, wrapped in ``adapter`` (the
+    ``build`` of both diffusers families)."""
+    net = adapter(load_unet(arch, state), card.schedule.T, arch)
+    return NetDenoiser(net.to(device).eval(), card.schedule.build(), card.parameterization)
+
+
+class UNet2DAdapter(DiffusersAdapter):
+    """``forward(z, tc)`` -> ``unet(z, tc * T - 1).sample``: a diffusers UNet2DModel as a fewstep
+    network (NetDenoiser); a student saved from it loads back into a UNet2DModel unchanged."""
+
+    arch: "DiffusersUNet2DArch"
 
     @property
     def num_classes(self) -> int | None:
@@ -164,19 +199,9 @@ class UNet2DAdapter(torch.nn.Module):
             y = torch.full((z.shape[0],), self.num_classes, dtype=torch.long, device=z.device)
         return self.unet(z, t, class_labels=self.arch.diffusers_labels(y)).sample
 
-    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:  # type: ignore[override]
-        return self.unet.state_dict(*args, **kwargs)
-
-    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True,  # type: ignore[override]
-                        assign: bool = False):
-        return self.unet.load_state_dict(state_dict, strict=strict, assign=assign)
-
-    def trainable_copy(self) -> "UNet2DAdapter":
+    def trainable_copy(self) -> "DiffusersAdapter":
         """A copy with dropout off (a distillation student, models.student_start)."""
-        arch = DiffusersUNet2DArch({**self.arch.config, "dropout": 0.0}, self.arch.null_label)
-        unet = arch.make_unet()
-        unet.load_state_dict(self.unet.state_dict(), strict=True)
-        return UNet2DAdapter(unet.to(next(self.unet.parameters()).device), self.T, arch).train()
+        return self._copy(DiffusersUNet2DArch({**self.arch.config, "dropout": 0.0}, self.arch.null_label))
 
 
 @models.register_family
@@ -257,10 +282,7 @@ class DiffusersUNet2DArch:
 
     def build(self, card: models.ModelCard, state: Mapping[str, torch.Tensor],
               device: torch.device | str) -> NetDenoiser:
-        unet = self.make_unet()
-        unet.load_state_dict(state, strict=True)
-        net = UNet2DAdapter(unet, card.schedule.T, self)
-        return NetDenoiser(net.to(device).eval(), card.schedule.build(), card.parameterization)
+        return adapted_denoiser(UNet2DAdapter, self, card, state, device)
 
 
 # --------------------------------------------------------------------------------------------
@@ -418,34 +440,37 @@ def _schedule_spec(cfg: Mapping[str, Any], where: str) -> tuple[models.ScheduleS
     return spec, PREDICTION[pt]
 
 
-def _load_unet(src: _Source, unet_dir: str, cfg: Mapping[str, Any]) -> torch.nn.Module:
-    """Build the UNet from its config and load its safetensors weights strictly (never unpickles)."""
-    if not src.exists(unet_dir + UNET_WEIGHTS):
-        if src.exists(unet_dir + UNET_PICKLE):
-            raise DiffusersSourceError(f"{src.url}/{unet_dir}{UNET_PICKLE}: only pickled .bin weights, which fewstep "
+def _load_model(src: _Source, prefix: str, cls_name: str, cfg: Mapping[str, Any],
+                supported: str = SUPPORTED) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+    """(the diffusers ``cls_name`` built from ``cfg`` with ``prefix + UNET_WEIGHTS`` loaded strictly,
+    its state dict): the source loader of both diffusers families (``prefix``: the model's folder
+    with its trailing slash, or ""). Only safetensors: a folder with pickled .bin weights alone is
+    refused, never unpickled. Every failure is a DiffusersSourceError naming ``supported``."""
+    rel = prefix + UNET_WEIGHTS
+    if not src.exists(rel):
+        if src.exists(prefix + UNET_PICKLE):
+            raise DiffusersSourceError(f"{src.url}/{prefix}{UNET_PICKLE}: only pickled .bin weights, which fewstep "
                                        f"never unpickles; supported: {UNET_WEIGHTS} (convert it where you trust the "
-                                       f"file: UNet2DModel.from_pretrained(dir).save_pretrained(dir, "
+                                       f"file: {cls_name}.from_pretrained(dir).save_pretrained(dir, "
                                        f"safe_serialization=True))")
-        raise DiffusersSourceError(f"{src.url} has no {unet_dir}{UNET_WEIGHTS}; expected {SUPPORTED}")
-    d = _diffusers()
+        raise DiffusersSourceError(f"{src.url} has no {rel}; expected {supported}")
     try:
-        unet = d.UNet2DModel.from_config(public_config(cfg))
+        model = getattr(_diffusers(), cls_name).from_config(public_config(cfg))
     except Exception as e:  # diffusers raises ValueError / TypeError for inconsistent configs
-        raise DiffusersSourceError(f"{src.url}/{unet_dir}config.json: not a buildable UNet2DModel config: "
+        raise DiffusersSourceError(f"{src.url}/{prefix}config.json: not a buildable {cls_name} config: "
                                    f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
     try:
-        state = storage.load_tensors(src.local(unet_dir + UNET_WEIGHTS))
+        state = storage.load_tensors(src.local(rel))
     except Exception as e:  # safetensors' own error types
-        raise DiffusersSourceError(f"{src.url}/{unet_dir}{UNET_WEIGHTS} is not a readable safetensors file: "
+        raise DiffusersSourceError(f"{src.url}/{rel} is not a readable safetensors file: "
                                    f"{' '.join(str(e).split())}") from None
     try:
-        unet.load_state_dict(state, strict=True)
+        model.load_state_dict(state, strict=True)
     except RuntimeError as e:
         detail = " ".join(str(e).split())
         detail = detail if len(detail) <= 240 else detail[:240] + "..."
-        raise DiffusersSourceError(f"{src.url}/{unet_dir}{UNET_WEIGHTS} does not match its config.json: "
-                                   f"{detail}") from None
-    return unet.eval()
+        raise DiffusersSourceError(f"{src.url}/{rel} does not match its config.json: {detail}") from None
+    return model.eval(), state
 
 
 def import_teacher(source: str | os.PathLike, out: str | Path, *, name: str = "teacher",
@@ -462,7 +487,7 @@ def import_teacher(source: str | os.PathLike, out: str | Path, *, name: str = "t
         _check_unet_config(ucfg, f"{src.url}/{unet_dir}config.json", null_label)
         scfg = _read_config(src, sched_rel)
         spec, kind = _schedule_spec(scfg, f"{src.url}/{sched_rel}")
-        unet = _load_unet(src, unet_dir, ucfg)
+        unet, _ = _load_model(src, unet_dir, "UNet2DModel", ucfg)
         used = [unet_dir + "config.json", unet_dir + UNET_WEIGHTS, sched_rel]
         if src.exists(MODEL_INDEX):
             used.append(MODEL_INDEX)
@@ -548,8 +573,7 @@ def export_unet2d(model_dir: str | Path, out: str | Path, *, clip: bool = False)
         raise DiffusersExportError(f"{model_dir} is conditional ({card.conditioning.kind}); export_unet2d exports "
                                    f"unconditional and class-conditional models")
     d = _diffusers()
-    unet = card.arch.make_unet()
-    unet.load_state_dict(storage.load_tensors(model_dir / models.WEIGHTS), strict=True)
+    unet = load_unet(card.arch, storage.load_tensors(model_dir / models.WEIGHTS))
     pipe = d.DDIMPipeline(unet=unet.eval(), scheduler=d.DDIMScheduler(**scheduler_config(card, clip=clip)))
     info = {"format_version": 1, "pipeline": "DDIMPipeline", "steps": card.sample_steps, "eta": 0.0,
             "clip": clip, "use_clipped_model_output": clip, "family": card.family, "role": card.role,
