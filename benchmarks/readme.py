@@ -28,8 +28,8 @@ from typing import Any, Callable, Mapping
 from fewstep.ranking import IncomparableError, claim, interval
 
 ROOT = Path(__file__).resolve().parents[1]
-BLOCK = re.compile(r"(<!-- generated:(?P<name>[a-z0-9-]+(?:@[a-z0-9-]+)?) -->\n)(?P<body>.*?)(<!-- /generated:(?P=name) -->)",
-                   re.S)
+BLOCK = re.compile(r"(<!-- generated:(?P<name>[a-z0-9-]+(?:@[a-z0-9-]+)?) -->\n)(?P<body>.*?)"
+                   r"(<!-- /generated:(?P=name) -->)", re.S)
 RESULTS = "results"  # NAME@RUN blocks read results/RUN/
 
 # (evaluation row, label) of the headline table, in order
@@ -153,7 +153,8 @@ def evaluation(root: Path) -> str:
     rows = ev["rows"]
     body = [[label or olss_label(root, name), str(r["nfe"]), _ci(r), f"{1e3 * r['kid']:.0f}", _g(r["rmse"]),
              _g(r["psnr"])] for name, label in HEADLINE if (r := rows.get(name))]
-    return (f"{ev['n_samples']} samples per row, {len(rows)} rows in `{_path(root, 'reports/evaluation.md')}`; FD/KID in the pipeline's "
+    table = _path(root, "reports/evaluation.md")
+    return (f"{ev['n_samples']} samples per row, {len(rows)} rows in `{table}`; FD/KID in the pipeline's "
             f"own evaluator features (test accuracy {acc:.4f}), RMSE against the teacher's full-step DDIM sample "
             "from the same noise.\n\n"
             + _table(["sampler", "NFE", "FD", "KID x1e3", "RMSE", "PSNR"], list("lrrrrr"), body))
