@@ -44,7 +44,7 @@ def test_log_normal_draws_have_the_asked_moments() -> None:
 
 
 def test_params_uniform_is_the_default_and_hashes_the_same() -> None:
-    base = validate(tiny_params())
+    base = validate(tiny_params(t_sampling=None))
     uni = validate(tiny_params(t_sampling={"kind": "uniform"}))
     ln = validate(tiny_params(t_sampling={"kind": "logsnr_normal", "mean": 1.0, "std": 2.0}))
     assert uni.teacher.model_dump() == base.teacher.model_dump()
