@@ -421,7 +421,8 @@ def _teacher_variant(teacher: TeacherParams, overrides: dict[str, Any], net: dic
 # B.6, B.7): what a split model labelled ``setup: paper`` must resolve to on both sides. Widths,
 # training lengths and learning rates are not part of it (they are scaled to the profile).
 PDM_PAPER_SETUP: dict[str, Any] = {"parameterization": "x", "weighting": "sqrt_snr", "patch_size": 4,
-                                   "pos_emb": True, "boundary_snr": 0.25, "init_low_from_high": True}
+                                   "pos_emb": True, "boundary_snr": 0.25, "init_low_from_high": True,
+                                   "t_sampling": "uniform"}
 Setup = Literal["project", "paper"]
 
 
@@ -452,7 +453,8 @@ class SplitModelParams(_Strict):
             tp = self.side(teacher, s)
             got = {"parameterization": tp.parameterization,
                    "weighting": tp.weighting or DEFAULT_WEIGHTING[tp.parameterization],
-                   "patch_size": tp.net.patch_size, "pos_emb": tp.net.pos_emb}
+                   "patch_size": tp.net.patch_size, "pos_emb": tp.net.pos_emb,
+                   "t_sampling": tp.t_sampling.kind if tp.t_sampling is not None else "uniform"}
             bad += [f"{s}.{k} {v!r} (paper: {want[k]!r})" for k, v in got.items() if v != want[k]]
         return bad
 

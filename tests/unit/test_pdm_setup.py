@@ -120,7 +120,7 @@ def test_new_keys_at_their_default_leave_every_params_dump_unchanged():
 
 
 def _paper_params(**over) -> dict:
-    raw = tiny_params()
+    raw = tiny_params(t_sampling=None)  # the PDM release samples t uniformly
     raw["split"]["models"] = {"teacher-split-paper": {"setup": "paper", "boundary_snr": 0.25,
                                                       "high": dict(PAPER_SIDE), "low": dict(PAPER_SIDE), **over}}
     return raw
@@ -138,6 +138,10 @@ def test_the_paper_setup_validates_and_a_mislabelled_one_is_refused():
         validate(bad)
     with pytest.raises(ParamsError, match=r"boundary_snr 0\.5"):
         validate(_paper_params(boundary_snr=0.5))
+    edm = _paper_params()
+    edm["teacher"]["t_sampling"] = {"kind": "logsnr_normal", "mean": 2.4, "std": 2.4}
+    with pytest.raises(ParamsError, match=r"high\.t_sampling 'logsnr_normal' \(paper: 'uniform'\)"):
+        validate(edm)
     bad["split"]["models"]["teacher-split-paper"]["setup"] = "project"  # the same model labelled honestly
     validate(bad)
 

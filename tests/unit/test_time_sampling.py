@@ -60,3 +60,21 @@ def test_params_refuse_a_bad_distribution() -> None:
         validate(tiny_params(t_sampling={"kind": "logsnr_normal", "std": 0.0}))
     with pytest.raises(ParamsError, match="kind"):
         validate(tiny_params(t_sampling={"kind": "edm"}))
+
+
+def test_a_narrow_range_gets_the_truncated_normal_not_a_pile_on_its_end() -> None:
+    """A split model's high-noise side (log-SNR below -1.39) under N(2.4, 2.4^2): 94% of a plain
+    normal's mass lies outside it; the truncated draw spreads over the side instead."""
+    lo = S.index_of_logsnr(-1.386) + 1  # the first index below the boundary
+    g = torch.Generator().manual_seed(0)
+    t = logsnr_normal_t(S, lo, 1024, 2.4, 2.4, torch.device("cpu"))(50_000, g)
+    assert int(t.min()) >= lo and int(t.max()) <= 1024
+    counts = torch.bincount(t - lo)
+    assert counts.max() / len(t) < 0.01  # no index holds the mass
+    lam = S.logsnr[t.numpy()]
+    assert lam.max() < -1.38 and (lam > -4.0).mean() > 0.5  # densest near the boundary, as the normal is there
+
+
+def test_a_range_the_normal_misses_is_refused() -> None:
+    with pytest.raises(ValueError, match="no mass"):
+        logsnr_normal_t(S, 1000, 1024, 30.0, 0.1, torch.device("cpu"))

@@ -451,8 +451,10 @@ def _load_model(src: _Source, prefix: str, cls_name: str, cfg: Mapping[str, Any]
         if src.exists(prefix + UNET_PICKLE):
             raise DiffusersSourceError(f"{src.url}/{prefix}{UNET_PICKLE}: only pickled .bin weights, which fewstep "
                                        f"never unpickles; supported: {UNET_WEIGHTS} (convert it where you trust the "
-                                       f"file: {cls_name}.from_pretrained(dir).save_pretrained(dir, "
-                                       f"safe_serialization=True))")
+                                       f"file: {cls_name}.from_pretrained(dir"
+                                       + (f", subfolder={prefix.rstrip('/')!r}).save_pretrained(dir + "
+                                          f"{'/' + prefix.rstrip('/')!r}" if prefix else ").save_pretrained(dir")
+                                       + ", safe_serialization=True))")
         raise DiffusersSourceError(f"{src.url} has no {rel}; expected {supported}")
     try:
         model = getattr(_diffusers(), cls_name).from_config(public_config(cfg))

@@ -125,11 +125,21 @@ def logsnr_to_index(schedule: Schedule, logsnr: torch.Tensor, lo: int, hi: int) 
 
 def logsnr_normal_t(schedule: Schedule, lo: int, hi: int, mean: float, std: float,
                     device: torch.device) -> Callable[[int, torch.Generator], torch.Tensor]:
-    """Timesteps whose log-SNR is N(mean, std^2) (EDM's log-normal noise levels, Karras et al. 2022),
-    snapped to the grid lo..hi; the draws are standard normals from ``gen``."""
+    """Timesteps whose log-SNR is N(mean, std^2) (EDM's log-normal noise levels, Karras et al. 2022)
+    truncated to the log-SNR span of lo..hi, snapped to the grid: inverse-CDF draws from uniforms of
+    ``gen``, so a split model's side (a narrow ``t_range``) spreads its steps over its own span
+    instead of piling the mass outside it on its end."""
+    lam = schedule.logsnr
+    a = torch.special.ndtr(torch.tensor((float(lam[hi]) - mean) / std, dtype=torch.float64))
+    b = torch.special.ndtr(torch.tensor((min(float(lam[lo]), 1e6) - mean) / std, dtype=torch.float64))
+    if float(b - a) < 1e-12:
+        raise ValueError(f"log-SNR ~ N({mean}, {std}^2) puts no mass on t_range {lo}..{hi} "
+                         f"(log-SNR {lam[hi]:.2f}..{lam[lo]:.2f})")
+
     def draw(n: int, gen: torch.Generator) -> torch.Tensor:
-        lam = mean + std * torch.randn(n, generator=gen, device=device, dtype=torch.float64)
-        return logsnr_to_index(schedule, lam, lo, hi)
+        u = torch.rand(n, generator=gen, device=device, dtype=torch.float64)
+        p = (a.to(device) + u * (b - a).to(device)).clamp(1e-300, 1 - 1e-16)
+        return logsnr_to_index(schedule, mean + std * torch.special.ndtri(p), lo, hi)
     return draw
 
 
