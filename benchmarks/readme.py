@@ -455,6 +455,21 @@ def cpu_recipe(root: Path) -> str:
     (benchmarks/results/stock_recipe.json); a line saying what is missing otherwise."""
     res = root / "benchmarks" / "results"
     out = []
+    sw = res / "teacher_sweep.jsonl"
+    if sw.exists():
+        pts = [json.loads(line) for line in sw.read_text().splitlines() if line.strip()]
+        body = []
+        for r in pts:
+            t = r["teacher"]
+            ts = t.get("t_sampling") or {"kind": "uniform"}
+            tsl = "uniform t" if ts["kind"] == "uniform" else f"log-SNR ~ N({ts['mean']:g}, {ts['std']:g}^2)"
+            body.append([f"`{r['name']}`", f"{t['steps']:,}", f"{t['lr']:g}", str(t["warmup"]), tsl,
+                         f"{_g(r['fd64'][0])} [{_g(r['fd64'][1])}, {_g(r['fd64'][2])}]",
+                         f"{_g(r['fd8'][0])} [{_g(r['fd8'][1])}, {_g(r['fd8'][2])}]"])
+        out.append("The sweep (`benchmarks/teacher_sweep.py`, `benchmarks/results/teacher_sweep.jsonl`; every other key "
+                   "as in the previous default; n = 500, seeds 0..499, that default's evaluator):\n\n"
+                   + _table(["point", "steps", "lr", "warmup", "noise levels", "FD, DDIM 64 [95% CI]",
+                             "FD, DDIM 8 [95% CI]"], list("lrrrlrr"), body) + "\n")
     tr = res / "teacher_recipe.json"
     if tr.exists():
         m = json.loads(tr.read_text())

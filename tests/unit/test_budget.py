@@ -74,13 +74,15 @@ def test_the_reference_row_is_counted_once():
     h = {"n_headline": 2000}  # the ranked rows at more samples than the table (cpu-full; off in the default)
     p = _params(evaluate=h)
     ref = p.evaluate.reference_steps
-    with_ref = _params(evaluate={**h, "ddim_steps": [4, ref]})
-    without = _params(evaluate={**h, "ddim_steps": [4]})
+    with_ref = _params(evaluate={**h, "ddim_steps": [16, ref]})
+    without = _params(evaluate={**h, "ddim_steps": [16]})
     ev = lambda q: sum(w.forward for w in budget.project(q) if w.net == "teacher rows")  # noqa: E731
     assert ev(with_ref) == ev(without)
-    # DDIM at a student's step count is a ranked row (n_headline samples); at another count, n_samples
-    assert ev(_params(evaluate={**h, "ddim_steps": [4, 8]})) == ev(without) + 8 * p.evaluate.headline_n
-    assert ev(_params(evaluate={**h, "ddim_steps": [4, 16]})) == ev(without) + 16 * p.evaluate.n_samples
+    # DDIM at a student's step count (4: student-4) is a ranked row (n_headline samples); at another
+    # count (8: no student-8 in the default's 8 -> 4 -> 2), n_samples
+    assert {p.distill.round(n).steps for n in p.distill.rounds} == {4, 2}
+    assert ev(_params(evaluate={**h, "ddim_steps": [16, 4]})) == ev(without) + 4 * p.evaluate.headline_n
+    assert ev(_params(evaluate={**h, "ddim_steps": [16, 8]})) == ev(without) + 8 * p.evaluate.n_samples
     assert p.evaluate.headline_n > p.evaluate.n_samples
 
 
