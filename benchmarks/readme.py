@@ -499,14 +499,34 @@ def cpu_recipe(root: Path) -> str:
                    f"{rows['fewstep']['params'] / 1e6:.2f}M), DDIM {m['steps']}, n = {m['n']}: FD "
                    f"{_ci(sc['stock'])} against fewstep's {_ci(sc['fewstep'])}, "
                    f"ratio {_g(m['fd_ratio_stock_over_fewstep'])} (> 1: fewstep's teacher is better).\n")
+        if (res / "stock_recipe.png").exists() and (root / "samples" / "teacher.png").exists():
+            out.append("\n![fewstep's teacher](samples/teacher.png) ![the stock recipe](benchmarks/results/stock_recipe.png)\n\n"
+                       "fewstep's teacher (its DDIM-64 grid, `samples/teacher.png`) and the stock recipe "
+                       "(`benchmarks/results/stock_recipe.png`), the same seconds.\n")
     return "".join(out)
+
+
+def make_run(root: Path) -> str:
+    """The fresh-clone `make run` of benchmarks/results/make_run.json (benchmarks/make_run.py)."""
+    f = root / "benchmarks" / "results" / "make_run.json"
+    if not f.exists():
+        return "Not measured yet: `python benchmarks/make_run.py DIR` (alone on the machine).\n"
+    m = json.loads(f.read_text())
+    body = [[f"`{st}`", f"{sec:.0f}", f"{sec / m['total_s']:.0%}"] for st, sec in m["stages"].items()]
+    body.append(["install (`make setup`, until the first stage starts)", f"{m['install_s']:.0f}",
+                 f"{m['install_s'] / m['total_s']:.0%}"])
+    body.append(["DVC and each stage process's start, between the stages", f"{m['between_stages_s']:.0f}",
+                 f"{m['between_stages_s'] / m['total_s']:.0%}"])
+    return (f"`make run` from a fresh clone of {m['commit']} ({m['date'][:10]}, {m['cores']} cores, {m['cpu']}): "
+            f"**{m['total_s'] / 60:.1f} minutes** ({m['total_s']:.0f} s) end to end.\n\n"
+            + _table(["part", "seconds", "share"], list("lrr"), body))
 
 
 SECTIONS: dict[str, Callable[[Path], str]] = {
     "evaluation": evaluation, "grids": grids, "pareto": pareto, "teacher": teacher, "distill": distill,
     "ranking": ranking, "olss": olss, "study-rows": study_rows, "redundancy": redundancy, "objective": objective,
     "ddim-study": ddim_study, "per-class": per_class, "cpu-hour": cpu_hour,
-    "cpu-recipe": cpu_recipe,
+    "cpu-recipe": cpu_recipe, "make-run": make_run,
 }
 
 

@@ -45,9 +45,9 @@ def test_generated_blocks_equal_what_the_metrics_give(tmp_path):
 def _referenced_paths(text: str) -> set[str]:
     images = set(re.findall(r"!\[[^\]]*\]\(([^)\s]+)\)", text))
     links = set(re.findall(r"\]\(([^)\s#]+)\)", text)) - images
-    code = set(re.findall(r"`([A-Za-z0-9_.\-/]+\.(?:png|md|json|yaml|yml|py|csv|sh|txt|toml))`", text))
+    code = set(re.findall(r"`([A-Za-z0-9_.\-/]+\.(?:png|md|jsonl|json|yaml|yml|py|csv|sh|txt|toml))`", text))
     code |= set(re.findall(r"(?<![\w./-])((?:benchmarks|stages|flows|infra|tests|src|profiles|reports|samples|study|"
-                           r"metrics|plots)/[A-Za-z0-9_.\-/]+\.(?:png|md|json|yaml|yml|py|csv|sh|txt|toml))", text))
+                           r"metrics|plots)/[A-Za-z0-9_.\-/]+\.(?:png|md|jsonl|json|yaml|yml|py|csv|sh|txt|toml))", text))
     return {p for p in images | links | code if "://" not in p and "<" not in p and "*" not in p and "{" not in p}
 
 
