@@ -439,8 +439,10 @@ def cpu_hour(root: Path) -> str:
     times = d / "stage_times.json"
     if times.exists():
         st = json.loads(times.read_text())
-        out += (f"\nWall time {st['total_s'] / 60:.1f} min end to end on 2 cores: "
-                + ", ".join(f"{s} {sec / 60:.1f}" for s, sec in st["stages"].items()) + " (min).\n")
+        wall = (f"Wall time {st['wall_s'] / 60:.1f} min for the whole `dvc repro` on 2 cores (the stages "
+                f"{st['total_s'] / 60:.1f} min, DVC and process starts the rest)" if "wall_s" in st
+                else f"The stages took {st['total_s'] / 60:.1f} min on 2 cores")
+        out += (f"\n{wall}: " + ", ".join(f"{s} {sec / 60:.1f}" for s, sec in st["stages"].items()) + " (min).\n")
     pics = [(n, f"{HOUR_RESULTS}/grids/{n.replace(' ', '-').replace('=', '-')}-classes.png")
             for n, _ in sorted(rows.items(), key=lambda kv: (_hour_order(kv[1]), kv[0]))]
     pics = [(n, f) for n, f in pics if (root / f).exists()]
