@@ -505,6 +505,19 @@ def cpu_recipe(root: Path) -> str:
             out.append("\n![fewstep's teacher](samples/teacher.png) ![the stock recipe](benchmarks/results/stock_recipe.png)\n\n"
                        "fewstep's teacher (its DDIM-64 grid, `samples/teacher.png`) and the stock recipe "
                        "(`benchmarks/results/stock_recipe.png`), the same seconds.\n")
+    cc = res / "cpu_compile.json"
+    if cc.exists():
+        m = json.loads(cc.read_text())
+        body = [[r["loop"], f"{1e3 * r['seconds']['eager']:.0f}", f"{1e3 * r['seconds']['compile']:.0f}",
+                 f"{r['ratio']:.2f}", f"{r['compile_s']:.0f}",
+                 "never" if r["break_even_steps"] is None else f"{r['break_even_steps']:,.0f}"] for r in m["rows"]]
+        out.append(f"\n`torch.compile` (TorchInductor, mode {m['mode']}) on the same CPU, {m['threads']} threads, the "
+                   "default's net and batches, eager and compiled interleaved in one run "
+                   "(`python benchmarks/cpu_compile.py`, `benchmarks/results/cpu_compile.json`); compile s: the "
+                   "first calls' extra seconds (the compilation a stage's process would pay); break-even: the steps "
+                   "after which the faster steps have paid for it:\n\n"
+                   + _table(["loop", "eager ms", "compiled ms", "eager / compiled", "compile s", "break-even steps"],
+                            list("lrrrrr"), body))
     return "".join(out)
 
 
