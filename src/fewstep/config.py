@@ -534,8 +534,9 @@ class DDIMStudyParams(_Strict):
     ``models: [teacher]`` runs it on models/teacher; ``[]`` = off (a list because DVC switches a stage
     off only through an empty ``foreach``; at most one model: the study's outputs have fixed names)."""
 
-    models: list[str] = Field(default_factory=list, max_length=1,
-                              description="[teacher] = on (stage ddim_study@teacher), [] = off")
+    models: list[Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")]] = Field(
+        default_factory=list, max_length=1,
+        description="[teacher] = on (stage ddim_study@teacher, on models/teacher), [] = off; a model directory's name")
     n_images: int = Field(8, ge=1, description="test images encoded and decoded for the reconstruction error")
     recon_steps: list[int] = Field(default_factory=lambda: [10, 20, 50, 100, 1024], min_length=1)
     consistency_steps: list[int] = Field(default_factory=lambda: [10, 20, 50, 100, 1024], min_length=1,

@@ -60,8 +60,8 @@ def test_counts_follow_the_params():
 
     full = yaml.safe_load((ROOT / "profiles/cpu-full.yaml").read_text())
     on = budget.project(_params(**full))
-    assert {"study_teacher@1", "study_teacher@4", "train_split@teacher-split", "redundancy", "ddim_study"} <= {
-        w.stage for w in on}
+    assert {"study_teacher@1", "study_teacher@4", "train_split@teacher-split", "redundancy@teachers",
+            "ddim_study@teacher"} <= {w.stage for w in on}
     off = budget.project(_params(split_off=True, **{**full, "study": {**full["study"], "patch_sizes": []}}))
     assert not [w for w in off if w.stage.startswith(("study_teacher", "train_split"))]
     assert budget.by_stage(off)["evaluate"] < budget.by_stage(on)["evaluate"]
@@ -108,7 +108,7 @@ def test_the_ddpm_profile_counts_the_imported_teacher_and_fits_45_minutes_of_h10
     g = budget.peer_gflops()
     teacher = [w for w in work if w.stage == "train_teacher"]
     assert len(teacher) == 1 and teacher[0].train == 0 and teacher[0].gflops == g
-    ddim = [w for w in work if w.stage == "ddim_study"][0]
+    ddim = [w for w in work if w.stage == "ddim_study@teacher"][0]
     assert ddim.forward > 2 * p.ddim_study.n_images * 1000  # the 1000-step grid is counted (T = 1000, not 1024)
     minutes = sum(budget.by_stage(work).values()) / budget.rate_from_peer(budget.H100_PEER_TRAIN_IMAGES_PER_S, g) / 60
     assert 10 < minutes < 45, f"profiles/ddpm-cifar10.yaml projects to {minutes:.0f} min of H100 time"

@@ -106,3 +106,17 @@ def test_ddim_tools_cli_interpolate_encode_decode(tmp_path, tiny_teacher, capsys
         main(["interpolate", "--model", model, "--seeds", "1", "--out", str(tmp_path / "x.png")])
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and len(err) == 1 and err[0].startswith("ddim_tools: error: ") and "pairs" in err[0]
+
+
+@pytest.mark.parametrize("models, ok", [([], True), (["teacher"], True), (["student-4"], True),
+                                        (["../outside"], False), (["teacher", "student-4"], False), ([""], False)])
+def test_ddim_study_models_are_one_model_directory_name(models, ok):
+    from fewstep.config import ParamsError, validate
+
+    p = tiny_params()
+    p["ddim_study"] = {"models": models}
+    if ok:
+        assert validate(p).ddim_study.models == models
+    else:
+        with pytest.raises(ParamsError, match="ddim_study.models"):
+            validate(p)
