@@ -216,7 +216,11 @@ def test_the_readme_block_says_not_run_until_the_results_exist_then_shows_them(t
                                                     "| student-4 ddim 4 (distilled at w=2)",
                                                     "| diffusers unipc 4 w=2"]  # the eta row is not shown
     assert lines[2].endswith("| 2 | 8 | 4.25 [1.00, 3.00] | 12 ± 3 | 0.50 ± 0.03 | 0.200 |")
-    assert "Wall time 45.0 min end to end on 2 cores: train_teacher 30.0, evaluate 5.5 (min)." in out
+    assert "The stages took 45.0 min on 2 cores: train_teacher 30.0, evaluate 5.5 (min)." in out
+    (d / "stage_times.json").write_text(json.dumps({"stages": {"train_teacher": 1800.0}, "total_s": 2700.0,
+                                                   "wall_s": 2820.0}))  # the shell's time of the whole dvc repro
+    assert ("Wall time 47.0 min for the whole `dvc repro` on 2 cores (the stages 45.0 min, DVC and process starts "
+            "the rest): train_teacher 30.0 (min).") in readme.cpu_hour(tmp_path)
     assert f"![student-4 ddim 4]({readme.HOUR_RESULTS}/grids/student-4-ddim-4-classes.png)" in out
     assert "unipc-4-w-2-classes.png" not in out  # only grids that exist are linked
 
