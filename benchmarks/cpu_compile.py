@@ -36,7 +36,7 @@ from typing import Any, Callable
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cpu_precision import Setup, _train_step, load_setup, rel_errors  # noqa: E402  (benchmarks/ is no package)
+from cpu_precision import Setup, _train_step, add_setup_args, load_setup, rel_errors  # noqa: E402  (benchmarks/ is no package)
 
 from fewstep.config import load_params  # noqa: E402
 from fewstep.math.losses import DEFAULT_WEIGHTING  # noqa: E402
@@ -126,11 +126,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--params", default=str(ROOT / "params.yaml"))
-    ap.add_argument("--profile", default=None, help="merge profiles/NAME.yaml (default: the CPU default)")
-    ap.add_argument("--models", type=Path, default=ROOT / "models", help="teacher weights, if present")
-    ap.add_argument("--data", type=Path, default=ROOT / "data" / "prepared", help="prepared images, if present")
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default base.threads, else 2)")
+    add_setup_args(ap)
     ap.add_argument("--loops", nargs="+", default=list(LOOPS), choices=list(LOOPS))
     ap.add_argument("--mode", default="default", help="torch.compile mode (default, reduce-overhead, "
                                                       "max-autotune-no-cudagraphs)")
@@ -143,8 +139,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     a = parse_args(argv)
-    p = load_params(a.params, profile=a.profile) if a.profile else load_params(a.params)
-    threads = a.threads or getattr(p.base, "threads", None) or 2
+    p = load_params(a.params, a.profile)
+    threads = a.threads or p.base.threads or 2
     torch.set_num_threads(threads)
     s = load_setup(p, a.models, a.data)
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731

@@ -401,14 +401,19 @@ def markdown(results: list[LoopResult], vs: list[Variant]) -> str:
     return "\n".join(lines)
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_setup_args(ap: argparse.ArgumentParser) -> None:
+    """The arguments of :func:`load_setup` and the thread count (shared with benchmarks/cpu_compile.py)."""
     ap.add_argument("--params", default=str(ROOT / "params.yaml"))
     ap.add_argument("--profile", default=None, help="merge profiles/NAME.yaml (default: the CPU default)")
     ap.add_argument("--models", type=Path, default=ROOT / "models", help="teacher and evaluator weights, if present")
     ap.add_argument("--data", type=Path, default=ROOT / "data" / "prepared", help="prepared images, if present")
     ap.add_argument("--threads", type=int, default=None, help="threads of the main variants (default base.threads, "
                     "or 2 when that is 0)")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_setup_args(ap)
     ap.add_argument("--loops", nargs="+", default=["teacher", "distill", "sample", "trajectory", "evaluator", "features"])
     ap.add_argument("--reps", type=int, default=7, help="interleaved repetitions (median over them)")
     ap.add_argument("--iters", type=int, default=3, help="iterations per variant per repetition")
