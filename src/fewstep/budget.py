@@ -256,8 +256,8 @@ def project(p: Params) -> list[Work]:
                     + p.evaluator.ref_subset + (len(ev.blur_sigmas) + 1) * n))  # + the FD sensitivity check
     rp = p.redundancy
     if rp.scope:  # [] = the stage is off
-        out.append(Work(f"redundancy@{rp.scope[0]}", f"{1 + len(study)} models", sum([tg] + [g for g, _ in study.values()]),
-                        forward=rp.n_images * rp.bins))
+        out.append(Work(f"redundancy@{rp.scope[0]}", f"{1 + len(study)} models",
+                        sum([tg] + [g for g, _ in study.values()]), forward=rp.n_images * rp.bins))
     dp = p.ddim_study
     k = (2 * dp.n_images * sum(min(n, T) for n in dp.recon_steps) + dp.n_consistency * sum(min(n, T) for n in dp.consistency_steps)
          + dp.interp_pairs * (2 * dp.interp_n * dp.interp_steps + 2 * dp.interp_steps))
